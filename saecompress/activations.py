@@ -1,0 +1,379 @@
+"""Activation datasets on disk: ``[N, m]`` float arrays streamed in batches.
+
+A source is a ``.npy`` file, a ``.safetensors`` file (tensor ``activations``, or its only tensor),
+or a directory of such shards (optionally with the ``manifest.json`` that ``saecompress acts``
+writes). Every shard is memory-mapped; batches are read on demand and converted to float32, so
+a dataset never has to fit in memory.
+
+Rows holding NaN or inf are rejected (``SaeCompressError`` naming the file and the row) when the
+batch that contains them is read; ``ActivationSource.check()`` scans everything up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._io import atomic_path
+from .errors import SaeCompressError
+
+MANIFEST = "manifest.json"
+FORMAT_NAME = "saecompress-activations"
+FORMAT_VERSION = 1
+_SHARD_SUFFIXES = (".safetensors", ".npy")
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One memory-mapped ``[rows, m]`` array; ``bf16`` arrays are mapped as uint16 bit patterns."""
+
+    path: Path
+    array: np.ndarray
+    bf16: bool
+
+    @property
+    def rows(self) -> int:
+        return self.array.shape[0]
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as a float32 tensor; raises on NaN/inf."""
+        chunk = np.array(self.array[start:stop], copy=True)
+        t = torch.from_numpy(chunk)
+        t = t.view(torch.bfloat16).float() if self.bf16 else t.float()
+        finite = torch.isfinite(t).all(dim=1)
+        if not bool(finite.all()):
+            row = start + int((~finite).nonzero()[0, 0])
+            raise SaeCompressError(
+                f"{self.path}: row {row} contains NaN or inf; re-harvest the activations or remove the bad rows"
+            )
+        return t
+
+
+def _open_npy(path: Path) -> _Shard:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError for truncated or foreign files
+        raise SaeCompressError(f"{path}: not a readable .npy array ({e}); re-create the file") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise SaeCompressError(f"{path}: dtype {arr.dtype} is not floating point; store activations as float16/32/64")
+    return _Shard(path, arr, bf16=False)
+
+
+def _open_safetensors(path: Path) -> _Shard:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise SaeCompressError(f"{path}: not a valid safetensors file ({e}); re-create the file") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if "activations" in tensors:
+        name = "activations"
+    elif len(tensors) == 1:
+        (name,) = tensors
+    else:
+        raise SaeCompressError(
+            f"{path}: holds tensors {sorted(tensors)}; expected one named 'activations' (or a single tensor)"
+        )
+    info = tensors[name]
+    dtype = _ST_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise SaeCompressError(
+            f"{path}: tensor '{name}' has dtype {info.get('dtype')}; activations must be F16, BF16, F32 or F64"
+        )
+    shape = tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    offset = 8 + header_len + begin
+    if len(shape) == 2 and end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize:
+        raise SaeCompressError(f"{path}: tensor '{name}' byte range does not match its shape; re-create the file")
+    if offset + (end - begin) > size:
+        raise SaeCompressError(f"{path}: file is truncated ({size} bytes, needs {offset + end - begin}); re-create it")
+    if len(shape) != 2:
+        raise SaeCompressError(f"{path}: tensor '{name}' has shape {list(shape)}; activations must be [N, m]")
+    if shape[0] == 0:
+        arr = np.zeros(shape, dtype=dtype)
+    else:
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return _Shard(path, arr, bf16=info["dtype"] == "BF16")
+
+
+def _open_shard(path: Path) -> _Shard:
+    if path.suffix == ".npy":
+        shard = _open_npy(path)
+    elif path.suffix == ".safetensors":
+        shard = _open_safetensors(path)
+    else:
+        raise SaeCompressError(f"{path}: unknown activation file type; use .npy or .safetensors shards")
+    if shard.array.ndim != 2:
+        raise SaeCompressError(f"{path}: array has shape {list(shard.array.shape)}; activations must be [N, m]")
+    return shard
+
+
+class ActivationSource:
+    """A read-only view of rows ``[start, stop)`` of a list of ``[N_i, m]`` shards.
+
+    Attributes: ``m`` (activation width), ``num_rows``, ``manifest`` (dict; empty without one),
+    ``path``.
+    """
+
+    def __init__(self, shards: list[_Shard], manifest: dict[str, Any] | None = None, path: Path | None = None,
+                 start: int = 0, stop: int | None = None):
+        if not shards:
+            raise SaeCompressError(f"{path}: no activation shards (.safetensors or .npy) found")
+        widths = {s.array.shape[1] for s in shards}
+        if len(widths) != 1:
+            raise SaeCompressError(f"{path}: shards have different widths {sorted(widths)}; all must share m")
+        self._shards = shards
+        self._offsets = np.cumsum([0] + [s.rows for s in shards])
+        total = int(self._offsets[-1])
+        self.start = start
+        self.stop = total if stop is None else stop
+        self.m = int(widths.pop())
+        self.num_rows = self.stop - self.start
+        self.manifest = dict(manifest or {})
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        return f"ActivationSource({self.path}, rows={self.num_rows}, m={self.m})"
+
+    # -- views ------------------------------------------------------------------------------
+    def select(self, start: int, stop: int) -> ActivationSource:
+        """The view of rows ``[start, stop)`` of this source (indices relative to this view)."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise SaeCompressError(f"row range [{start}, {stop}) is outside 0..{self.num_rows} of {self.path}")
+        return ActivationSource(self._shards, self.manifest, self.path, self.start + start, self.start + stop)
+
+    def split(self, held_out_rows: int) -> tuple[ActivationSource, ActivationSource]:
+        """``(train, held_out)``: the held-out part is the *last* ``held_out_rows`` rows.
+
+        ``acts`` writes rows in text order, so the held-out rows come from the end of the corpus
+        and never overlap the training rows.
+        """
+        if not 0 < held_out_rows < self.num_rows:
+            raise SaeCompressError(
+                f"held-out rows must be between 1 and {self.num_rows - 1} for {self.path} ({self.num_rows} rows)"
+            )
+        cut = self.num_rows - held_out_rows
+        return self.select(0, cut), self.select(cut, self.num_rows)
+
+    # -- reading ----------------------------------------------------------------------------
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of this view as one float32 ``[stop - start, m]`` tensor."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise SaeCompressError(f"row range [{start}, {stop}) is outside 0..{self.num_rows} of {self.path}")
+        a, b = self.start + start, self.start + stop
+        parts = []
+        i = int(np.searchsorted(self._offsets, a, side="right")) - 1
+        while a < b:
+            lo = int(self._offsets[i])
+            hi = min(b, int(self._offsets[i + 1]))
+            if hi > a:
+                parts.append(self._shards[i].read(a - lo, hi - lo))
+                a = hi
+            i += 1
+        if not parts:
+            return torch.empty(0, self.m)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                     buffer_rows: int = 262_144, chunk_rows: int = 1024,
+                     drop_last: bool = False) -> Iterator[torch.Tensor]:
+        """One epoch of float32 ``[batch_size, m]`` batches; every row exactly once.
+
+        Without ``shuffle`` rows come in order. With ``shuffle``, contiguous chunks of
+        ``chunk_rows`` rows are visited in a seeded random order and poured into a buffer of at
+        most ``buffer_rows`` rows; whenever the buffer is full it is permuted and its first half
+        is emitted, so memory stays bounded by the buffer. The last batch may be short unless
+        ``drop_last``.
+        """
+        if batch_size <= 0:
+            raise SaeCompressError(f"batch size must be positive, got {batch_size}")
+        if not shuffle:
+            for s in range(0, self.num_rows, batch_size):
+                e = min(s + batch_size, self.num_rows)
+                if e - s < batch_size and drop_last:
+                    return
+                yield self.read(s, e)
+            return
+        gen = torch.Generator().manual_seed(seed)
+        buffer_rows = max(buffer_rows, 2 * batch_size)
+        starts = torch.arange(0, self.num_rows, chunk_rows)[torch.randperm(-(-self.num_rows // chunk_rows), generator=gen)]
+        buf = torch.empty(0, self.m)
+        for s in starts.tolist():
+            buf = torch.cat([buf, self.read(s, min(s + chunk_rows, self.num_rows))])
+            if len(buf) >= buffer_rows:
+                buf = buf[torch.randperm(len(buf), generator=gen)]
+                emit = (len(buf) // 2) // batch_size * batch_size
+                yield from buf[:emit].split(batch_size)
+                buf = buf[emit:]
+        buf = buf[torch.randperm(len(buf), generator=gen)]
+        for batch in buf.split(batch_size):
+            if len(batch) < batch_size and drop_last:
+                return
+            yield batch
+
+    def check(self) -> None:
+        """Read every row once; raises ``SaeCompressError`` on the first NaN/inf row."""
+        for _ in self.iter_batches(65536):
+            pass
+
+
+def open_activations(path: str | os.PathLike) -> ActivationSource:
+    """Open a ``.npy``/``.safetensors`` file or a directory of shards as an :class:`ActivationSource`.
+
+    In a directory with ``manifest.json`` the manifest's shard list (and row counts) is used;
+    otherwise every ``*.safetensors``/``*.npy`` file, in name order.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SaeCompressError(f"{p}: no such activation file or directory")
+    if p.is_file():
+        return ActivationSource([_open_shard(p)], path=p)
+    manifest_path = p / MANIFEST
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = [entry["file"] for entry in manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SaeCompressError(f"{manifest_path}: unreadable manifest ({e}); re-run `saecompress acts`") from None
+        missing = [f for f in files if not (p / f).is_file()]
+        if missing:
+            raise SaeCompressError(f"{p}: shard {missing[0]} listed in manifest.json is missing; re-run `saecompress acts`")
+        shards = [_open_shard(p / f) for f in files]
+        for entry, shard in zip(manifest["shards"], shards):
+            if "rows" in entry and entry["rows"] != shard.rows:
+                raise SaeCompressError(
+                    f"{shard.path}: has {shard.rows} rows but manifest.json says {entry['rows']}; re-run `saecompress acts`"
+                )
+        source = ActivationSource(shards, manifest, p)
+        if "m" in manifest and manifest["m"] != source.m:
+            raise SaeCompressError(f"{manifest_path}: says m={manifest['m']} but the shards have m={source.m}")
+        return source
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _SHARD_SUFFIXES and not f.name.startswith("."))
+    return ActivationSource([_open_shard(f) for f in files], path=p)
+
+
+class ShardWriter:
+    """Write ``[rows, m]`` activations as safetensors shards into a directory, atomically.
+
+    Everything is written into a hidden temporary directory beside ``out_dir``; ``close()`` writes
+    ``manifest.json`` last and renames the directory into place, so ``out_dir`` either holds a
+    complete dataset or nothing. Use as a context manager (an exception discards the output).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, m: int, *, dtype: str = "float32",
+                 shard_rows: int = 65536, overwrite: bool = False):
+        if dtype not in _TORCH_DTYPES:
+            raise SaeCompressError(f"activation dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not (self.out_dir.is_dir() and not any(self.out_dir.iterdir())) and not overwrite:
+            raise SaeCompressError(f"{self.out_dir}: already exists and is not empty; choose another --out or remove it")
+        self.m = m
+        self.dtype = dtype
+        self.shard_rows = shard_rows
+        self.overwrite = overwrite
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+        self.shards: list[dict[str, Any]] = []
+        self.num_rows = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append float rows ``[r, m]``; full shards are flushed to disk."""
+        if rows.ndim != 2 or rows.shape[1] != self.m:
+            raise SaeCompressError(f"activation rows must be [r, {self.m}], got {list(rows.shape)}")
+        self._pending.append(rows.detach().to("cpu", _TORCH_DTYPES[self.dtype]))
+        self._pending_rows += rows.shape[0]
+        while self._pending_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        data = torch.cat(self._pending)
+        shard, rest = data[:rows].contiguous(), data[rows:]
+        self._pending = [rest] if len(rest) else []
+        self._pending_rows = len(rest)
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        _write_safetensors(self._tmp / name, shard)
+        self.shards.append({"file": name, "rows": int(shard.shape[0])})
+        self.num_rows += int(shard.shape[0])
+
+    def close(self, metadata: dict[str, Any] | None = None) -> Path:
+        """Flush, write ``manifest.json`` (``metadata`` merged in) and move the directory into place."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "m": self.m, "num_rows": self.num_rows,
+                    "dtype": self.dtype, **(metadata or {}), "shards": self.shards}
+        with atomic_path(self._tmp / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            os.replace(self.out_dir, old)
+        os.replace(self._tmp, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out_dir
+
+    def discard(self) -> None:
+        """Remove the partial output."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _write_safetensors(path: Path, tensor: torch.Tensor) -> None:
+    """Write one tensor named ``activations`` (raw little-endian bytes, via the atomic writer)."""
+    raw = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    header = {"activations": {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [0, len(raw)]}}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        f.write(raw)
+
+
+def write_activations(path: str | os.PathLike, rows: torch.Tensor | np.ndarray) -> Path:
+    """Write one ``[N, m]`` array as a single ``.safetensors`` or ``.npy`` file (by suffix), atomically."""
+    p = Path(path)
+    t = torch.as_tensor(rows)
+    if t.ndim != 2 or not t.is_floating_point():
+        raise SaeCompressError(f"{p}: activations must be a float [N, m] array, got {t.dtype} {list(t.shape)}")
+    if p.suffix == ".safetensors":
+        if t.dtype not in _ST_NAMES:
+            t = t.float()
+        _write_safetensors(p, t)
+    elif p.suffix == ".npy":
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        with atomic_path(p) as tmp, open(tmp, "wb") as f:
+            np.save(f, t.numpy())
+    else:
+        raise SaeCompressError(f"{p}: use a .safetensors or .npy file name for activations")
+    return p

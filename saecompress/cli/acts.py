@@ -1,0 +1,95 @@
+"""``saecompress acts``: harvest activations of a transformers causal LM over text files."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from ..errors import SaeCompressError
+from ..lm import SITES, harvest, load_model
+
+
+def text_files(paths: tuple[str, ...]) -> list[Path]:
+    """The files named, with each directory expanded to its files (recursively, sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SaeCompressError(f"{p}: no such text file or directory")
+    if not files:
+        raise SaeCompressError(f"no text files found in {', '.join(paths)}")
+    return files
+
+
+def read_texts(files: list[Path]) -> Iterator[str]:
+    """Each file's text, read lazily (undecodable bytes replaced)."""
+    for f in files:
+        yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def text_options(func):
+    """The model/text options shared by ``acts`` and ``eval``."""
+    options = [
+        click.option("--gguf-file", default=None,
+                     help="GGUF file to load (inside --model's folder or a path); dequantised to float32."),
+        click.option("--text", "texts", multiple=True, type=click.Path(exists=True),
+                     help="Text file or folder of text files (repeatable); read in order, documents joined by EOS."),
+        click.option("--context", type=int, default=256, show_default=True, help="Tokens per context (BOS included)."),
+        click.option("--keep-first", is_flag=True,
+                     help="Keep position 0 of each context (dropped by default: attention-sink token)."),
+        click.option("--outlier-factor", type=float, default=10.0, show_default=True,
+                     help="Drop tokens whose activation norm exceeds this multiple of the batch median "
+                          "(massive activations); 0 keeps them."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command("acts")
+@click.option("--model", "model_path", required=True,
+              help="transformers causal LM: local folder, hub id, or a .gguf file.")
+@text_options
+@click.option("--layer", type=int, required=True, help="Decoder block index (0-based).")
+@click.option("--site", type=click.Choice(SITES), default="resid", show_default=True,
+              help="resid: output of block LAYER (SAELens blocks.L.hook_resid_post = hidden_states[L+1]); "
+                   "mlp_out / attn_out: output of the block's MLP / attention module.")
+@click.option("--tokens", type=int, required=True, help="Activation rows to write (kept tokens).")
+@click.option("--batch", type=int, default=8, show_default=True, help="Contexts per forward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage dtype of the shards.")
+@click.option("--shard-rows", type=int, default=65536, show_default=True, help="Rows per shard file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (shard-*.safetensors + manifest.json); written atomically.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+def acts(model_path: str, gguf_file: str | None, texts: tuple[str, ...], context: int, keep_first: bool,
+         outlier_factor: float, layer: int, site: str, tokens: int, batch: int, dtype: str, shard_rows: int,
+         out: str, overwrite: bool, as_json: bool) -> None:
+    """Harvest TOKENS activation rows at LAYER/SITE of a causal LM over text files into --out."""
+    if not texts:
+        raise SaeCompressError("give at least one --text FILE or folder to harvest from")
+    files = text_files(texts)
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_path, gguf_file)
+    manifest = harvest(model, tokenizer, read_texts(files), layer, site, tokens=tokens, out=out, context=context,
+                       batch=batch, drop_first=not keep_first, outlier_factor=outlier_factor or None, dtype=dtype,
+                       shard_rows=shard_rows, overwrite=overwrite, progress=not as_json,
+                       metadata={"model": model_path, "gguf_file": gguf_file, "texts": [str(f) for f in files]})
+    if as_json:
+        click.echo(json.dumps(manifest))
+        return
+    dropped = manifest["dropped_first"] + manifest["dropped_massive"]
+    if manifest["num_rows"] < tokens:
+        click.echo(f"warning: the text ran out; wrote {manifest['num_rows']} of {tokens} rows", err=True)
+    click.echo(f"{out}: {manifest['num_rows']:,} rows × m={manifest['m']} ({manifest['hookpoint']}, {dtype}) "
+               f"in {len(manifest['shards'])} shard(s); {manifest['tokens_seen']:,} tokens read, {dropped:,} dropped "
+               f"(position 0: {manifest['dropped_first']:,}, massive: {manifest['dropped_massive']:,}); "
+               f"{time.perf_counter() - start:.0f}s")

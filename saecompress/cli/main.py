@@ -1,0 +1,74 @@
+"""The ``saecompress`` command group: lazy subcommands, one-line errors, ``--debug`` tracebacks."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import SaeCompressError
+
+# name -> one-line help. Each command lives in saecompress/cli/<name>.py as a click command <name>.
+COMMANDS = {
+    "info": "Show what a compact file holds and how much it saves.",
+    "convert": "Convert a dense TopK SAE (SAELens, sparsify, OpenAI, dictionary_learning, paper) to expander form.",
+    "acts": "Harvest activations from a transformers model over text files.",
+    "train": "Train an Expander SAE natively, or distil a converted one from its dense teacher.",
+    "eval": "Measure FVU, L0, dead latents and CE-loss recovered of any SAE source.",
+    "export": "Export an SAE to ONNX (encode / decode / autoencoder graphs).",
+    "monitor": "Run an SAE over activations with onnxruntime and print features or alerts.",
+    "push": "Upload compact SAEs (and a model card) to the Hugging Face Hub.",
+    "pull": "Download compact SAEs from the Hugging Face Hub.",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module only when that command runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"saecompress.cli.{name}")
+        return getattr(module, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(COMMANDS.items()))
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (SaeCompressError, OSError) as err:
+            if ctx.meta.get("saecompress.debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta["saecompress.debug"] = value
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="saecompress")
+@click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+              help="Show full tracebacks instead of one-line errors.")
+def cli() -> None:
+    """Compress sparse autoencoders to Expander SAEs and ship them to production.
+
+    \b
+    Typical flow:
+      saecompress convert ./my-sae out.safetensors --d 7     # dense TopK SAE -> expander
+      saecompress info out.safetensors                         # sizes and settings
+      saecompress export out.safetensors out.onnx              # onnxruntime graph
+      saecompress monitor out.onnx --input acts.npy --top 5    # features per row
+    """
+
+
+def main() -> None:
+    cli(prog_name="saecompress")

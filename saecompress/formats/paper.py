@@ -1,0 +1,90 @@
+"""Checkpoints of the Expander-SAE paper's code (github rodrgo/expander-sae, ``models/expander.py``).
+
+``torch.save(model.state_dict())`` of their ``ExpanderSAE``: dense ``mask [m, n]`` (0/1, ``d``
+ones per column), ``decoder_vals [m, n]``, ``b_dec [m]``, ``b_enc [n]``. Math::
+
+    W_dec = colnorm(mask ⊙ decoder_vals)          # each latent's column, unit L2 (norm ≥ 1e-8)
+    pre   = (x - b_dec) @ W_dec + b_enc           # tied: encoder = decoder
+    z     = top-k(pre) by value, no ReLU          # their default "unsigned" TopK mode
+    x̂     = z @ W_decᵀ + b_dec
+
+``k`` is not in the state dict: their ``db.model_path`` names files
+``{arch}_m{m}_n{n}_d{d}_k{k}_seed{seed}[_b{budget}][_topk{mode}].pt``, so ``k`` comes from the
+file name, or must be given. A ``_topksigned`` file (top-k by |pre|) is refused.
+
+The import is exact: the mask becomes explicit ``indices`` (``mask_seed=None``), the
+column-normalised values become ``values``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SaeCompressError
+from ..models import ExpanderSAE
+from ._common import dims_of, int_value, read_torch, refuse, source_dtype, tensor
+
+KEYS = ("mask", "decoder_vals", "b_dec", "b_enc")
+_NAME = re.compile(r"_m(?P<m>\d+)_n(?P<n>\d+)_d(?P<d>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)")
+
+
+def matches_state(sd: dict[str, Any]) -> bool:
+    """Whether a loaded state dict is an Expander-SAE paper checkpoint."""
+    return all(key in sd for key in KEYS)
+
+
+def k_from_name(path: Path) -> int | None:
+    """``k`` from a file name written by the paper's ``db.model_path``, else None."""
+    match = _NAME.search(path.name)
+    return int(match["k"]) if match else None
+
+
+def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> ExpanderSAE:
+    """Exact ``ExpanderSAE`` (explicit indices, tied, ``signed_topk``) from a paper checkpoint.
+
+    ``k`` overrides/supplies the TopK size when the file name does not carry it.
+    """
+    path = Path(path)
+    if "_topksigned" in path.name:
+        raise refuse(path, "it was trained with top-k by |pre-activation| (topk_mode 'signed')")
+    named_k = k_from_name(path)
+    if k is not None and named_k is not None and k != named_k:
+        raise SaeCompressError(f"{path}: --k {k} contradicts k={named_k} in the file name")
+    k = k if k is not None else named_k
+    if k is None:
+        raise SaeCompressError(
+            f"{path}: paper checkpoints do not store k and the file name has no '_k<k>_'; pass --k"
+        )
+    k = int_value(k, "k", path)
+    sd = read_torch(path) if sd is None else sd
+    m, n = dims_of(sd, "mask", path, 2)
+    support = tensor(sd, "mask", path, (m, n)) != 0
+    W = tensor(sd, "decoder_vals", path, (m, n)).to(torch.float64) * support
+    W = W / W.norm(dim=0, keepdim=True).clamp(min=1e-8)
+    degrees = support.sum(dim=0)
+    d = int(degrees.max())
+    if d == 0:
+        raise SaeCompressError(f"{path}: the mask is all zeros; not a trained Expander SAE")
+    # Columns with fewer than d ones (none in their sampler) are padded with zero-valued dims.
+    indices = support.T.to(torch.float32).topk(d, dim=1).indices.sort(dim=1).values
+    values = W.T.gather(1, indices)
+    sae = ExpanderSAE(m, n, d, k, activation="signed_topk", encoder="tied", indices=indices)
+    with torch.no_grad():
+        sae.values.data = values.to(torch.float32)
+        sae.b_enc.data = tensor(sd, "b_enc", path, (n,))
+        sae.b_dec.data = tensor(sd, "b_dec", path, (m,))
+    match = _NAME.search(path.name)
+    sae.provenance = {
+        "library": "paper",
+        "path": str(path),
+        "arch": path.name[: match.start()] if match else None,
+        "paper_seed": int(match["seed"]) if match else None,
+        "source_dtype": source_dtype(sd),
+        "padded_latents": int((degrees < d).sum()) or None,
+    }
+    sae.provenance = {key: value for key, value in sae.provenance.items() if value is not None}
+    return sae

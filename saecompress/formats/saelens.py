@@ -1,0 +1,113 @@
+"""SAELens folders: ``cfg.json`` + ``sae_weights.safetensors``.
+
+Math (``sae_lens.saes.topk_sae.TopKSAE``)::
+
+    x'  = layer_norm(x) if normalize_activations == "layer_norm" else x
+    pre = (x' - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+    z   = ReLU(top-k(pre))                                    # TopK, then ReLU on kept values
+    x̂'  = z @ W_dec + b_dec   (un-normalised afterwards)
+
+SAELens ≥ 6 writes ``architecture: "topk"`` and ``k``; configs before 6.0 write
+``activation_fn`` (or ``activation_fn_str``) ``"topk"`` with ``activation_fn_kwargs.k``.
+Folded losslessly into the ``TopKSAE`` conventions: ``apply_b_dec_to_input: false``
+(``b_enc -= b_dec @ W_enc``), a v5 ``scaling_factor`` tensor (finetuning scale, into ``W_dec``
+rows), ``rescale_acts_by_decoder_norm`` (norms into the encoder, unit-norm decoder rows) and
+``normalize_activations: "expected_average_only_in"`` when the config carries the dataset's
+``norm_scaling_factor``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SaeCompressError
+from ..models import TopKSAE
+from ._common import build_topk, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
+
+CFG = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+_TOPK_ARCHITECTURES = ("topk",)
+_REFUSED = {
+    "jumprelu": "a JumpReLU SAE (thresholded, not TopK)",
+    "batchtopk": "a BatchTopK SAE (inference uses a learned threshold, not per-token TopK)",
+    "matryoshka_batchtopk": "a Matryoshka BatchTopK SAE (threshold inference, not per-token TopK)",
+    "gated": "a gated SAE",
+    "standard": "a standard ReLU SAE",
+    "transcoder": "a transcoder",
+}
+
+
+def matches(folder: Path) -> bool:
+    """Whether ``folder`` holds a SAELens SAE."""
+    return (folder / CFG).is_file() and (folder / WEIGHTS).is_file()
+
+
+def _k_and_architecture(cfg: dict, where: Path) -> int:
+    architecture = cfg.get("architecture")
+    activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    if architecture in _TOPK_ARCHITECTURES:
+        return int_value(cfg.get("k"), "cfg k", where)
+    if architecture in (None, "standard") and activation_fn == "topk":  # SAELens < 6
+        kwargs = cfg.get("activation_fn_kwargs") or {}
+        return int_value(kwargs.get("k", cfg.get("k")), "activation_fn_kwargs.k", where)
+    if architecture in _REFUSED:
+        raise refuse(where, f"architecture {architecture!r} is {_REFUSED[architecture]}")
+    if architecture is None and activation_fn is None:
+        raise SaeCompressError(f"{where}: neither 'architecture' nor 'activation_fn' is set; not a SAELens cfg.json")
+    raise refuse(where, f"architecture {architecture!r} / activation_fn {activation_fn!r} is not TopK")
+
+
+def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
+    """Load the SAELens TopK SAE in ``folder`` as a ``TopKSAE``."""
+    cfg_path, weights_path = folder / CFG, folder / WEIGHTS
+    cfg = read_json(cfg_path)
+    k = _k_and_architecture(cfg, cfg_path)
+    sd = read_safetensors(weights_path)
+    d_in = int_value(cfg.get("d_in"), "cfg d_in", cfg_path)
+    d_sae = int_value(cfg.get("d_sae"), "cfg d_sae", cfg_path)
+    W_enc = tensor(sd, "W_enc", weights_path, (d_in, d_sae))
+    W_dec = tensor(sd, "W_dec", weights_path, (d_sae, d_in))
+    b_enc = tensor(sd, "b_enc", weights_path, (d_sae,))
+    b_dec = tensor(sd, "b_dec", weights_path, (d_in,))
+
+    normalize = cfg.get("normalize_activations") or "none"
+    if normalize == "expected_average_only_in":
+        factor = cfg.get("norm_scaling_factor")
+        if not isinstance(factor, (int, float)) or factor <= 0:
+            raise SaeCompressError(
+                f"{cfg_path}: normalize_activations='expected_average_only_in' needs the dataset scaling "
+                "factor, which this folder does not store; fold it first (SAELens "
+                "fold_activation_norm_scaling_factor) and re-save, or add 'norm_scaling_factor' to cfg.json"
+            )
+        # SAE input is factor * x: pre = (x - b_dec/f) (f W_enc) + b_enc; x̂ = z (W_dec/f) + b_dec/f.
+        W_enc, W_dec, b_dec = W_enc * factor, W_dec / factor, b_dec / factor
+    elif normalize not in ("none", "layer_norm"):
+        raise SaeCompressError(
+            f"{cfg_path}: normalize_activations={normalize!r} rescales each input by its own norm, which a "
+            "TopKSAE cannot express; supported: 'none', 'layer_norm', 'expected_average_only_in'"
+        )
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise SaeCompressError(f"{cfg_path}: reshape_activations={cfg['reshape_activations']!r} (hook_z SAEs) is not supported")
+    if "scaling_factor" in sd:  # SAELens < 6 finetuning scale: decode uses (z * s) @ W_dec
+        W_dec = W_dec * tensor(sd, "scaling_factor", weights_path, (d_sae,))[:, None]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        norms = W_dec.norm(dim=1).clamp_min(1e-12)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    if cfg.get("apply_b_dec_to_input", True) is False:
+        b_enc = b_enc + b_dec @ W_enc
+
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    return build_topk(
+        W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec, k=k, activation="topk_relu",
+        normalize_input=normalize == "layer_norm",
+        provenance={
+            "library": "saelens",
+            "path": str(folder),
+            "hookpoint": hookpoint or meta.get("hook_name") or cfg.get("hook_name"),
+            "hook_name": meta.get("hook_name") or cfg.get("hook_name"),
+            "model_name": meta.get("model_name") or cfg.get("model_name"),
+            "architecture": cfg.get("architecture") or "topk",
+            "source_dtype": source_dtype(sd),
+            "sae_lens_version": meta.get("sae_lens_version") or cfg.get("sae_lens_version"),
+        },
+    )

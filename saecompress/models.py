@@ -1,0 +1,295 @@
+"""The two SAE models: ``TopKSAE`` (dense reference) and ``ExpanderSAE`` (d nonzeros per latent).
+
+Both compute, for activations ``x [..., m]``::
+
+    x'   = layer_norm(x) if normalize_input else x          # OpenAI-style inputs
+    pre  = (x' - b_dec) @ W_enc + b_enc                     # [..., n]
+    z    = top-k of pre, ordered by `activation`            # k (value, index) pairs
+    x̂'   = z @ W_dec + b_dec;  x̂ = x̂' un-normalised
+
+``activation`` is the ordering the source library used: ``topk_relu`` (top-k by value, then ReLU
+on the kept values), ``relu_topk`` (ReLU, then top-k) or ``signed_topk`` (top-k by value, no ReLU).
+
+An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``indices[i, j]``;
+its encoder column ``i`` has the same support, with the same values (``encoder="tied"``) or its
+own ``enc_values`` (``"untied"``). Encoding is a gather-and-reduce over latents in chunks, and
+decoding a scatter-add of the k active rows: no m×n matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import SaeCompressError
+from .mask import MASK_ALGORITHM, expander_mask
+
+ACTIVATIONS = ("topk_relu", "relu_topk", "signed_topk")
+ENCODERS = ("tied", "untied")
+Activation = Literal["topk_relu", "relu_topk", "signed_topk"]
+
+LAYER_NORM_EPS = 1e-5
+# Encode works on this many (latent, row) pre-activations at a time: bounds memory at any n.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenAI sparse_autoencoder's input normalisation: ``((x - mu) / (std + eps), mu, std)``."""
+    mu = x.mean(dim=-1, keepdim=True)
+    centred = x - mu
+    std = centred.std(dim=-1, keepdim=True)
+    return centred / (std + LAYER_NORM_EPS), mu, std
+
+
+def select_topk(pre: torch.Tensor, k: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k kept ``(values, indices)`` of pre-activations ``pre [..., n]`` under ``activation``."""
+    if activation == "relu_topk":
+        pre = torch.relu(pre)
+    values, indices = pre.topk(k, dim=-1, sorted=True)
+    if activation == "topk_relu":
+        values = torch.relu(values)
+    return values, indices
+
+
+def _check_config(m: int, n: int, k: int, activation: str) -> None:
+    if m < 1 or n < 1:
+        raise SaeCompressError(f"an SAE needs m >= 1 and n >= 1, got m={m}, n={n}")
+    if not 1 <= k <= n:
+        raise SaeCompressError(f"k={k} must be between 1 and the number of latents n={n}")
+    if activation not in ACTIVATIONS:
+        raise SaeCompressError(
+            f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}"
+        )
+
+
+class SparseAutoencoder(nn.Module):
+    """What the two models share: input handling, top-k selection and the forward pass."""
+
+    m: int
+    n: int
+    k: int
+    activation: str
+    normalize_input: bool
+
+    def _init_common(self, m: int, n: int, k: int, activation: str, normalize_input: bool) -> None:
+        _check_config(m, n, k, activation)
+        self.m, self.n, self.k = int(m), int(n), int(k)
+        self.activation = activation
+        self.normalize_input = bool(normalize_input)
+        self.provenance: dict = {}
+
+    def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        if x.shape[-1] != self.m:
+            raise SaeCompressError(
+                f"activations have hidden size {x.shape[-1]} but this SAE expects m={self.m}; "
+                "use the SAE trained for this model and hookpoint"
+            )
+        return x.reshape(-1, self.m), x.shape[:-1]
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened, (optionally) normalised, centred input ``x' - b_dec`` of shape ``[B, m]``."""
+        x = x.to(self.b_dec.dtype)
+        if self.normalize_input:
+            x = layer_norm(x)[0]
+        return x - self.b_dec
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations ``[..., n]`` (materialises all n per row)."""
+        flat, lead = self._flatten(x)
+        return self._pre_activations(self._prepare(flat)).reshape(*lead, self.n)
+
+    def encode(
+        self, x: torch.Tensor, dense: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """``(top_values, top_indices)`` of shape ``[..., k]``, or the dense code ``[..., n]``."""
+        flat, lead = self._flatten(x)
+        values, indices = self._encode_topk(self._prepare(flat))
+        if dense:
+            code = values.new_zeros(values.shape[0], self.n).scatter_(1, indices, values)
+            return code.reshape(*lead, self.n)
+        return values.reshape(*lead, self.k), indices.reshape(*lead, self.k)
+
+    def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[..., m]`` from k-sparse codes (in normalised space if normalize_input)."""
+        lead = top_values.shape[:-1]
+        out = self._decode(top_values.reshape(-1, top_values.shape[-1]),
+                           top_indices.reshape(-1, top_indices.shape[-1]).long())
+        return out.reshape(*lead, self.m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``x`` (in its original space, also when inputs are normalised)."""
+        flat, lead = self._flatten(x)
+        flat = flat.to(self.b_dec.dtype)
+        if self.normalize_input:
+            flat, mu, std = layer_norm(flat)
+        values, indices = self._encode_topk(flat - self.b_dec)
+        out = self._decode(values, indices)
+        if self.normalize_input:
+            out = out * (std + LAYER_NORM_EPS) + mu
+        return out.reshape(*lead, self.m)
+
+    def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_topk(self._pre_activations(centred), self.k, self.activation)
+
+    def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TopKSAE(SparseAutoencoder):
+    """A dense TopK SAE: ``W_enc [m, n]``, ``W_dec [n, m]``, ``b_enc [n]``, ``b_dec [m]``."""
+
+    def __init__(
+        self, m: int, n: int, k: int, *, activation: Activation = "topk_relu",
+        normalize_input: bool = False,
+    ) -> None:
+        super().__init__()
+        self._init_common(m, n, k, activation, normalize_input)
+        W_dec = torch.randn(n, m)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(m))
+
+    def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
+        return centred @ self.W_enc + self.b_enc
+
+    def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return (values.unsqueeze(-1) * self.W_dec[indices]).sum(dim=-2) + self.b_dec
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}, n={self.n}, k={self.k}, activation={self.activation}"
+
+
+class ExpanderSAE(SparseAutoencoder):
+    """An SAE whose latents each touch ``d`` model dims, on a seeded expander mask.
+
+    ``indices [n, d]`` (buffer) come from ``expander_mask(m, n, d, seed)`` unless given
+    explicitly (then ``mask_seed`` is ``None``). Learned: ``values [n, d]``, ``enc_values [n, d]``
+    (untied encoders only), ``b_enc [n]``, ``b_dec [m]``.
+    """
+
+    def __init__(
+        self, m: int, n: int, d: int, k: int, *, seed: int = 0,
+        activation: Activation = "signed_topk", encoder: str = "tied",
+        indices: torch.Tensor | None = None, normalize_input: bool = False,
+    ) -> None:
+        super().__init__()
+        self._init_common(m, n, k, activation, normalize_input)
+        if encoder not in ENCODERS:
+            raise SaeCompressError(f"unknown encoder {encoder!r}; expected 'tied' or 'untied'")
+        self.d = int(d)
+        self.encoder = encoder
+        if indices is None:
+            indices = torch.from_numpy(expander_mask(m, n, d, seed))
+            self.mask_seed: int | None = int(seed)
+            self.mask_algorithm: str | None = MASK_ALGORITHM
+        else:
+            indices = _checked_indices(torch.as_tensor(indices), m, n, d)
+            self.mask_seed, self.mask_algorithm = None, None
+        self.register_buffer("indices", indices)
+        values = torch.randn(n, d)
+        values /= values.norm(dim=1, keepdim=True)
+        self.values = nn.Parameter(values)
+        self.enc_values = nn.Parameter(values.clone()) if encoder == "untied" else None
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(m))
+        self.metadata: dict = {}
+        self.storage_dtype = "float32"
+
+    @property
+    def encoder_values(self) -> torch.Tensor:
+        """The encoder's ``[n, d]`` values: ``values`` when tied, ``enc_values`` when untied."""
+        return self.values if self.enc_values is None else self.enc_values
+
+    def _latent_chunks(self, rows: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` latent ranges of about ``_CHUNK_ELEMENTS / rows`` latents each."""
+        step = max(1, _CHUNK_ELEMENTS // max(rows, 1))
+        return [(s, min(s + step, self.n)) for s in range(0, self.n, step)]
+
+    def _chunk_pre(self, x_t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Pre-activations of latents ``start:stop`` as ``[stop - start, B]``, from ``x_t [m, B]``."""
+        idx = self.indices[start:stop].T.contiguous()  # [d, chunk]: contiguous index rows
+        vals = self.encoder_values[start:stop].T.unsqueeze(-1)  # [d, chunk, 1]
+        acc = x_t.index_select(0, idx[0]).mul_(vals[0])
+        for j in range(1, self.d):
+            acc = acc.addcmul_(x_t.index_select(0, idx[j]), vals[j])
+        return acc.add_(self.b_enc[start:stop, None])
+
+    def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
+        x_t = centred.T.contiguous()
+        chunks = [self._chunk_pre(x_t, start, stop)
+                  for start, stop in self._latent_chunks(centred.shape[0])]
+        return torch.cat(chunks, dim=0).T
+
+    def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k over latent chunks with a running merge: memory O(B·(chunk + k)), not O(B·n)."""
+        x_t = centred.T.contiguous()
+        best_vals = best_idx = None
+        for start, stop in self._latent_chunks(centred.shape[0]):
+            pre = self._chunk_pre(x_t, start, stop).T
+            if self.activation == "relu_topk":
+                pre = torch.relu(pre)
+            vals, idx = pre.topk(min(self.k, stop - start), dim=-1)
+            idx = idx + start
+            if best_vals is not None:
+                vals, pos = torch.cat([best_vals, vals], 1).topk(
+                    min(self.k, best_vals.shape[1] + vals.shape[1]), dim=-1)
+                idx = torch.cat([best_idx, idx], 1).gather(1, pos)
+            best_vals, best_idx = vals, idx
+        if self.activation == "topk_relu":
+            best_vals = torch.relu(best_vals)
+        return best_vals, best_idx
+
+    def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        rows = values.shape[0]
+        dims = self.indices[indices].reshape(rows, -1)
+        contrib = (values.unsqueeze(-1) * self.values[indices]).reshape(rows, -1)
+        out = self.b_dec.expand(rows, self.m).clone()
+        return out.scatter_add(1, dims, contrib)
+
+    @torch.no_grad()
+    def to_dense(self) -> TopKSAE:
+        """The equivalent dense ``TopKSAE`` (same outputs; ``n·m`` floats per matrix)."""
+        dense = TopKSAE(self.m, self.n, self.k, activation=self.activation,
+                        normalize_input=self.normalize_input)
+        dtype = self.values.dtype
+        rows = torch.arange(self.n).unsqueeze(1).expand(-1, self.d)
+        W_dec = torch.zeros(self.n, self.m, dtype=dtype)
+        W_dec[rows, self.indices] = self.values
+        W_enc = torch.zeros(self.n, self.m, dtype=dtype)
+        W_enc[rows, self.indices] = self.encoder_values
+        dense.W_dec = nn.Parameter(W_dec)
+        dense.W_enc = nn.Parameter(W_enc.T.contiguous())
+        dense.b_enc = nn.Parameter(self.b_enc.detach().clone())
+        dense.b_dec = nn.Parameter(self.b_dec.detach().clone())
+        dense.provenance = dict(self.provenance)
+        return dense
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale each latent's decoder row to unit L2 norm (tied encoders follow)."""
+        self.values /= self.values.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def extra_repr(self) -> str:
+        return (f"m={self.m}, n={self.n}, d={self.d}, k={self.k}, activation={self.activation}, "
+                f"encoder={self.encoder}, mask_seed={self.mask_seed}")
+
+
+def _checked_indices(indices: torch.Tensor, m: int, n: int, d: int) -> torch.Tensor:
+    if indices.shape != (n, d):
+        raise SaeCompressError(f"mask indices have shape {tuple(indices.shape)}, expected ({n}, {d})")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise SaeCompressError(f"mask indices must be integers, got {indices.dtype}")
+    indices = indices.long()
+    if n and (int(indices.min()) < 0 or int(indices.max()) >= m):
+        raise SaeCompressError(f"mask indices must lie in [0, {m}); found values outside")
+    ordered = indices.sort(dim=1).values
+    if d > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise SaeCompressError("mask indices repeat a dim within a latent; each latent needs d distinct dims")
+    return indices.contiguous()

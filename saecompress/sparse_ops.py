@@ -1,0 +1,190 @@
+"""Truly sparse autograd functions for training expander SAEs.
+
+An expander SAE's encoder and decoder have ``d`` nonzeros per latent (``indices [n, d]``), so a
+training step needs no ``m×n`` matrix at all:
+
+* :class:`SparseEncodeTopK` computes the pre-activations as one sparse-CSR × dense product
+  (``n·d`` nonzeros times the batch, MKL on CPU), picks the top-k (and, for AuxK, the top-k_aux
+  among dead latents), and saves only the centred batch and the chosen indices. Its backward
+  touches the ``k (+ k_aux)`` chosen latents per row: O(B·k·d) work, no ``[B, n]`` gradient.
+* :class:`SparseDecode` is a scatter-add of the ``k`` active latents' ``d`` values per row; its
+  backward is the matching gather, again O(B·k·d).
+
+Both functions take plain tensors; :func:`sparse_step` wires them to an ``ExpanderSAE``.
+Gradients equal those of the dense masked model (``W = mask ⊙ V``) exactly up to rounding
+(checked in float64 by ``tests/test_train.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """CSR layout of an ``[n, d]`` index array (row-sorted columns) reused every step."""
+
+    indices: Tensor  # [n, d] int64, as stored in the model
+    crow: Tensor  # [n + 1]
+    col: Tensor  # [n * d] column of each CSR entry (sorted within a row)
+    order: Tensor | None  # [n * d] position in ``values.flatten()`` of each CSR entry (None: identity)
+    m: int
+
+    @classmethod
+    def from_indices(cls, indices: Tensor, m: int) -> MaskLayout:
+        n, d = indices.shape
+        sorted_cols, perm = indices.sort(dim=1)
+        order = (perm + torch.arange(n).unsqueeze(1) * d).flatten()
+        if torch.equal(order, torch.arange(n * d)):
+            order = None
+        crow = torch.arange(0, n * d + 1, d, dtype=torch.int64)
+        return cls(indices, crow, sorted_cols.flatten().contiguous(), order, m)
+
+    def csr(self, values: Tensor) -> Tensor:
+        """The ``[n, m]`` sparse CSR matrix whose row i holds ``values[i]`` at ``indices[i]``."""
+        flat = values.detach().reshape(-1)
+        if self.order is not None:
+            flat = flat[self.order]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(
+                self.crow, self.col, flat, (self.indices.shape[0], self.m),
+                dtype=values.dtype, check_invariants=False,
+            )
+
+
+def sparse_pre_activations(xc: Tensor, enc_values: Tensor, b_enc: Tensor, layout: MaskLayout) -> Tensor:
+    """``[B, n]`` pre-activations ``xc @ W_enc + b_enc`` of a centred batch, no ``m×n`` matrix."""
+    out_t = torch.sparse.mm(layout.csr(enc_values), xc.detach().t())  # [n, B]
+    return torch.add(out_t.t(), b_enc.detach())  # one pass: transpose to [B, n] and add bias
+
+
+def _select(pre: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return (vals.clamp_min(0) if relu else vals), idx
+
+
+class SparseEncodeTopK(torch.autograd.Function):
+    """``(x, enc_values, b_enc, b_dec) -> (top_vals, top_idx, aux_vals, aux_idx)``.
+
+    ``top_*`` are the k largest pre-activations per row (ReLU applied when ``relu``);
+    ``aux_*`` the ``k_aux`` largest among latents flagged in ``dead`` (empty when ``k_aux == 0``
+    or ``dead`` is None), for the AuxK loss. Index outputs are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, enc_values, b_enc, b_dec, layout: MaskLayout, k: int, relu: bool,
+                dead: Tensor | None, k_aux: int):
+        xc = x - b_dec
+        pre = sparse_pre_activations(xc, enc_values, b_enc, layout)
+        top_vals, top_idx = _select(pre, k, relu)
+        if dead is not None and k_aux > 0 and bool(dead.any()):
+            k_aux = min(k_aux, int(dead.sum()))
+            pre.masked_fill_(~dead, float("-inf"))
+            aux_vals, aux_idx = _select(pre, k_aux, relu)
+            aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
+        else:
+            aux_vals = x.new_zeros(x.shape[0], 0)
+            aux_idx = torch.zeros(x.shape[0], 0, dtype=torch.int64)
+        del pre
+        ctx.layout = layout
+        ctx.relu = relu
+        ctx.x_requires_grad = x.requires_grad
+        ctx.save_for_backward(xc, enc_values, top_vals, top_idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(top_idx, aux_idx)
+        return top_vals, top_idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_top, _g_top_idx, g_aux, _g_aux_idx):
+        xc, enc_values, top_vals, top_idx, aux_vals, aux_idx = ctx.saved_tensors
+        if g_top is None:
+            g_top = torch.zeros_like(top_vals)
+        if g_aux is None:
+            g_aux = torch.zeros_like(aux_vals)
+        g = torch.cat([g_top, g_aux], dim=1)
+        vals = torch.cat([top_vals, aux_vals], dim=1)
+        lat = torch.cat([top_idx, aux_idx], dim=1)  # [B, K]
+        if ctx.relu:
+            g = g * (vals > 0)
+        B, K = lat.shape
+        d = enc_values.shape[1]
+        rows = ctx.layout.indices[lat].view(B, K * d)  # input dims each chosen latent reads
+        flat_lat = lat.reshape(-1)
+        need_values, need_b_enc, need_b_dec = ctx.needs_input_grad[1:4]
+        g_values = g_b_enc = g_b_dec = g_x = None
+        if need_values:
+            xg = xc.gather(1, rows).view(B, K, d)
+            g_values = torch.zeros_like(enc_values).index_add_(
+                0, flat_lat, (g.unsqueeze(-1) * xg).view(-1, d))
+        if need_b_enc:
+            g_b_enc = torch.zeros(enc_values.shape[0], dtype=g.dtype).index_add_(0, flat_lat, g.reshape(-1))
+        if need_b_dec or ctx.x_requires_grad:
+            contrib = (g.unsqueeze(-1) * enc_values[lat]).view(B, K * d)
+            g_xc = torch.zeros_like(xc).scatter_add_(1, rows, contrib)
+            g_b_dec = -g_xc.sum(0) if need_b_dec else None
+            g_x = g_xc if ctx.x_requires_grad else None
+        return g_x, g_values, g_b_enc, g_b_dec, None, None, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """``(z [B,k], lat [B,k], values [n,d], b_dec [m] or None) -> [B, m]``: scatter-add decode."""
+
+    @staticmethod
+    def forward(ctx, z, lat, values, b_dec, layout: MaskLayout):
+        B, k = lat.shape
+        d = values.shape[1]
+        cols = layout.indices[lat].view(B, k * d)
+        contrib = (z.unsqueeze(-1) * values[lat]).view(B, k * d)
+        out = z.new_zeros(B, layout.m) if b_dec is None else b_dec.detach().expand(B, -1).clone()
+        out.scatter_add_(1, cols, contrib)
+        ctx.layout = layout
+        ctx.has_bias = b_dec is not None
+        ctx.save_for_backward(z, lat, values)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        z, lat, values = ctx.saved_tensors
+        B, k = lat.shape
+        d = values.shape[1]
+        cols = ctx.layout.indices[lat].view(B, k * d)
+        gx = g_out.gather(1, cols).view(B, k, d)
+        g_z = g_values = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_z = (gx * values[lat]).sum(-1)
+        if ctx.needs_input_grad[2]:
+            g_values = torch.zeros_like(values).index_add_(0, lat.reshape(-1), (z.unsqueeze(-1) * gx).view(-1, d))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            g_b = g_out.sum(0)
+        return g_z, None, g_values, g_b, None
+
+
+@dataclass
+class SparseForward:
+    """One training forward pass: reconstruction, the k-sparse code and (optional) AuxK parts."""
+
+    recon: Tensor  # [B, m]
+    top_vals: Tensor  # [B, k]
+    top_idx: Tensor  # [B, k]
+    aux_recon: Tensor | None  # [B, m] decode of the top-k_aux dead latents, without b_dec
+
+
+def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = None,
+                   k_aux: int = 0) -> SparseForward:
+    """Differentiable ExpanderSAE forward on ``x [B, m]`` (already in the SAE's input space).
+
+    Gradients reach ``values`` (and ``enc_values`` when untied), ``b_enc`` and ``b_dec`` through
+    the sparse functions above only.
+    """
+    relu = sae.activation != "signed_topk"
+    top_vals, top_idx, aux_vals, aux_idx = SparseEncodeTopK.apply(
+        x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, relu, dead, k_aux)
+    recon = SparseDecode.apply(top_vals, top_idx, sae.values, sae.b_dec, layout)
+    aux_recon = None
+    if aux_idx.shape[1] > 0:
+        aux_recon = SparseDecode.apply(aux_vals, aux_idx, sae.values, None, layout)
+    return SparseForward(recon, top_vals, top_idx, aux_recon)

@@ -1,0 +1,399 @@
+"""Train an ``ExpanderSAE`` (truly sparse step) or a ``TopKSAE`` baseline on activation files.
+
+One loop for both models and for distillation::
+
+    loss = FVU(x, x̂)                                   # batch-normalised reconstruction error
+         + auxk_coef · FVU(e, ê_aux)                    # AuxK: dead latents reconstruct e = x − x̂
+         + distill_coef · latent term                   # distillation only (see distill.py)
+
+Decoder rows are kept at unit norm (gradient component along each row removed before the step,
+rows renormalised after it). Adam with ``lr ≈ 2e-4/√(n/2¹⁴)``, linear warm-up then cosine (or
+linear) decay, gradient clipping. ``b_dec`` starts at the data mean. A latent is dead once it
+has not fired for ``dead_tokens`` tokens.
+
+Checkpoints: ``OUT`` (a valid compact file at every checkpoint) and ``OUT.ckpt`` (model +
+optimizer + counters, for ``resume``), both written atomically; Ctrl-C writes both before
+exiting. Runs are deterministic on CPU for a given seed, and a resumed run continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._io import atomic_path
+from .activations import ActivationSource, open_activations
+from .compact import save_compact
+from .errors import SaeCompressError
+from .metrics import FidelityAccumulator, evaluate
+from .models import ExpanderSAE, TopKSAE, layer_norm, select_topk
+from .sparse_ops import MaskLayout, SparseForward, sparse_forward
+
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (``None`` fields get the documented defaults)."""
+
+    k: int = 32
+    d: int | None = 7  # None: a dense TopKSAE baseline
+    n: int | None = None  # number of latents; or use expansion
+    expansion: int | None = None  # n = expansion * m
+    activation: str | None = None  # default: signed_topk (expander), topk_relu (dense)
+    encoder: str = "tied"
+    mask_seed: int = 0
+    tokens: int = 2_000_000
+    batch_size: int = 1024
+    lr: float | None = None  # default 2e-4 / sqrt(n / 2**14)
+    warmup_frac: float = 0.02
+    decay: str = "cosine"  # cosine | linear | constant
+    final_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    k_aux: int | None = None  # default m // 2
+    auxk_coef: float = 1 / 32
+    dead_tokens: int | None = None  # default min(10M, tokens // 10)
+    distill_coef: float = 1.0
+    held_out_rows: int = 8192
+    checkpoint_every: int = 500  # steps
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.n is not None and self.expansion is not None:
+            raise SaeCompressError("give the number of latents as --n or --expansion, not both")
+        for name in ("k", "tokens", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise SaeCompressError(f"decay must be cosine, linear or constant, got {self.decay!r}")
+        if self.d is not None and self.d < 1:
+            raise SaeCompressError(f"d must be at least 1, got {self.d}")
+
+    def num_latents(self, m: int) -> int | None:
+        return self.n if self.n is not None else (self.expansion * m if self.expansion else None)
+
+    def learning_rate(self, n: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n / 2**14)
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Warm-up then decay multiplier of the base learning rate at ``step`` of ``total``."""
+        warmup = max(1, round(self.warmup_frac * total))
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        if self.decay == "cosine":
+            return self.final_lr_frac + (1 - self.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+        if self.decay == "linear":
+            return 1 - (1 - self.final_lr_frac) * t
+        return 1.0
+
+
+def _fvu_loss(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Batch FVU: squared error over the batch's total variance (the training objective)."""
+    var = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (recon - target).pow(2).sum() / var
+
+
+def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int) -> SparseForward:
+    """The dense baseline's forward (ordinary autograd, m×n matmul) with the same outputs."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top_vals, top_idx = select_topk(pre, sae.k, sae.activation)
+    recon = sae._decode(top_vals, top_idx)
+    aux = None
+    if dead is not None and k_aux > 0 and bool(dead.any()):
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        aux_vals, aux_idx = select_topk(aux_pre, min(k_aux, int(dead.sum())), sae.activation)
+        aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
+        aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals) @ sae.W_dec
+    return SparseForward(recon, top_vals, top_idx, aux)
+
+
+def _decoder_param(sae) -> torch.nn.Parameter:
+    return sae.values if isinstance(sae, ExpanderSAE) else sae.W_dec
+
+
+@torch.no_grad()
+def _remove_parallel_grad(sae) -> None:
+    """Project out each decoder row's gradient component along the (unit) row."""
+    w = _decoder_param(sae)
+    if w.grad is not None:
+        unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w.grad -= (w.grad * unit).sum(1, keepdim=True) * unit
+
+
+@torch.no_grad()
+def _normalize_decoder(sae) -> None:
+    w = _decoder_param(sae)
+    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class Trainer:
+    """Training state (model, optimizer, counters) and one step; see the module docstring."""
+
+    def __init__(self, sae: ExpanderSAE | TopKSAE, cfg: TrainConfig, total_steps: int,
+                 teacher: TopKSAE | None = None):
+        self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        self.teacher = teacher
+        self.base_lr = cfg.learning_rate(sae.n)
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.tokens // 10))
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
+        self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
+        self.step = 0
+        self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
+        if teacher is not None:
+            from .distill import DistillTerm
+            self.distill = DistillTerm(teacher)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x)[0] if self.sae.normalize_input else x
+
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the raw batch ``x [B, m]``; returns the step's statistics."""
+        sae, cfg = self.sae, self.cfg
+        xin = self._input(x)
+        dead = self.since_fired >= self.dead_tokens
+        if self.layout is not None:
+            out = sparse_forward(sae, xin, self.layout, dead, self.k_aux)
+        else:
+            out = dense_forward(sae, xin, dead, self.k_aux)
+        recon_loss = _fvu_loss(xin, out.recon)
+        loss = recon_loss
+        stats: dict[str, float] = {}
+        if out.aux_recon is not None:
+            residual = (xin - out.recon).detach()
+            scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
+            aux_loss = _fvu_loss(residual, out.aux_recon)
+            loss = loss + cfg.auxk_coef * scale * aux_loss
+            stats["auxk"] = float(aux_loss)
+        if self.teacher is not None:
+            d_loss = self.distill.loss(sae, x, xin, out)
+            loss = loss + cfg.distill_coef * d_loss
+            stats["distill"] = float(d_loss)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * cfg.lr_factor(self.step, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _remove_parallel_grad(sae)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        _normalize_decoder(sae)
+
+        fired = torch.zeros(sae.n, dtype=torch.bool)
+        fired[out.top_idx[out.top_vals != 0]] = True
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+        self.step += 1
+        stats.update(loss=float(loss), fvu=float(recon_loss),
+                     l0=float((out.top_vals != 0).sum(1).double().mean()),
+                     dead=float((self.since_fired >= self.dead_tokens).double().mean()))
+        return stats
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
+                "config": json.dumps(asdict(self.cfg), sort_keys=True)}
+
+    def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
+        saved = json.loads(state["config"])
+        ours = asdict(self.cfg)
+        differ = [f.name for f in fields(TrainConfig)
+                  if f.name not in ("checkpoint_every",) and saved.get(f.name) != ours[f.name]]
+        if differ:
+            raise SaeCompressError(
+                f"{where}: checkpoint was made with different settings ({', '.join(differ)}); "
+                "resume with the same options or start afresh without --resume")
+        self.sae.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.since_fired = state["since_fired"].clone()
+
+
+def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a dense baseline as a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"architecture": "topk", "k": sae.k, "d_in": sae.m, "d_sae": sae.n,
+           "normalize_activations": "layer_norm" if sae.normalize_input else "none",
+           "apply_b_dec_to_input": True, "dtype": "float32",
+           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in sae.provenance.items()
+                                                          if isinstance(v, (str, int, float))}}}
+    tensors = {name: getattr(sae, name).detach().float().contiguous()
+               for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    with atomic_path(folder / "sae_weights.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(folder / "cfg.json") as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def _save_model(sae, out: Path, user: dict) -> None:
+    if isinstance(sae, ExpanderSAE):
+        save_compact(sae, out, metadata=user)
+    else:
+        save_dense(sae, out, user)
+
+
+def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None):
+    """The model training starts from: ``init`` file, ``convert(teacher)``, or a fresh one."""
+    if init is not None:
+        from .sources import load
+        sae = load(init)
+    elif teacher is not None:
+        if cfg.d is None:
+            raise SaeCompressError("distillation trains an expander student: give --d with --teacher")
+        from .convert import convert
+        sae = convert(teacher, cfg.d, seed=cfg.mask_seed, encoder=cfg.encoder)
+    else:
+        n = cfg.num_latents(m)
+        if n is None:
+            raise SaeCompressError("say how many latents to train: --n N or --expansion E")
+        if cfg.d is None:
+            return TopKSAE(m, n, cfg.k, activation=cfg.activation or "topk_relu")
+        torch.manual_seed(cfg.seed)  # fresh values are drawn from the global generator
+        return ExpanderSAE(m, n, cfg.d, cfg.k, seed=cfg.mask_seed,
+                           activation=cfg.activation or "signed_topk", encoder=cfg.encoder)
+    if sae.m != m:
+        raise SaeCompressError(f"the starting SAE has m={sae.m} but the activations have m={m}; "
+                               "use activations from the SAE's model and hookpoint")
+    if cfg.d is not None and not isinstance(sae, ExpanderSAE):
+        raise SaeCompressError(f"{init}: is a dense SAE; pass it as --teacher to convert and distil it")
+    sae.k = cfg.k
+    return sae
+
+
+@torch.no_grad()
+def _data_mean(source: ActivationSource, sae, rows: int = 65536) -> torch.Tensor:
+    acc = torch.zeros(sae.m, dtype=torch.float64)
+    count = 0
+    for x in source.select(0, min(rows, source.num_rows)).iter_batches(8192):
+        x = layer_norm(x)[0] if sae.normalize_input else x
+        acc += x.double().sum(0)
+        count += x.shape[0]
+    return (acc / count).to(sae.b_dec.dtype)
+
+
+def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
+    """Shuffled training batches from step ``start_step`` on (epochs reshuffle with new seeds)."""
+    per_epoch = source.num_rows // cfg.batch_size
+    if per_epoch < 1:
+        raise SaeCompressError(f"{source.path}: {source.num_rows} training rows is less than one batch "
+                               f"of {cfg.batch_size}; lower --batch or harvest more activations")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        it = source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
+                                 drop_last=True)
+        for i, x in enumerate(it):
+            if i >= skip:
+                yield x
+        epoch, skip = epoch + 1, 0
+
+
+def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cfg: TrainConfig, *,
+          teacher: str | TopKSAE | None = None, init: str | None = None, resume: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> tuple[ExpanderSAE | TopKSAE, dict]:
+    """Train on the activations ``acts`` and write the model to ``out``; returns ``(sae, metrics)``.
+
+    ``out`` is a compact ``.safetensors`` file for expander SAEs and a SAELens folder for dense
+    ones (``cfg.d is None``). With ``teacher`` (a dense source or ``TopKSAE``) the run is a
+    distillation: the student starts from ``convert(teacher, d)`` (or ``init``) and is pulled
+    towards the teacher's latents. ``stop_after`` ends the run early after that many steps
+    (a checkpoint is written, as on Ctrl-C). The returned metrics are measured on the last
+    ``held_out_rows`` rows of ``acts``, which training never sees.
+    """
+    cfg.check()
+    source = acts if isinstance(acts, ActivationSource) else open_activations(acts)
+    held_rows = min(cfg.held_out_rows, source.num_rows // 10)
+    train_src, held_src = source.split(held_rows) if held_rows > 0 else (source, None)
+    if isinstance(teacher, (str, os.PathLike)):
+        from .sources import load
+        teacher = load(teacher)
+    if teacher is not None and not isinstance(teacher, TopKSAE):
+        raise SaeCompressError("the distillation teacher must be a dense TopK SAE")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    sae = _initial_model(cfg, source.m, teacher, init)
+    out = Path(out)
+    ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
+    total_steps = max(1, cfg.tokens // cfg.batch_size)
+    trainer = Trainer(sae, cfg, total_steps, teacher)
+    if resume:
+        if not ckpt.is_file():
+            raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
+        trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
+    else:
+        if init is None and teacher is None:
+            with torch.no_grad():
+                sae.b_dec.copy_(_data_mean(train_src, sae))
+        _normalize_decoder(sae)
+
+    def checkpoint(user: dict) -> None:
+        with atomic_path(ckpt) as tmp:
+            torch.save(trainer.state_dict(), tmp)
+        _save_model(sae, out, user)
+
+    bar = tqdm(total=total_steps * cfg.batch_size, initial=trainer.step * cfg.batch_size,
+               unit="tok", unit_scale=True, desc="train", disable=not progress, dynamic_ncols=True)
+    last = stop_after if stop_after is not None else total_steps
+    batches = _batches(train_src, cfg, trainer.step)
+    stats: dict[str, float] = {}
+    try:
+        while trainer.step < min(total_steps, last):
+            stats = trainer.train_step(next(batches))
+            bar.update(cfg.batch_size)
+            if trainer.step % 10 == 0 or trainer.step == total_steps:
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}",
+                                l0=f"{stats['l0']:.1f}", dead=f"{stats['dead']:.3f}", refresh=False)
+            if trainer.step % cfg.checkpoint_every == 0 and trainer.step < total_steps:
+                checkpoint({"training": {"step": trainer.step, "tokens": trainer.step * cfg.batch_size}})
+    except KeyboardInterrupt:
+        checkpoint({"training": {"step": trainer.step, "interrupted": True}})
+        bar.close()
+        tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt}; "
+                   "rerun with --resume to continue")
+        raise
+    bar.close()
+    metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
+    if trainer.step < total_steps:
+        metrics["training"]["stopped_early"] = True
+        checkpoint(metrics)
+    else:
+        _save_model(sae, out, metrics)
+        with atomic_path(ckpt) as tmp:  # keep the final state: a later --resume is a no-op
+            torch.save(trainer.state_dict(), tmp)
+    return sae, metrics
+
+
+@torch.no_grad()
+def final_metrics(sae, held: ActivationSource | None, teacher: TopKSAE | None, cfg: TrainConfig,
+                  trainer: Trainer) -> dict[str, Any]:
+    """Held-out fidelity (+ latent agreement when distilling) and the run's settings."""
+    metrics: dict[str, Any] = {"training": {
+        "tokens": trainer.step * cfg.batch_size, "steps": trainer.step, "batch_size": cfg.batch_size,
+        "lr": trainer.base_lr, "k_aux": trainer.k_aux, "auxk_coef": cfg.auxk_coef, "seed": cfg.seed,
+        "dead_tokens": trainer.dead_tokens,
+        "train_dead_fraction": float((trainer.since_fired >= trainer.dead_tokens).double().mean())}}
+    if teacher is not None:
+        metrics["training"]["distill_coef"] = cfg.distill_coef
+    if held is None:
+        return metrics
+    sae.eval()
+    metrics["held_out"] = evaluate(sae, held)
+    if teacher is not None:
+        from .distill import latent_agreement
+        metrics["held_out"]["latent_agreement"] = latent_agreement(teacher, sae, held)["agreement"]
+        metrics["teacher_held_out"] = evaluate(teacher, held)
+    sae.train()
+    return metrics
