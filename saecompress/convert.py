@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 
 from .compact import STORAGE_DTYPES, dense_values, learned_values, load_compact, save_compact
 from .errors import SaeCompressError
+from .formats import list_hookpoints, read_sae
 from .mask import expander_mask
 from .models import ENCODERS, ExpanderSAE, TopKSAE
+from .sources import resolve
 
 MASKS = ("expander", "topd", "search")
 DEFAULT_D = 7
@@ -42,7 +44,7 @@ def _decoder(dense: TopKSAE) -> torch.Tensor:
 def kept_energy(dense: TopKSAE, indices: torch.Tensor) -> float:
     """Fraction of the decoder's squared Frobenius norm on the mask ``indices [n, d]``."""
     W = _decoder(dense)
-    total = float(torch.linalg.vector_norm(W, dtype=torch.float64) ** 2)
+    total = float(W.norm(dim=1).double().pow(2).sum())
     kept = float(W.gather(1, indices).double().pow(2).sum())
     return kept / total if total > 0 else 0.0
 
@@ -182,18 +184,6 @@ def _source_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def _resolve(src: str | os.PathLike) -> tuple[Path, str | None]:
-    """A local path (downloading ``hf://`` URIs through ``saecompress.sources``) and its hookpoint."""
-    try:
-        from .sources import resolve
-    except ImportError:  # the resolver lands with the hub issue; until then SRC is a local path
-        if str(src).startswith("hf://"):
-            raise SaeCompressError(f"{src}: hf:// sources need saecompress.sources, which is not installed") from None
-        return Path(src), None
-    local, hookpoint = resolve(src)
-    return Path(local), hookpoint
-
-
 def _output_name(hookpoint: str) -> str:
     stem = hookpoint.removesuffix(".pt").removesuffix(".pth").removesuffix(".ckpt")
     return stem.replace("/", "__") + ".safetensors"
@@ -202,8 +192,6 @@ def _output_name(hookpoint: str) -> str:
 def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, mask: str | None, seed: int,
                  search_seeds: int, encoder: str, dtype: str, acts: Any, k: int | None,
                  batch_size: int, max_rows: int | None) -> ConvertReport:
-    from .formats import read_sae
-
     native = read_sae(src, hookpoint, k=k)
     start = time.perf_counter()
     if isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None and encoder == "tied":
@@ -244,14 +232,11 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     neither is imported exactly. ``acts`` adds FVU/L0/dead metrics (single SAE only). Nothing is
     written unless every conversion succeeds.
     """
-    from .formats import list_hookpoints
-
     if dtype not in STORAGE_DTYPES:
         raise SaeCompressError(f"unknown --dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     if mask is not None and mask not in MASKS:
         raise SaeCompressError(f"unknown --mask {mask!r}; use one of {', '.join(MASKS)}")
-    local, uri_hookpoint = _resolve(src)
-    hookpoint = hookpoint or uri_hookpoint
+    local, hookpoint = resolve(src, hookpoint)
     out = Path(out)
     options = dict(d=d, mask=mask, seed=seed, search_seeds=search_seeds, encoder=encoder, dtype=dtype, k=k,
                    batch_size=batch_size, max_rows=max_rows)

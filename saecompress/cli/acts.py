@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import time
 from collections.abc import Iterator
@@ -14,10 +15,12 @@ from ..lm import SITES, harvest, load_model
 
 
 def text_files(paths: tuple[str, ...]) -> list[Path]:
-    """The files named, with each directory expanded to its files (recursively, sorted)."""
+    """The files named; directories expand to their files and glob patterns to matches (recursive, sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if not p.exists() and any(c in str(p) for c in "*?["):
+            files.extend(sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()))
+        elif p.is_dir():
             files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
         elif p.is_file():
             files.append(p)
@@ -39,8 +42,9 @@ def text_options(func):
     options = [
         click.option("--gguf-file", default=None,
                      help="GGUF file to load (inside --model's folder or a path); dequantised to float32."),
-        click.option("--text", "texts", multiple=True, type=click.Path(exists=True),
-                     help="Text file or folder of text files (repeatable); read in order, documents joined by EOS."),
+        click.option("--text", "texts", multiple=True,
+                     help="Text file, folder of text files, or quoted glob such as 'docs/**/*.txt' (repeatable); "
+                          "read in order, documents joined by EOS."),
         click.option("--context", type=int, default=256, show_default=True, help="Tokens per context (BOS included)."),
         click.option("--keep-first", is_flag=True,
                      help="Keep position 0 of each context (dropped by default: attention-sink token)."),

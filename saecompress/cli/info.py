@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..compact import dense_values, learned_values, read_compact_metadata
+from ..compact import dense_values, learned_values, load_compact, read_compact_metadata
 from ..errors import SaeCompressError
 from ..sources import find_compact, resolve
 
@@ -20,6 +20,7 @@ def describe(src: str) -> dict:
     if compact is None:
         raise SaeCompressError(f"{src}: not a compact saecompress file; "
                                "convert a dense SAE first with `saecompress convert`")
+    load_compact(compact)  # full check: tensors vs metadata, finite values, mask hash
     meta = read_compact_metadata(compact)
     file_bytes = compact.stat().st_size
     dense = dense_values(meta["m"], meta["n"])

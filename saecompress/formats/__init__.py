@@ -129,6 +129,8 @@ def _members(root: Path, problems: list[SaeCompressError] | None = None) -> dict
 def _nothing_found(path: Path, problems: list[SaeCompressError] = ()) -> SaeCompressError:
     if problems:
         return problems[0]
+    if path.is_file():
+        return SaeCompressError(f"{path}: not a dense SAE file in a known layout; supported layouts: {SUPPORTED}")
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     shown = ", ".join(entries[:15]) + (f", … ({len(entries)} entries)" if len(entries) > 15 else "")
     return SaeCompressError(

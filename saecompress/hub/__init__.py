@@ -1,0 +1,13 @@
+"""Hugging Face Hub support: ``push`` compact SAEs with a model card, ``pull`` them, and ``hf://`` sources.
+
+Uses ``huggingface_hub`` (endpoint, token, cache and offline mode as it reads them:
+``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``; ``endpoint=``/``token=``
+override). Uploads use Xet when the Hub offers it and plain Git LFS otherwise
+(or with ``HF_HUB_DISABLE_XET=1``). Failures raise ``SaeCompressError`` with one line.
+"""
+
+from .pull import pull, resolve_hf_source
+from .push import COMPACT_NAME, ONNX_NAME, PushResult, push
+from .uri import HfUri, parse_hf_uri
+
+__all__ = ["COMPACT_NAME", "ONNX_NAME", "HfUri", "PushResult", "parse_hf_uri", "pull", "push", "resolve_hf_source"]

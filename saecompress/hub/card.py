@@ -1,0 +1,134 @@
+"""The model card (``README.md``) of a repo of compact Expander SAEs.
+
+Rendered only from the files' metadata (no dates, no local state), so the same files always give
+the same card and re-pushing unchanged files changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..compact import dense_values
+
+TAGS = ("sparse-autoencoder", "expander-sae", "mechanistic-interpretability", "saecompress")
+_CACHE_PATH = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})(/.*)?$")
+
+
+@dataclass(frozen=True)
+class CardEntry:
+    """One compact file in the repo: its hookpoint ('' for the root), path in repo, size and metadata."""
+
+    hookpoint: str
+    path_in_repo: str
+    size: int
+    meta: dict[str, Any]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def metrics(meta: dict[str, Any]) -> dict[str, float]:
+    """Fidelity metrics from a file's ``user`` metadata: ``user["metrics"]`` or its top-level numbers."""
+    user = meta.get("user") or {}
+    found = user.get("metrics") if isinstance(user.get("metrics"), dict) else user
+    return {k: v for k, v in sorted(found.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def source_location(path: str) -> str:
+    """A shareable name for a source path: its ``hf://`` URI when it lies in a hub cache, else its name."""
+    match = _CACHE_PATH.search(path.replace("\\", "/"))
+    if match:
+        owner, name, sha, rest = match.groups()
+        return f"hf://{owner}/{name}{rest or ''}@{sha[:12]}"
+    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def render_card(repo_id: str, entries: list[CardEntry]) -> str:
+    """The full ``README.md`` text for ``repo_id`` holding ``entries``."""
+    entries = sorted(entries, key=lambda e: (e.hookpoint, e.path_in_repo))
+    front = ["---", "library_name: saecompress", "tags:"] + [f"- {t}" for t in TAGS] + ["---", ""]
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        "Expander sparse autoencoders in the [saecompress](https://pypi.org/project/saecompress/) compact "
+        "format: each latent's decoder row (and its tied encoder column) keeps only `d` of `m` entries, on a "
+        "seeded expander mask that is regenerated at load time instead of stored.",
+        "",
+        "## Hookpoints",
+        "",
+    ]
+    metric_names = sorted({name for e in entries for name in metrics(e.meta)})
+    header = ["hookpoint", "file", "m", "n", "d", "k", "activation", "encoder", "dtype", "size",
+              "compression"] + metric_names
+    rows = []
+    for e in entries:
+        m = e.meta
+        ratio = 4 * dense_values(m["m"], m["n"]) / max(e.size, 1)
+        found = metrics(m)
+        rows.append([f"`{e.hookpoint or '.'}`", f"`{e.path_in_repo}`", _fmt(m["m"]), _fmt(m["n"]), _fmt(m["d"]),
+                     _fmt(m["k"]), m["activation"], m["encoder"], m["dtype"], _size(e.size), f"{ratio:,.1f}x"]
+                    + [_fmt(found[name]) if name in found else "" for name in metric_names])
+    body += _table(header, rows)
+    body += ["", "Compression is against the equivalent dense TopK SAE in float32 (2·m·n + m + n values)."]
+    if metric_names:
+        body += ["Fidelity metrics are the ones recorded in each file's metadata."]
+    sources = [e for e in entries if e.meta.get("source")]
+    if sources:
+        body += ["", "## Source SAEs", ""]
+        srows = []
+        for e in sources:
+            src = dict(e.meta["source"])
+            location = source_location(str(src.pop("path", ""))) if "path" in src else ""
+            details = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(src.items())
+                                if k not in ("library", "model_name") and not isinstance(v, (dict, list)))
+            srows.append([f"`{e.hookpoint or '.'}`", _fmt(src.get("library", "")), _fmt(src.get("model_name", "")),
+                          f"`{location}`" if location else "", details])
+        body += _table(["hookpoint", "library", "model", "converted from", "details"], srows)
+    first = entries[0].hookpoint if entries else ""
+    ref = f"{repo_id}/{first}" if first else repo_id
+    body += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import saecompress",
+        "",
+        f'sae = saecompress.load("hf://{ref}")  # ExpanderSAE (torch); verified on download',
+        "top_values, top_indices = sae.encode(x)  # x: [..., m] activations",
+        "x_hat = sae.decode(top_values, top_indices)",
+        "```",
+        "",
+        "```bash",
+        "pip install saecompress",
+        f"saecompress pull {ref}                 # into the Hugging Face cache; prints local paths",
+        f"saecompress info hf://{ref}",
+        f"saecompress export hf://{ref} sae.onnx  # onnxruntime graph",
+        "```",
+        "",
+    ]
+    return "\n".join(front + body)

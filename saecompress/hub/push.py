@@ -1,0 +1,200 @@
+"""``push``: upload compact files (one per hookpoint subfolder), optional ONNX exports and a model card."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..compact import _parse_metadata, is_compact_file, read_compact_metadata
+from ..errors import SaeCompressError
+from .card import CardEntry, render_card
+from .client import hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
+
+log = logging.getLogger(__name__)
+
+COMPACT_NAME = "expander.safetensors"  # name of the compact file inside each hookpoint folder
+ONNX_NAME = "encode.onnx"  # name of the --with-onnx export inside each hookpoint folder
+CARD_NAME = "README.md"
+
+
+@dataclass
+class PushResult:
+    """What a push did: the branch head after it, and which repo paths changed or were already there."""
+
+    repo_id: str
+    revision: str
+    commit_sha: str
+    commit_url: str
+    uploaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    @property
+    def created_commit(self) -> bool:
+        return bool(self.uploaded)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"created_commit": self.created_commit}
+
+
+@dataclass(frozen=True)
+class _Local:
+    hookpoint: str
+    path: Path
+    meta: dict
+
+    @property
+    def folder(self) -> str:
+        return f"{self.hookpoint}/" if self.hookpoint else ""
+
+
+def _check_hookpoint(hookpoint: str, origin: Path) -> str:
+    hookpoint = hookpoint.strip("/")
+    parts = PurePosixPath(hookpoint).parts if hookpoint else ()
+    if any(p in ("..", ".") for p in parts) or "@" in hookpoint or "\\" in hookpoint:
+        raise SaeCompressError(f"{origin}: hookpoint {hookpoint!r} cannot be a folder in a repo; "
+                               "give a plain name with --path-in-repo (e.g. layers.3)")
+    return hookpoint
+
+
+def collect(path: Path, path_in_repo: str | None = None) -> list[_Local]:
+    """The compact files to push from ``path`` (a file, or a folder of them) with their hookpoints.
+
+    A file goes to ``path_in_repo``, else to its source hookpoint, else to the repo root. In a
+    folder, a file in a subfolder goes to that subfolder's path, and a top-level file to its source
+    hookpoint (else its file name without suffix); ``path_in_repo`` is then a prefix.
+    """
+    if path.is_file():
+        meta = read_compact_metadata(path)
+        hookpoint = path_in_repo if path_in_repo is not None else meta["source"].get("hookpoint") or ""
+        return [_Local(_check_hookpoint(str(hookpoint), path), path, meta)]
+    if not path.is_dir():
+        raise SaeCompressError(f"{path}: no such file or folder; give a compact .safetensors file or a folder of them")
+    found = sorted(p for p in path.rglob("*.safetensors") if is_compact_file(p))
+    if not found:
+        raise SaeCompressError(f"{path}: no compact saecompress files in this folder; "
+                               "create them with `saecompress convert` or `saecompress train`")
+    prefix = (path_in_repo or "").strip("/")
+    locals_: dict[str, _Local] = {}
+    for file in found:
+        meta = read_compact_metadata(file)
+        rel = file.relative_to(path)
+        own = rel.parent.as_posix() if rel.parent != Path(".") else (meta["source"].get("hookpoint") or file.stem)
+        hookpoint = _check_hookpoint(f"{prefix}/{own}" if prefix else str(own), file)
+        if hookpoint in locals_:
+            raise SaeCompressError(f"{path}: {locals_[hookpoint].path.name} and {rel} both map to hookpoint "
+                                   f"{hookpoint!r}; put each file in its own hookpoint subfolder")
+        locals_[hookpoint] = _Local(hookpoint, file, meta)
+    return list(locals_.values())
+
+
+def _local_oid(path: Path, lfs: bool) -> str:
+    """The id the Hub lists for a file: sha256 for LFS files, git blob sha1 otherwise."""
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    with open(path, "rb") as f:
+        return sha_fileobj(f).hex() if lfs else git_hash(f.read())
+
+
+def _remote_oid(entry) -> str | None:
+    if entry is None:
+        return None
+    return entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+
+
+def _remote_card_entries(api, repo_id: str, sha: str, tree: dict, skip: set[str]) -> list[CardEntry]:
+    """Card rows for compact files already in the repo that this push does not replace."""
+    entries = []
+    for path, entry in tree.items():
+        if PurePosixPath(path).name != COMPACT_NAME or path in skip:
+            continue
+        raw = api.parse_safetensors_file_metadata(repo_id, path, revision=sha).metadata
+        try:
+            meta = _parse_metadata(Path(f"hf://{repo_id}/{path}"), raw)
+        except SaeCompressError as err:
+            log.warning("leaving %s out of the model card: %s", path, err)
+            continue
+        size = entry.lfs.size if entry.lfs is not None else entry.size
+        entries.append(CardEntry(str(PurePosixPath(path).parent).strip("."), path, size, meta))
+    return entries
+
+
+def _export_onnx(local: _Local, folder: Path) -> Path:
+    try:
+        from ..exporters.onnx import export_onnx
+    except ImportError as err:
+        raise SaeCompressError(f"--with-onnx needs the ONNX exporter, which is not available ({err}); "
+                               "push without --with-onnx") from None
+    from ..compact import load_compact
+
+    out = folder / (local.hookpoint.replace("/", "__") or "root") / ONNX_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(load_compact(local.path), out, graph="encode")
+    return out
+
+
+def push(path: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = None, revision: str | None = None,
+         private: bool = False, endpoint: str | None = None, token: str | None = None, message: str | None = None,
+         with_onnx: bool = False) -> PushResult:
+    """Upload a compact file, or a folder of them (one per hookpoint subfolder), to the model repo ``repo_id``.
+
+    Creates the repo (and the ``revision`` branch) if needed, writes a model card covering every
+    compact file in the repo, and commits only what differs from the remote (compared by sha256 /
+    git blob id): pushing unchanged files makes no commit. ``with_onnx`` adds an ONNX export of
+    each file's encoder (``encode.onnx``). Large files go through Xet when the Hub offers it, else
+    over plain Git LFS (also when ``HF_HUB_DISABLE_XET=1``).
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.hf_api import RepoFile
+
+    locals_ = collect(Path(path), path_in_repo)
+    branch = revision or "main"
+    api = make_api(endpoint, token)
+    with hub_errors(repo_id, branch, endpoint):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        head = api.repo_info(repo_id, revision=branch).sha
+        tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=head, recursive=True) if isinstance(f, RepoFile)}
+
+    with tempfile.TemporaryDirectory(prefix="saecompress-push-") as tmp:
+        files = [(lp.path, f"{lp.folder}{COMPACT_NAME}") for lp in locals_]
+        if with_onnx:
+            files += [(_export_onnx(lp, Path(tmp)), f"{lp.folder}{ONNX_NAME}") for lp in locals_]
+        entries = [CardEntry(lp.hookpoint, f"{lp.folder}{COMPACT_NAME}", lp.path.stat().st_size, lp.meta)
+                   for lp in locals_]
+        with hub_errors(repo_id, branch, endpoint):
+            entries += _remote_card_entries(api, repo_id, head, tree, {p for _, p in files})
+        card = Path(tmp) / CARD_NAME
+        card.write_text(render_card(repo_id, entries), encoding="utf-8")
+        files.append((card, CARD_NAME))
+
+        changed = [(local, remote) for local, remote in files
+                   if _remote_oid(tree.get(remote)) != _local_oid(local, lfs=remote.endswith((".safetensors", ".onnx")))]
+        result = PushResult(repo_id, branch, head, f"{api.endpoint}/{repo_id}/commit/{head}",
+                            unchanged=sorted({r for _, r in files} - {r for _, r in changed}))
+        if not changed:
+            log.info("nothing changed in %s@%s; no commit made", repo_id, branch)
+            return result
+        hookpoints = ", ".join(lp.hookpoint or "." for lp in locals_)
+
+        def commit():
+            ops = [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local)) for local, remote in changed]
+            return api.create_commit(repo_id, ops, commit_message=message or f"saecompress push: {hookpoints}",
+                                     revision=branch, parent_commit=head)
+
+        with hub_errors(repo_id, branch, endpoint):
+            with plain_lfs_uploads(xet_disabled_by_env()):
+                try:
+                    info = commit()
+                except Exception as err:  # noqa: BLE001 - narrowed just below
+                    if not is_missing_xet_error(err):
+                        raise
+                    log.warning("%s offers no Xet storage; uploading over plain Git LFS", api.endpoint)
+                    with plain_lfs_uploads(True):
+                        info = commit()
+    result.commit_sha, result.commit_url = info.oid, str(info.commit_url)
+    result.uploaded = sorted(remote for _, remote in changed)
+    return result
