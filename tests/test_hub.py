@@ -41,7 +41,9 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with HubServer(tmp_path / "server") as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)  # what HF_ENDPOINT would have set
+        # what HF_ENDPOINT=<server> sets when huggingface_hub is imported
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
         yield server
 
 
