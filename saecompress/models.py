@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import SaeCompressError
 from .mask import MASK_ALGORITHM, expander_mask
@@ -214,12 +215,10 @@ class ExpanderSAE(SparseAutoencoder):
 
     def _chunk_pre(self, x_t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Pre-activations of latents ``start:stop`` as ``[stop - start, B]``, from ``x_t [m, B]``."""
-        idx = self.indices[start:stop].T.contiguous()  # [d, chunk]: contiguous index rows
-        vals = self.encoder_values[start:stop].T.unsqueeze(-1)  # [d, chunk, 1]
-        acc = x_t.index_select(0, idx[0]).mul_(vals[0])
-        for j in range(1, self.d):
-            acc = acc.addcmul_(x_t.index_select(0, idx[j]), vals[j])
-        return acc.add_(self.b_enc[start:stop, None])
+        # Row i of the result is sum_j e[i, j] * x_t[idx[i, j]]: one fused gather-reduce.
+        pre = F.embedding_bag(self.indices[start:stop], x_t, mode="sum",
+                              per_sample_weights=self.encoder_values[start:stop])
+        return pre + self.b_enc[start:stop, None]
 
     def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
         x_t = centred.T.contiguous()
