@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_path
+from .compact import write_safetensors
 from .errors import SaeCompressError
 
 MANIFEST = "manifest.json"
@@ -33,7 +34,6 @@ FORMAT_VERSION = 1
 _SHARD_SUFFIXES = (".safetensors", ".npy")
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -195,14 +195,15 @@ class ActivationSource:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                     buffer_rows: int = 262_144, chunk_rows: int = 1024,
+                     buffer_rows: int | None = None, chunk_rows: int = 1024,
                      drop_last: bool = False) -> Iterator[torch.Tensor]:
         """One epoch of float32 ``[batch_size, m]`` batches; every row exactly once.
 
         Without ``shuffle`` rows come in order. With ``shuffle``, contiguous chunks of
-        ``chunk_rows`` rows are visited in a seeded random order and poured into a buffer of at
-        most ``buffer_rows`` rows; whenever the buffer is full it is permuted and its first half
-        is emitted, so memory stays bounded by the buffer. The last batch may be short unless
+        ``chunk_rows`` rows are visited in a seeded random order and poured into a buffer of
+        ``buffer_rows`` rows (default: 256 MiB worth, at least two batches); whenever the buffer
+        is full it is permuted and all but about half a buffer is emitted, so memory stays bounded by
+        about 1.5 buffers. The same seed gives the same order. The last batch may be short unless
         ``drop_last``.
         """
         if batch_size <= 0:
@@ -215,21 +216,28 @@ class ActivationSource:
                 yield self.read(s, e)
             return
         gen = torch.Generator().manual_seed(seed)
-        buffer_rows = max(buffer_rows, 2 * batch_size)
-        starts = torch.arange(0, self.num_rows, chunk_rows)[torch.randperm(-(-self.num_rows // chunk_rows), generator=gen)]
-        buf = torch.empty(0, self.m)
-        for s in starts.tolist():
-            buf = torch.cat([buf, self.read(s, min(s + chunk_rows, self.num_rows))])
-            if len(buf) >= buffer_rows:
-                buf = buf[torch.randperm(len(buf), generator=gen)]
-                emit = (len(buf) // 2) // batch_size * batch_size
-                yield from buf[:emit].split(batch_size)
-                buf = buf[emit:]
-        buf = buf[torch.randperm(len(buf), generator=gen)]
-        for batch in buf.split(batch_size):
-            if len(batch) < batch_size and drop_last:
+        buffer_rows = max(buffer_rows or (1 << 28) // (4 * self.m), 2 * batch_size)
+        chunk_rows = min(chunk_rows, buffer_rows)
+        n_chunks = -(-self.num_rows // chunk_rows)
+        buf = torch.empty(min(buffer_rows + chunk_rows, self.num_rows), self.m)
+        fill = 0
+        for c in torch.randperm(n_chunks, generator=gen).tolist():
+            chunk = self.read(c * chunk_rows, min((c + 1) * chunk_rows, self.num_rows))
+            buf[fill:fill + len(chunk)] = chunk
+            fill += len(chunk)
+            if fill >= buffer_rows:
+                perm = torch.randperm(fill, generator=gen)
+                emit = (fill - buffer_rows // 2) // batch_size * batch_size  # keeps < buffer_rows rows
+                for i in range(0, emit, batch_size):
+                    yield buf[perm[i:i + batch_size]]
+                rest = buf[perm[emit:]]
+                buf[:len(rest)] = rest
+                fill = len(rest)
+        perm = torch.randperm(fill, generator=gen)
+        for i in range(0, fill, batch_size):
+            if fill - i < batch_size and drop_last:
                 return
-            yield batch
+            yield buf[perm[i:i + batch_size]]
 
     def check(self) -> None:
         """Read every row once; raises ``SaeCompressError`` on the first NaN/inf row."""
@@ -320,7 +328,7 @@ class ShardWriter:
         self._pending = [rest] if len(rest) else []
         self._pending_rows = len(rest)
         name = f"shard-{len(self.shards):05d}.safetensors"
-        _write_safetensors(self._tmp / name, shard)
+        write_safetensors(self._tmp / name, {"activations": shard}, {})
         self.shards.append({"file": name, "rows": int(shard.shape[0])})
         self.num_rows += int(shard.shape[0])
 
@@ -332,6 +340,9 @@ class ShardWriter:
                     "dtype": self.dtype, **(metadata or {}), "shards": self.shards}
         with atomic_path(self._tmp / MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
         old = None
         if self.out_dir.exists():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
@@ -346,29 +357,18 @@ class ShardWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def _write_safetensors(path: Path, tensor: torch.Tensor) -> None:
-    """Write one tensor named ``activations`` (raw little-endian bytes, via the atomic writer)."""
-    raw = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-    header = {"activations": {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [0, len(raw)]}}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        f.write(raw)
-
-
 def write_activations(path: str | os.PathLike, rows: torch.Tensor | np.ndarray) -> Path:
-    """Write one ``[N, m]`` array as a single ``.safetensors`` or ``.npy`` file (by suffix), atomically."""
+    """Write one ``[N, m]`` array as a single ``.safetensors`` or ``.npy`` file (by suffix), atomically.
+
+    safetensors keeps float16/bfloat16/float32 (float64 is stored as float32); ``.npy`` keeps
+    float16/32/64 (bfloat16 is stored as float32).
+    """
     p = Path(path)
     t = torch.as_tensor(rows)
     if t.ndim != 2 or not t.is_floating_point():
         raise SaeCompressError(f"{p}: activations must be a float [N, m] array, got {t.dtype} {list(t.shape)}")
     if p.suffix == ".safetensors":
-        if t.dtype not in _ST_NAMES:
-            t = t.float()
-        _write_safetensors(p, t)
+        write_safetensors(p, {"activations": t.float() if t.dtype == torch.float64 else t}, {})
     elif p.suffix == ".npy":
         if t.dtype == torch.bfloat16:
             t = t.float()

@@ -127,7 +127,7 @@ class ConvertReport:
     dtype: str
     kept_energy: float
     dense_values: int
-    compact_values: int
+    learned_values: int
     storage_ratio: float
     convert_seconds: float
     file_bytes: int | None = None
@@ -146,23 +146,23 @@ class ConvertReport:
         return asdict(self)
 
 
-def _values_count(sae: ExpanderSAE) -> int:
-    explicit = sae.n * sae.d if sae.mask_seed is None else 0
-    return learned_values(sae.m, sae.n, sae.d, sae.encoder) + explicit
-
-
 def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str | None = None,
                       mask: str | None = None, dtype: str = "float32", seconds: float = 0.0,
                       acts: Any = None, batch_size: int = 4096, max_rows: int | None = None) -> ConvertReport:
     """Kept energy and storage of ``sparse`` vs ``dense``; with ``acts`` (path or ActivationSource) also
-    FVU, L0 and dead fraction of both (via ``saecompress.metrics.evaluate``)."""
+    FVU, L0 and dead fraction of both (via ``saecompress.metrics.evaluate``).
+
+    ``storage_ratio`` counts values (dense ``2mn + m + n`` vs learned ``nd (+nd untied) + n + m``);
+    ``compression_ratio`` (set by ``convert_path``) compares bytes on disk, indices included.
+    """
+    learned = learned_values(sparse.m, sparse.n, sparse.d, sparse.encoder)
     report = ConvertReport(
         source_format=source_format, hookpoint=dense.provenance.get("hookpoint"), m=sparse.m, n=sparse.n,
         d=sparse.d, k=sparse.k, activation=sparse.activation,
         mask=mask or sparse.metadata.get("conversion", {}).get("mask", "explicit"), mask_seed=sparse.mask_seed,
         encoder=sparse.encoder, dtype=dtype, kept_energy=kept_energy(dense, sparse.indices),
-        dense_values=dense_values(dense.m, dense.n), compact_values=_values_count(sparse),
-        storage_ratio=dense_values(dense.m, dense.n) / _values_count(sparse), convert_seconds=seconds,
+        dense_values=dense_values(dense.m, dense.n), learned_values=learned,
+        storage_ratio=dense_values(dense.m, dense.n) / learned, convert_seconds=seconds,
     )
     if acts is not None:
         from .activations import open_activations
@@ -204,11 +204,10 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
     seconds = time.perf_counter() - start
     stored = sparse
     if acts is not None and dtype != "float32":  # measure fidelity at the stored precision
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             stored = load_compact(save_compact(sparse, Path(tmp) / "stored.safetensors", dtype=dtype))
-    report = conversion_report(dense, stored, source_format=native.provenance.get("library"), mask=used_mask, dtype=dtype, seconds=seconds,
-                               acts=acts, batch_size=batch_size, max_rows=max_rows)
-    report.mask_seed = sparse.mask_seed
+    report = conversion_report(dense, stored, source_format=native.provenance.get("library"), mask=used_mask,
+                               dtype=dtype, seconds=seconds, acts=acts, batch_size=batch_size, max_rows=max_rows)
     metrics = {key: value for key, value in report.to_dict().items()
                if value is not None and key not in ("convert_seconds", "file_bytes")}
     save_compact(sparse, out, dtype=dtype, metadata={**sparse.metadata, "convert": metrics})
@@ -244,7 +243,6 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     if hookpoints == [""] or hookpoint:
         if out.is_dir():
             raise SaeCompressError(f"{out} is a folder; give a file name like {out / 'sae.safetensors'}")
-        out.parent.mkdir(parents=True, exist_ok=True)
         return [_convert_one(local, out, hookpoint, acts=acts, **options)]
     if acts is not None:
         raise SaeCompressError(

@@ -30,11 +30,12 @@ class DistillTerm:
         self.teacher = teacher
         self.row_norms = teacher.W_dec.detach().norm(dim=1)
 
-    def loss(self, sae: ExpanderSAE, x: torch.Tensor, xin: torch.Tensor, out: SparseForward) -> torch.Tensor:
-        """Term for the raw batch ``x``, the student's input ``xin`` and its forward ``out``."""
+    def loss(self, sae: ExpanderSAE, x: torch.Tensor, xin: torch.Tensor, out: SparseForward,
+             scale: float = 1.0) -> torch.Tensor:
+        """Term for the raw batch ``x``, the student's input ``xin = x * scale`` and its ``out``."""
         with torch.no_grad():
             t_vals, t_idx = self.teacher.encode(x)
-            t_vals = t_vals.to(xin.dtype) * self.row_norms[t_idx].to(xin.dtype)
+            t_vals = t_vals.to(xin.dtype) * (self.row_norms[t_idx].to(xin.dtype) * scale)
         B, k_t = t_idx.shape
         rows = sae.indices[t_idx].view(B, k_t * sae.d)
         xc = (xin - sae.b_dec).gather(1, rows).view(B, k_t, sae.d)
@@ -78,3 +79,4 @@ def latent_agreement(teacher: SparseAutoencoder, student: SparseAutoencoder, sou
     return {"agreement": agree / alive if alive else float("nan"),
             "mean_correlation": float(corr[fired].mean()) if alive else float("nan"),
             "alive": alive, "threshold": threshold, "num_rows": rows}
+

@@ -246,60 +246,61 @@ def harvest(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, 
 
 
 def _ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """Summed next-token cross-entropy (float64) over all predicted positions."""
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
-                                 ids[:, 1:].reshape(-1), reduction="sum"))
+    """Summed next-token cross-entropy over all predicted positions (float64 sum)."""
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                             reduction="none")
+    return float(losses.double().sum())
 
 
 def _kl_sum(clean_logp: torch.Tensor, logits: torch.Tensor) -> float:
     """Summed KL(clean ‖ patched) of the next-token distributions over all predicted positions."""
-    logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-    return float((clean_logp.exp() * (clean_logp - logp)).sum())
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return float((clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum())
+
+
+def _recovered(ablated: float, spliced: float, clean: float) -> float:
+    return (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
 
 
 @torch.no_grad()
-def ce_eval(model: nn.Module, tokenizer: Any, texts: Iterable[str], sae: SparseAutoencoder, layer: int,
-            site: str = "resid", *, tokens: int = 16384, context: int = 256, batch: int = 4,
-            drop_first: bool = True, outlier_factor: float | None = 10.0,
-            progress: bool = True) -> dict[str, Any]:
-    """Next-token CE with the activation at ``(layer, site)`` clean, zeroed, mean-ablated and spliced.
+def ce_eval_many(model: nn.Module, tokenizer: Any, texts: Iterable[str], saes: dict[str, SparseAutoencoder],
+                 layer: int, site: str = "resid", *, tokens: int = 8192, context: int = 256, batch: int = 4,
+                 drop_first: bool = True, outlier_factor: float | None = 10.0,
+                 progress: bool = True) -> dict[str, dict[str, Any]]:
+    """:func:`ce_eval` for several SAEs at one site, sharing the clean and ablated passes.
 
-    Evaluates ``ceil(tokens / context)`` contexts. The mean for mean-ablation is taken over the
-    kept tokens of the same contexts (a first, truncated pass). Excluded tokens (position 0,
-    massive-activation tokens) keep their clean value in every variant. Returns ``ce_clean,
-    ce_zero, ce_mean, ce_spliced, ce_recovered = (ce_zero − ce_spliced)/(ce_zero − ce_clean),
-    ce_recovered_mean_ablation`` (same with ``ce_mean``), KL versions ``kl_zero, kl_mean,
-    kl_spliced, kl_recovered = (kl_zero − kl_spliced)/kl_zero``, plus token counts.
+    Returns ``{name: report}``; each report is what :func:`ce_eval` returns for that SAE.
     """
     module = site_module(model, layer, site)
     n_ctx = -(-tokens // context)
-    batches = []
+    batches: list[torch.Tensor] = []
     for ids in _batches(tokenizer, texts, context, batch):
         batches.append(ids[: n_ctx - sum(len(b) for b in batches)])
         if sum(len(b) for b in batches) >= n_ctx:
             break
     if not batches:
         raise SaeCompressError("the given texts yield no complete context; give more text or a smaller --context")
-    sae_param = next(sae.parameters())
 
-    # pass 1: the mean activation over kept tokens
-    total = None
-    count = 0
+    # pass 1 (stops at the site): hidden size check and the mean activation over kept tokens
+    total, count = None, 0
     for ids in tqdm(batches, desc="ce mean", unit="batch", disable=not progress, leave=False):
         acts = capture(model, ids, layer, site)
-        if acts.shape[-1] != sae.m:
-            raise SaeCompressError(
-                f"model activations at {hookpoint(layer, site)} have hidden size {acts.shape[-1]} "
-                f"but the SAE has m={sae.m}; pick the model/layer/site the SAE was trained on"
-            )
+        for name, sae in saes.items():
+            if acts.shape[-1] != sae.m:
+                raise SaeCompressError(
+                    f"model activations at {hookpoint(layer, site)} have hidden size {acts.shape[-1]} "
+                    f"but {'the SAE' if len(saes) == 1 else f'SAE {name!r}'} has m={sae.m}; "
+                    "pick the model/layer/site the SAE was trained on"
+                )
         keep, _, _ = keep_mask(acts, drop_first=drop_first, outlier_factor=outlier_factor)
         s = acts[keep].double().sum(0)
         total = s if total is None else total + s
         count += int(keep.sum())
     mean = (total / max(count, 1)).float()
 
-    sums = dict.fromkeys(("clean", "zero", "mean", "spliced"), 0.0)
-    kls = dict.fromkeys(("zero", "mean", "spliced"), 0.0)
+    modes = ["clean", "zero", "mean", *(f"sae:{name}" for name in saes)]
+    ce = dict.fromkeys(modes, 0.0)
+    kl = dict.fromkeys(modes, 0.0)
     stats = {"tokens": 0, "predicted": 0, "excluded_first": 0, "excluded_massive": 0}
     state: dict[str, Any] = {}
 
@@ -310,42 +311,63 @@ def ce_eval(model: nn.Module, tokenizer: Any, texts: Iterable[str], sae: SparseA
             stats["excluded_first"] += first
             stats["excluded_massive"] += massive
             return None
-        keep = state["keep"].unsqueeze(-1)
         if mode == "zero":
             new = torch.zeros_like(act)
         elif mode == "mean":
             new = mean.to(act).expand_as(act)
         else:
-            new = sae(act.to(sae_param.dtype)).to(act.dtype)
-        return torch.where(keep, new, act)
+            sae = saes[mode[4:]]
+            new = sae(act.to(next(sae.parameters()).dtype)).to(act.dtype)
+        return torch.where(state["keep"].unsqueeze(-1), new, act)
 
     with _hooked(module, edit):
         for ids in tqdm(batches, desc="ce eval", unit="batch", disable=not progress, leave=False):
             ids = ids.to(model.device)
-            state["mode"] = "clean"
-            logits = model(input_ids=ids, use_cache=False).logits
-            sums["clean"] += _ce_sum(logits, ids)
-            clean_logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-            for mode in ("zero", "mean", "spliced"):
+            clean_logp = None
+            for mode in modes:
                 state["mode"] = mode
                 logits = model(input_ids=ids, use_cache=False).logits
-                sums[mode] += _ce_sum(logits, ids)
-                kls[mode] += _kl_sum(clean_logp, logits)
-            del clean_logp, logits
+                ce[mode] += _ce_sum(logits, ids)
+                if clean_logp is None:
+                    clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                else:
+                    kl[mode] += _kl_sum(clean_logp, logits)
+                del logits
+            del clean_logp
             stats["tokens"] += ids.numel()
             stats["predicted"] += ids[:, 1:].numel()
 
     n = stats["predicted"]
-    ce = {k: v / n for k, v in sums.items()}
-    kl = {k: v / n for k, v in kls.items()}
-
-    def recovered(ablated: float, spliced: float, clean: float) -> float:
-        return (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
-
-    return {"ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"], "ce_spliced": ce["spliced"],
-            "ce_recovered": recovered(ce["zero"], ce["spliced"], ce["clean"]),
-            "ce_recovered_mean_ablation": recovered(ce["mean"], ce["spliced"], ce["clean"]),
-            "kl_zero": kl["zero"], "kl_mean": kl["mean"], "kl_spliced": kl["spliced"],
-            "kl_recovered": recovered(kl["zero"], kl["spliced"], 0.0),
+    ce = {k: v / n for k, v in ce.items()}
+    kl = {k: v / n for k, v in kl.items()}
+    reports = {}
+    for name in saes:
+        spliced, kl_spliced = ce[f"sae:{name}"], kl[f"sae:{name}"]
+        reports[name] = {
+            "ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"], "ce_spliced": spliced,
+            "ce_recovered": _recovered(ce["zero"], spliced, ce["clean"]),
+            "ce_recovered_mean_ablation": _recovered(ce["mean"], spliced, ce["clean"]),
+            "kl_zero": kl["zero"], "kl_mean": kl["mean"], "kl_spliced": kl_spliced,
+            "kl_recovered": _recovered(kl["zero"], kl_spliced, 0.0),
             "ce_tokens": stats["tokens"], "ce_excluded_first": stats["excluded_first"],
             "ce_excluded_massive": stats["excluded_massive"], "hookpoint": hookpoint(layer, site)}
+    return reports
+
+
+def ce_eval(model: nn.Module, tokenizer: Any, texts: Iterable[str], sae: SparseAutoencoder, layer: int,
+            site: str = "resid", *, tokens: int = 8192, context: int = 256, batch: int = 4,
+            drop_first: bool = True, outlier_factor: float | None = 10.0,
+            progress: bool = True) -> dict[str, Any]:
+    """Next-token CE with the activation at ``(layer, site)`` clean, zeroed, mean-ablated and spliced.
+
+    Evaluates ``ceil(tokens / context)`` contexts of ``texts`` (CE averaged over every predicted
+    position). The mean for mean-ablation is taken over the kept tokens of the same contexts (a
+    first pass that stops at the site). Excluded tokens (position 0, massive-activation tokens)
+    keep their clean value in every variant. Returns ``ce_clean, ce_zero, ce_mean, ce_spliced,
+    ce_recovered = (ce_zero − ce_spliced)/(ce_zero − ce_clean), ce_recovered_mean_ablation``
+    (same with ``ce_mean``), KL(clean ‖ patched) versions ``kl_zero, kl_mean, kl_spliced,
+    kl_recovered = (kl_zero − kl_spliced)/kl_zero`` (the SAEBench score), token counts and
+    ``hookpoint``. To score several SAEs of one site, :func:`ce_eval_many` shares the passes.
+    """
+    return ce_eval_many(model, tokenizer, texts, {"sae": sae}, layer, site, tokens=tokens, context=context,
+                        batch=batch, drop_first=drop_first, outlier_factor=outlier_factor, progress=progress)["sae"]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+_ROW_BLOCK = 256  # batch rows per CSR product in sparse_pre_activations
+
 
 @dataclass(frozen=True)
 class MaskLayout:
@@ -58,9 +60,19 @@ class MaskLayout:
 
 
 def sparse_pre_activations(xc: Tensor, enc_values: Tensor, b_enc: Tensor, layout: MaskLayout) -> Tensor:
-    """``[B, n]`` pre-activations ``xc @ W_enc + b_enc`` of a centred batch, no ``m×n`` matrix."""
-    out_t = torch.sparse.mm(layout.csr(enc_values), xc.detach().t())  # [n, B]
-    return torch.add(out_t.t(), b_enc.detach())  # one pass: transpose to [B, n] and add bias
+    """``[B, n]`` pre-activations ``xc @ W_enc + b_enc`` of a centred batch, no ``m×n`` matrix.
+
+    MKL's CSR product gives latent-major ``[n, rows]`` blocks; each is transposed (with the bias
+    added in the same pass) into the row-major output that top-k needs. Blocks of
+    ``_ROW_BLOCK`` rows keep the transpose in cache (measured faster than one big transpose).
+    """
+    W = layout.csr(enc_values)
+    xc, b_enc = xc.detach(), b_enc.detach()
+    out = torch.empty(xc.shape[0], W.shape[0], dtype=xc.dtype)
+    for start in range(0, xc.shape[0], _ROW_BLOCK):
+        block = torch.sparse.mm(W, xc[start:start + _ROW_BLOCK].t())
+        torch.add(block.t(), b_enc, out=out[start:start + _ROW_BLOCK])
+    return out
 
 
 def _select(pre: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:

@@ -18,10 +18,15 @@ exiting. Runs are deterministic on CPU for a given seed, and a resumed run conti
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
-import time
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,9 @@ from ._io import atomic_path
 from .activations import ActivationSource, open_activations
 from .compact import save_compact
 from .errors import SaeCompressError
-from .metrics import FidelityAccumulator, evaluate
+from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, layer_norm, select_topk
-from .sparse_ops import MaskLayout, SparseForward, sparse_forward
+from .sparse_ops import MaskLayout, SparseForward, sparse_forward, sparse_pre_activations
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -44,7 +49,7 @@ CHECKPOINT_SUFFIX = ".ckpt"
 class TrainConfig:
     """Hyper-parameters of one training run (``None`` fields get the documented defaults)."""
 
-    k: int = 32
+    k: int | None = None  # default 32 for a fresh SAE, the starting SAE's k otherwise
     d: int | None = 7  # None: a dense TopKSAE baseline
     n: int | None = None  # number of latents; or use expansion
     expansion: int | None = None  # n = expansion * m
@@ -64,13 +69,14 @@ class TrainConfig:
     distill_coef: float = 1.0
     held_out_rows: int = 8192
     checkpoint_every: int = 500  # steps
+    reaim_every: int = 250  # steps between re-aiming dead latents at residuals (0: never)
     seed: int = 0
 
     def check(self) -> None:
         if self.n is not None and self.expansion is not None:
             raise SaeCompressError("give the number of latents as --n or --expansion, not both")
         for name in ("k", "tokens", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise SaeCompressError(f"decay must be cosine, linear or constant, got {self.decay!r}")
@@ -149,12 +155,13 @@ class Trainer:
         self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
         self.step = 0
         self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
+        self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
         if teacher is not None:
             from .distill import DistillTerm
             self.distill = DistillTerm(teacher)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x)[0] if self.sae.normalize_input else x
+        return layer_norm(x)[0] if self.sae.normalize_input else x * self.input_scale
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the raw batch ``x [B, m]``; returns the step's statistics."""
@@ -173,11 +180,11 @@ class Trainer:
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
             aux_loss = _fvu_loss(residual, out.aux_recon)
             loss = loss + cfg.auxk_coef * scale * aux_loss
-            stats["auxk"] = float(aux_loss)
+            stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
-            d_loss = self.distill.loss(sae, x, xin, out)
+            d_loss = self.distill.loss(sae, x, xin, out, self.input_scale)
             loss = loss + cfg.distill_coef * d_loss
-            stats["distill"] = float(d_loss)
+            stats["distill"] = float(d_loss.detach())
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * cfg.lr_factor(self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,15 +200,73 @@ class Trainer:
         self.since_fired += x.shape[0]
         self.since_fired[fired] = 0
         self.step += 1
-        stats.update(loss=float(loss), fvu=float(recon_loss),
+        if (self.layout is not None and cfg.reaim_every and self.step % cfg.reaim_every == 0
+                and self.step < self.total_steps):
+            stats["reaimed"] = self._reaim_dead((xin - out.recon).detach())
+        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()),
                      l0=float((out.top_vals != 0).sum(1).double().mean()),
                      dead=float((self.since_fired >= self.dead_tokens).double().mean()))
         return stats
+
+    @torch.no_grad()
+    def _reaim_dead(self, residual: torch.Tensor) -> int:
+        """Point each dead latent at the batch residual with most energy on its support.
+
+        The residual energy of every row on every latent's ``d`` dims is one sparse product,
+        ``|e|² @ mask``; the dead latent's values become that row's residual on its support
+        (unit norm), its encoder bias 0 and its Adam moments are reset.
+        """
+        sae = self.sae
+        dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        ones = torch.ones_like(sae.values)
+        energy = sparse_pre_activations(residual.pow(2), ones, torch.zeros_like(sae.b_enc), self.layout)
+        rows = energy[:, dead].argmax(0)
+        new = residual[rows.unsqueeze(1), sae.indices[dead]]
+        new /= new.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for param in (sae.values, sae.enc_values):
+            if param is None:
+                continue
+            param[dead] = new
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = self.optimizer.state.get(param, {})
+                if key in state:
+                    state[key][dead] = 0
+        sae.b_enc[dead] = 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = self.optimizer.state.get(sae.b_enc, {})
+            if key in state:
+                state[key][dead] = 0
+        self.since_fired[dead] = 0
+        return int(dead.numel())
+
+    @torch.no_grad()
+    def set_input_scale(self, scale: float) -> None:
+        """Train on ``x * scale`` (the model's biases are rescaled to match).
+
+        Residual streams have norms in the hundreds; at that scale Adam's steps on ``b_enc`` are
+        negligible and tied top-k codes overshoot. The model is exactly equivalent in either
+        space (top-k is scale-invariant): biases scale, values do not; :meth:`export` undoes it.
+        """
+        factor = scale / self.input_scale
+        self.sae.b_dec *= factor
+        self.sae.b_enc *= factor
+        self.input_scale = scale
+
+    def export(self):
+        """A copy of the model in the activations' own units."""
+        sae = copy.deepcopy(self.sae)
+        with torch.no_grad():
+            sae.b_dec /= self.input_scale
+            sae.b_enc /= self.input_scale
+        return sae.requires_grad_(False)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
+                "input_scale": self.input_scale,
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
 
     def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
@@ -216,6 +281,7 @@ class Trainer:
         self.sae.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.input_scale = float(state["input_scale"])
         self.since_fired = state["since_fired"].clone()
 
 
@@ -260,29 +326,53 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
         n = cfg.num_latents(m)
         if n is None:
             raise SaeCompressError("say how many latents to train: --n N or --expansion E")
+        k = cfg.k or 32
+        torch.manual_seed(cfg.seed)  # fresh weights are drawn from the global generator
         if cfg.d is None:
-            return TopKSAE(m, n, cfg.k, activation=cfg.activation or "topk_relu")
-        torch.manual_seed(cfg.seed)  # fresh values are drawn from the global generator
-        return ExpanderSAE(m, n, cfg.d, cfg.k, seed=cfg.mask_seed,
+            return TopKSAE(m, n, k, activation=cfg.activation or "topk_relu")
+        return ExpanderSAE(m, n, cfg.d, k, seed=cfg.mask_seed,
                            activation=cfg.activation or "signed_topk", encoder=cfg.encoder)
     if sae.m != m:
         raise SaeCompressError(f"the starting SAE has m={sae.m} but the activations have m={m}; "
                                "use activations from the SAE's model and hookpoint")
     if cfg.d is not None and not isinstance(sae, ExpanderSAE):
         raise SaeCompressError(f"{init}: is a dense SAE; pass it as --teacher to convert and distil it")
-    sae.k = cfg.k
+    if cfg.k is not None:
+        if not 1 <= cfg.k <= sae.n:
+            raise SaeCompressError(f"--k {cfg.k} must be between 1 and the number of latents {sae.n}")
+        sae.k = cfg.k
     return sae
 
 
 @torch.no_grad()
-def _data_mean(source: ActivationSource, sae, rows: int = 65536) -> torch.Tensor:
-    acc = torch.zeros(sae.m, dtype=torch.float64)
-    count = 0
-    for x in source.select(0, min(rows, source.num_rows)).iter_batches(8192):
-        x = layer_norm(x)[0] if sae.normalize_input else x
-        acc += x.double().sum(0)
-        count += x.shape[0]
-    return (acc / count).to(sae.b_dec.dtype)
+def _fit_encoder_scale(trainer: Trainer, x: torch.Tensor) -> None:
+    """Scale a fresh untied encoder so the first reconstructions do not overshoot.
+
+    Top-k picks the same latents at any encoder scale, so codes (and ``x̂ − b_dec``) scale
+    linearly with it; the least-squares scale is ``<x − b_dec, r> / <r, r>`` with ``r`` the
+    decode at scale 1. Without this, residual streams with a few high-variance dims make the
+    k selected latents (sharing those dims) overshoot them several-fold (FVU > 1) for
+    thousands of steps.
+    """
+    sae = trainer.sae
+    xin = trainer._input(x)
+    out = sparse_forward(sae, xin, trainer.layout)
+    r, target = out.recon - sae.b_dec, xin - sae.b_dec
+    c = float((target * r).sum() / (r * r).sum().clamp_min(1e-12))
+    if c > 0:
+        sae.enc_values *= c
+
+
+@torch.no_grad()
+def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float]:
+    """``(mean, scale)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer norm)."""
+    x = source.read(0, min(rows, source.num_rows)).double()
+    if sae.normalize_input:
+        x = layer_norm(x)[0]
+    mean = x.mean(0)
+    spread = float((x - mean).pow(2).sum(1).mean())
+    scale = 1.0 if sae.normalize_input or spread <= 0 else math.sqrt(sae.m / spread)
+    return mean.to(sae.b_dec.dtype), scale
 
 
 def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
@@ -299,6 +389,21 @@ def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
             if i >= skip:
                 yield x
         epoch, skip = epoch + 1, 0
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[list]:
+    """Turn Ctrl-C into a flag (a non-empty list) checked between steps, so the checkpoint
+    written on interruption is a consistent step boundary (and resumes bit-exactly)."""
+    flag: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cfg: TrainConfig, *,
@@ -334,37 +439,42 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
+        mean, scale = _data_stats(train_src, sae)
         if init is None and teacher is None:
             with torch.no_grad():
-                sae.b_dec.copy_(_data_mean(train_src, sae))
+                sae.b_dec.copy_(mean)
         _normalize_decoder(sae)
+        trainer.set_input_scale(scale)
+        if init is None and teacher is None and getattr(sae, "enc_values", None) is not None:
+            _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
 
     def checkpoint(user: dict) -> None:
         with atomic_path(ckpt) as tmp:
             torch.save(trainer.state_dict(), tmp)
-        _save_model(sae, out, user)
+        _save_model(trainer.export(), out, user)
 
     bar = tqdm(total=total_steps * cfg.batch_size, initial=trainer.step * cfg.batch_size,
                unit="tok", unit_scale=True, desc="train", disable=not progress, dynamic_ncols=True)
     last = stop_after if stop_after is not None else total_steps
     batches = _batches(train_src, cfg, trainer.step)
     stats: dict[str, float] = {}
-    try:
+    with _deferred_sigint() as interrupted:
         while trainer.step < min(total_steps, last):
             stats = trainer.train_step(next(batches))
             bar.update(cfg.batch_size)
             if trainer.step % 10 == 0 or trainer.step == total_steps:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}",
                                 l0=f"{stats['l0']:.1f}", dead=f"{stats['dead']:.3f}", refresh=False)
+            if interrupted:
+                checkpoint({"training": {"step": trainer.step, "interrupted": True}})
+                bar.close()
+                tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt}; "
+                           "rerun with --resume to continue", file=sys.stderr)
+                raise KeyboardInterrupt
             if trainer.step % cfg.checkpoint_every == 0 and trainer.step < total_steps:
                 checkpoint({"training": {"step": trainer.step, "tokens": trainer.step * cfg.batch_size}})
-    except KeyboardInterrupt:
-        checkpoint({"training": {"step": trainer.step, "interrupted": True}})
-        bar.close()
-        tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt}; "
-                   "rerun with --resume to continue")
-        raise
     bar.close()
+    sae = trainer.export()
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
@@ -382,7 +492,7 @@ def final_metrics(sae, held: ActivationSource | None, teacher: TopKSAE | None, c
     """Held-out fidelity (+ latent agreement when distilling) and the run's settings."""
     metrics: dict[str, Any] = {"training": {
         "tokens": trainer.step * cfg.batch_size, "steps": trainer.step, "batch_size": cfg.batch_size,
-        "lr": trainer.base_lr, "k_aux": trainer.k_aux, "auxk_coef": cfg.auxk_coef, "seed": cfg.seed,
+        "lr": trainer.base_lr, "input_scale": trainer.input_scale, "k_aux": trainer.k_aux, "auxk_coef": cfg.auxk_coef, "seed": cfg.seed,
         "dead_tokens": trainer.dead_tokens,
         "train_dead_fraction": float((trainer.since_fired >= trainer.dead_tokens).double().mean())}}
     if teacher is not None:

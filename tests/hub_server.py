@@ -16,6 +16,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,9 +82,11 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.commit = status, message, code, commit
+        self.extra = extra or {}
 
 
 class HubServer:
@@ -97,6 +100,7 @@ class HubServer:
         self.lfs_uploads: list[str] = []  # sha256 of every blob PUT, in order
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self._lock = threading.RLock()
+        self._connections: set = set()  # open keep-alive sockets, closed by stop()
         self._counter = 0
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -112,8 +116,14 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving, and drop open keep-alive connections so the server is really gone."""
         self._httpd.shutdown()
         self._httpd.server_close()
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -190,7 +200,7 @@ class HubServer:
         repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else f"user/{body['name']}"
         with self._lock:
             if repo_id in self.repos:
-                raise HubError(409, "You already created this model repo", None)
+                raise HubError(409, "You already created this model repo", extra={"url": f"{self.url}/{repo_id}"})
             private = body.get("visibility", "public") == "private" or bool(body.get("private"))
             repo = Repo(repo_id=repo_id, private=private)
             sha = self._put_blob(GITATTRIBUTES)
@@ -375,6 +385,14 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:  # keep pytest output clean
             pass
 
+        def setup(self) -> None:
+            super().setup()
+            hub._connections.add(self.connection)
+
+        def finish(self) -> None:
+            hub._connections.discard(self.connection)
+            super().finish()
+
         def _body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 chunks = []
@@ -414,7 +432,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     headers["X-Error-Code"] = e.code
                 if e.commit:
                     headers["X-Repo-Commit"] = e.commit
-                status, payload = e.status, {"error": e.message}
+                status, payload = e.status, {"error": e.message, **e.extra}
             self._send(status, payload, headers, head=method == "HEAD")
 
         def _route(self, method: str, s: list[str], q: dict, body: bytes) -> tuple:

@@ -20,7 +20,7 @@ def rows_with_ids(n: int, m: int = 8, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("suffix,dtype", [(".npy", torch.float16), (".npy", torch.float32), (".npy", torch.float64),
                                           (".safetensors", torch.float16), (".safetensors", torch.bfloat16),
-                                          (".safetensors", torch.float32), (".safetensors", torch.float64)])
+                                          (".safetensors", torch.float32)])
 def test_single_file_roundtrip(tmp_path, suffix, dtype):
     x = torch.randn(37, 5).to(dtype)
     path = write_activations(tmp_path / f"a{suffix}", x)
@@ -35,7 +35,7 @@ def test_safetensors_from_safetensors_library_any_tensor_name(tmp_path):
     from safetensors.numpy import save_file
 
     x = np.random.default_rng(1).standard_normal((20, 6)).astype(np.float32)
-    save_file({"resid": x}, str(tmp_path / "one.safetensors"))
+    save_file({"resid": x.astype(np.float64)}, str(tmp_path / "one.safetensors"))
     assert np.array_equal(open_activations(tmp_path / "one.safetensors").read(0, 20).numpy(), x)
     save_file({"activations": x, "other": x[:2]}, str(tmp_path / "two.safetensors"))
     assert np.array_equal(open_activations(tmp_path / "two.safetensors").read(3, 7).numpy(), x[3:7])
@@ -67,9 +67,8 @@ def test_shard_writer_manifest_and_views(tmp_path):
     train, held = src.split(250)
     assert (train.num_rows, held.num_rows) == (750, 250)
     assert np.array_equal(held.read(0, 250).numpy(), x[750:])
-    assert np.array_equal(torch.cat(list(train.iter_batches(64, shuffle=True))).numpy()[:, 0].astype(int).tolist()
-                          and sorted(torch.cat(list(train.iter_batches(64, shuffle=True)))[:, 0].int().tolist()),
-                          list(range(750)))
+    ids = torch.cat(list(train.iter_batches(64, shuffle=True)))[:, 0].int().tolist()
+    assert sorted(ids) == list(range(750))  # the training view never yields held-out rows
     with pytest.raises(SaeCompressError):
         src.split(1000)
 
@@ -94,7 +93,8 @@ def test_shard_writer_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acts"]
 
 
-@pytest.mark.parametrize("n,batch,buffer,chunk", [(1000, 64, 256, 50), (1003, 100, 200, 1024), (5, 2, 4, 1)])
+@pytest.mark.parametrize("n,batch,buffer,chunk", [(1000, 64, 256, 50), (1003, 100, 200, 1024), (997, 33, 100, 7),
+                                                 (2000, 128, None, 1024), (5, 2, 4, 1)])
 def test_shuffle_visits_every_row_exactly_once(tmp_path, n, batch, buffer, chunk):
     x = rows_with_ids(n)
     with ShardWriter(tmp_path / "acts", 8, shard_rows=333) as w:

@@ -96,10 +96,10 @@ def test_storage_bound_and_ratio(tmp_path):
         assert path.stat().st_size <= compact_size_bound(N, M, D, dtype)
     path = save_compact(convert(dense, D, mask="topd"), tmp_path / "topd.safetensors")
     assert path.stat().st_size <= compact_size_bound(N, M, D, "float32") + 2 * N * D  # int16 indices
-    [report] = convert_path(write_saelens(tmp_path / "sae", weights(4, M, N), K), tmp_path / "out.safetensors",
-                            d=D, progress=False)
+    out = tmp_path / "new" / "folder" / "out.safetensors"
+    [report] = convert_path(write_saelens(tmp_path / "sae", weights(4, M, N), K), out, d=D, progress=False)
     assert report.storage_ratio == pytest.approx((2 * M * N + M + N) / (N * D + N + M))
-    assert report.compression_ratio > 5 and report.file_bytes == (tmp_path / "out.safetensors").stat().st_size
+    assert report.compression_ratio > 5 and report.file_bytes == out.stat().st_size
 
 
 def test_bad_projection_arguments():
@@ -125,7 +125,8 @@ def test_cli_converts_saelens_with_activation_metrics(tmp_path):
     for key in ("source_format", "m", "n", "d", "k", "activation", "mask", "kept_energy", "file_bytes",
                 "source_bytes", "compression_ratio", "fvu_source", "fvu", "l0", "dead_fraction"):
         assert report[key] is not None, key
-    assert (report["source_format"], report["m"], report["n"], report["d"], report["mask"]) == ("saelens", M, N, D, "expander")
+    got = (report["source_format"], report["m"], report["n"], report["d"], report["mask"])
+    assert got == ("saelens", M, N, D, "expander")
     x = acts.float().double()
     err = (x - saelens_forward(x, w, K)).pow(2).sum()
     want_fvu = float(err / (x - x.mean(0)).pow(2).sum())
@@ -137,6 +138,8 @@ def test_cli_converts_saelens_with_activation_metrics(tmp_path):
     assert 0 < report["l0"] <= K and 0 <= report["dead_fraction"] < 1
     assert sae.storage_dtype == "float16" and sae.provenance["library"] == "saelens"
     assert read_compact_metadata(out)["user"]["convert"]["fvu"] == pytest.approx(report["fvu"])
+    again = run(out, tmp_path / "again.safetensors")
+    assert again.exit_code == 2 and "already a compact" in again.stderr
 
 
 def test_paper_checkpoint_converts_losslessly(tmp_path):

@@ -31,15 +31,24 @@ from hub_server import HubServer  # noqa: E402
 REPO = "alice/tiny-expander"
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A fresh hub server; the client's cache, endpoint and token point at test-only places."""
+def isolate_client(monkeypatch, tmp_path: Path) -> None:
+    """Point huggingface_hub's cache and token at test-only places; plain Git LFS uploads.
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE / HF_ENDPOINT once at import, so tests set
+    the resulting ``constants``; HF_TOKEN and HF_HUB_DISABLE_XET are read by us or it at call time.
+    """
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh hub server, which HF_ENDPOINT points at."""
+    isolate_client(monkeypatch, tmp_path)
     with HubServer(tmp_path / "server") as server:
         # what HF_ENDPOINT=<server> sets when huggingface_hub is imported
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
@@ -83,6 +92,15 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+def cli_error(*args: str) -> str:
+    """Run a CLI command that must fail: exit 2, nothing on stdout, one ``error:`` line on stderr."""
+    res = CliRunner().invoke(cli, list(args))
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and res.stderr.endswith(lines[0] + "\n"), res.stderr
+    return lines[0]
+
+
 # ------------------------------------------------------------------------------------------ URIs
 
 def test_parse_hf_uri():
@@ -98,19 +116,19 @@ def test_parse_hf_uri():
 
 # --------------------------------------------------------------------------- push / pull / load
 
-def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir, tmp_path):
+def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir):
     result = push(sae_dir, REPO)
     assert result.created_commit and result.commit_sha == hub.branch_head(REPO)
     assert result.uploaded == ["README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
     assert sorted(hub.lfs_uploads) == sorted(hub.file_entry(REPO, f"{hp}/expander.safetensors").sha256
                                              for hp in ("layers.3", "layers.5"))
 
-    card = (Path(resolve_hf_source(f"hf://{REPO}/layers.3")[0]).parent.parent / "README.md")
-    assert not card.exists()  # sources fetch only configs and weights of the hookpoint
+    source, _ = resolve_hf_source(f"hf://{REPO}/layers.3")
+    assert not (source.parent.parent / "README.md").exists()  # sources fetch only the hookpoint's weights/configs
     files = pull(REPO)
     root = Path(os.path.commonpath(files))
-    names = sorted(f.relative_to(root).as_posix() for f in files)
-    assert {"README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"} <= set(names)
+    assert [f.relative_to(root).as_posix() for f in files] == [
+        ".gitattributes", "README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
     for hp in ("layers.3", "layers.5"):
         pulled = next(f for f in files if f.parent.name == hp)
         assert pulled.read_bytes() == (sae_dir / hp / "sae.safetensors").read_bytes()
@@ -122,15 +140,19 @@ def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir, tmp_path):
     text = next(f for f in files if f.name == "README.md").read_text()
     assert text.startswith("---\nlibrary_name: saecompress\ntags:\n- sparse-autoencoder\n- expander-sae\n"
                            "- mechanistic-interpretability\n")
-    assert "| hookpoint | file | m | n | d | k | activation | encoder | dtype | size | compression | fvu | l0 |" in text
+    assert "| hookpoint | file | m | n | d | k | activation | encoder | mask | dtype | size | compression | fvu | l0 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| `layers.5` | `layers.5/expander"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     size = (sae_dir / "layers.5" / "sae.safetensors").stat().st_size
-    assert cells[2:9] == ["16", "64", "4", "4", "signed_topk", "tied", "float32"]
-    assert cells[10] == f"{4 * (2 * 16 * 64 + 16 + 64) / size:,.1f}x" and cells[11] == "0.145"
+    assert cells[2:10] == ["16", "64", "4", "4", "signed_topk", "tied", "expander-v1 seed 2", "float32"]
+    assert cells[11] == f"{4 * (2 * 16 * 64 + 16 + 64) / size:,.1f}x" and cells[12] == "0.145"
     assert f"`hf://EleutherAI/sae-tiny/layers.3@{'a' * 12}`" in text  # provenance, not a local path
     assert "/home/someone" not in text
-    assert f'saecompress.load("hf://{REPO}/layers.3")' in text and f"saecompress pull {REPO}/layers.3" in text
+    assert f"saecompress pull {REPO}/layers.3" in text
+    snippet = text.split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(snippet, scope)  # the card's copy-paste snippet runs as printed
+    assert scope["x_hat"].shape == (8, 16) and isinstance(scope["sae"], ExpanderSAE)
 
 
 def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub, sae_dir):
@@ -188,13 +210,13 @@ def test_pull_one_hookpoint_downloads_only_it(hub, sae_dir, tmp_path):
 def test_cli_push_and_pull(hub, sae_dir, tmp_path):
     res = run_cli("push", str(sae_dir), REPO, "--endpoint", hub.url, "--message", "first")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     assert out["created_commit"] and out["commit_sha"] == hub.branch_head(REPO)
     res = run_cli("pull", f"{REPO}/layers.5@main", "--out", str(tmp_path / "dl"), "--endpoint", hub.url)
     assert res.exit_code == 0, res.output
-    assert res.output.split() == [str(tmp_path / "dl" / "layers.5" / "expander.safetensors")]
+    assert res.stdout.split() == [str(tmp_path / "dl" / "layers.5" / "expander.safetensors")]
     res = run_cli("push", str(sae_dir), REPO, "--endpoint", hub.url)
-    assert json.loads(res.output)["created_commit"] is False
+    assert json.loads(res.stdout)["created_commit"] is False
 
 
 def test_tampered_blob_is_refused(hub, sae_dir):
@@ -208,8 +230,7 @@ def test_tampered_blob_is_refused(hub, sae_dir):
         pull(f"{REPO}/layers.3")
     with pytest.raises(SaeCompressError, match="integrity"):
         saecompress.load(f"hf://{REPO}/layers.3")
-    res = CliRunner().invoke(cli, ["pull", f"{REPO}/layers.3"])
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and "integrity" in res.output
+    assert "integrity" in cli_error("pull", f"{REPO}/layers.3")
     blob.write_bytes(good)  # the corrupt cache entry was removed, so a retry downloads afresh
     assert pull(f"{REPO}/layers.3")[0].read_bytes() == (sae_dir / "layers.3" / "sae.safetensors").read_bytes()
 
@@ -222,19 +243,13 @@ def test_tampered_blob_is_refused(hub, sae_dir):
 ])
 def test_missing_repo_revision_or_file_is_one_line_exit_2(hub, sae_dir, ref, message):
     push(sae_dir, REPO)
-    res = CliRunner().invoke(cli, ["pull", ref])
-    assert res.exit_code == 2
-    assert res.output.startswith("error: ") and res.output.count("\n") == 1 and message in res.output
+    assert message in cli_error("pull", ref)
     with pytest.raises(SaeCompressError, match="not found|no hookpoint"):
         saecompress.load(f"hf://{ref}")
 
 
 def test_auth_errors_and_private_repos(tmp_path, monkeypatch, sae_dir):
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    isolate_client(monkeypatch, tmp_path)
     with HubServer(tmp_path / "server", tokens={"hf_write": "write", "hf_read": "read"}) as hub:
         with pytest.raises(SaeCompressError, match=r"authentication failed .*HTTP 401.*--token or set HF_TOKEN"):
             push(sae_dir, REPO, endpoint=hub.url)
@@ -256,6 +271,28 @@ def test_offline_uses_the_cache_and_says_what_to_do(hub, sae_dir, monkeypatch):
     assert len(hub.requests) == n_requests  # served from the cache, no HTTP
     with pytest.raises(SaeCompressError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         resolve_hf_source(f"hf://{REPO}/layers.5@v2")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub.stop()  # the Hub goes away: cached snapshots still resolve, uncached ones fail clearly
+    started = time.time()
+    assert resolve_hf_source(f"hf://{REPO}/layers.3") == online
+    with pytest.raises(SaeCompressError, match="cannot reach the Hub at http://127.0.0.1.* not in the local cache"):
+        resolve_hf_source(f"hf://{REPO}/layers.5")
+    assert time.time() - started < 5  # no retry loops
+
+
+def test_cli_honours_hf_endpoint_token_and_home(tmp_path, monkeypatch, sae_dir):
+    """A fresh process configured only through the environment, as users do (offline: see above)."""
+    isolate_client(monkeypatch, tmp_path)
+    with HubServer(tmp_path / "server", tokens={"hf_write": "write"}) as hub:
+        push(sae_dir, REPO, endpoint=hub.url, token="hf_write", private=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        env |= {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write", "HF_HOME": str(tmp_path / "home")}
+        cmd = [sys.executable, "-m", "saecompress", "pull", f"{REPO}/layers.3"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        path = Path(done.stdout.strip())
+        assert path.is_relative_to(tmp_path / "home" / "hub") and path.read_bytes() == \
+            (sae_dir / "layers.3" / "sae.safetensors").read_bytes()
 
 
 def test_unreachable_endpoint(hub, sae_dir):
@@ -340,6 +377,7 @@ def test_push_with_onnx(hub, sae_dir):
     ort = pytest.importorskip("onnxruntime")
     result = push(sae_dir / "layers.3" / "sae.safetensors", REPO, with_onnx=True)
     assert "layers.3/encode.onnx" in result.uploaded
+    assert "ONNX exports of the encoders (for onnxruntime): `layers.3/encode.onnx`." in pull(f"{REPO}/README.md")[0].read_text()
     onnx_file = next(f for f in pull(f"{REPO}/layers.3") if f.suffix == ".onnx")
     ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     assert not push(sae_dir / "layers.3" / "sae.safetensors", REPO, with_onnx=True).created_commit
@@ -357,7 +395,7 @@ def test_pull_from_olah_mirror(tmp_path, sae_dir, monkeypatch):
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is not installed; olah serves mirrors from git repos")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    isolate_client(monkeypatch, tmp_path)
     repo = tmp_path / "mirrors" / "models" / "alice" / "tiny-expander"
     repo.mkdir(parents=True)
     run = lambda *a: subprocess.run([git, *a], cwd=repo, check=True, capture_output=True)  # noqa: E731

@@ -47,10 +47,11 @@ def text_options(func):
                           "read in order, documents joined by EOS."),
         click.option("--context", type=int, default=256, show_default=True, help="Tokens per context (BOS included)."),
         click.option("--keep-first", is_flag=True,
-                     help="Keep position 0 of each context (dropped by default: attention-sink token)."),
+                     help="Keep position 0 of each context (excluded by default: the attention-sink token)."),
         click.option("--outlier-factor", type=float, default=10.0, show_default=True,
-                     help="Drop tokens whose activation norm exceeds this multiple of the batch median "
-                          "(massive activations); 0 keeps them."),
+                     help="Exclude tokens whose activation norm exceeds this multiple of the batch median "
+                          "(massive activations; acts does not write them, eval keeps their clean value); "
+                          "0 keeps them."),
     ]
     for option in reversed(options):
         func = option(func)

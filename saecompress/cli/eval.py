@@ -32,7 +32,7 @@ _TABLE = ("fvu", "explained_variance", "cosine", "mse", "l0", "dead_fraction", "
 @click.option("--layer", type=int, default=None, help="Block index of the hooked site (default: from --acts manifest).")
 @click.option("--site", type=click.Choice(SITES), default=None,
               help="Hooked site (default: from --acts manifest, else resid).")
-@click.option("--ce-tokens", type=int, default=16384, show_default=True, help="Tokens of --text for the CE evaluation.")
+@click.option("--ce-tokens", type=int, default=8192, show_default=True, help="Tokens of --text for the CE evaluation.")
 @click.option("--batch", type=int, default=4, show_default=True, help="Contexts per forward pass in the CE evaluation.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval(src: str, acts_path: str, hookpoint: str | None, max_rows: int | None, batch_size: int,
@@ -44,8 +44,8 @@ def eval(src: str, acts_path: str, hookpoint: str | None, max_rows: int | None, 
     With --model and --text, also splice the SAE into the model at --layer/--site and report
     next-token CE clean, zero-/mean-ablated and spliced, and CE-loss recovered.
     """
-    if model_path and not texts:
-        raise SaeCompressError("--model needs --text FILE (the text to compute CE on)")
+    if bool(model_path) != bool(texts):
+        raise SaeCompressError("CE-loss recovered needs both --model and --text FILE (the text to compute CE on)")
     source = open_activations(acts_path)
     sae = load(src, hookpoint)
     if sae.m != source.m:

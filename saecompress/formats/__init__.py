@@ -6,7 +6,8 @@ Supported layouts (``detect_format`` names):
 - ``sparsify``: a folder with ``cfg.json`` + ``sae.safetensors``;
 - ``dictionary_learning``: a folder with ``ae.pt`` + ``config.json`` (``AutoEncoderTopK``);
 - ``openai``: a ``.pt`` state dict of openai/sparse_autoencoder;
-- ``paper``: a ``.pt`` state dict of the Expander-SAE paper's code (dense mask + values).
+- ``paper``: a ``.pt`` state dict of the Expander-SAE paper's code (dense mask + values, or one
+  of their dense baselines).
 
 A path may also be a folder holding many of these (a sparsify repo with ``layers.0/``,
 ``layers.1/`` …, a SAELens repo with one folder per SAE id, a dictionary_learning sweep with
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..compact import is_compact_file
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
 from . import dictionary_learning, openai, paper, saelens, sparsify
@@ -37,11 +39,12 @@ from ._common import read_torch
 FORMATS = ("saelens", "sparsify", "openai", "dictionary_learning", "paper")
 _FOLDER_FORMATS = {"saelens": saelens, "sparsify": sparsify, "dictionary_learning": dictionary_learning}
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+_DL_FILES = (dictionary_learning.CONFIG, dictionary_learning.WEIGHTS)
 _MAX_DEPTH = 4
 SUPPORTED = (
     "SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors, or a repo of "
     "hookpoint folders), dictionary_learning (ae.pt + config.json), openai/sparse_autoencoder (.pt state "
-    "dict), Expander-SAE paper (.pt with mask/decoder_vals)"
+    "dict), Expander-SAE paper (.pt with mask/decoder_vals, or a dense W_dec_param baseline)"
 )
 
 
@@ -83,7 +86,7 @@ def _single(path: Path) -> _Source | None:
         return _Source(name, path) if name else None
     if not path.is_file():
         raise SaeCompressError(f"{path}: no such file or folder")
-    if path.name in (saelens.WEIGHTS, sparsify.WEIGHTS, "cfg.json", dictionary_learning.CONFIG, dictionary_learning.WEIGHTS):
+    if path.name in (saelens.WEIGHTS, sparsify.WEIGHTS, saelens.CFG, *_DL_FILES):
         name = _folder_format(path.parent)
         if name:
             return _Source(name, path.parent)
@@ -130,6 +133,8 @@ def _nothing_found(path: Path, problems: list[SaeCompressError] = ()) -> SaeComp
     if problems:
         return problems[0]
     if path.is_file():
+        if is_compact_file(path):
+            return SaeCompressError(f"{path}: already a compact Expander SAE file; use it directly")
         return SaeCompressError(f"{path}: not a dense SAE file in a known layout; supported layouts: {SUPPORTED}")
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     shown = ", ".join(entries[:15]) + (f", … ({len(entries)} entries)" if len(entries) > 15 else "")
@@ -199,7 +204,8 @@ def read_sae(path: str | os.PathLike, hookpoint: str | None = None, *, k: int | 
     """
     source, hookpoint = _locate(path, hookpoint)
     if source.format == "paper":
-        sae = paper.read_paper_checkpoint(source.path, k=k, sd=source.state)
+        reader = paper.read_paper_checkpoint if "mask" in source.state else paper.read_paper_dense
+        sae = reader(source.path, k=k, sd=source.state)
         if hookpoint:
             sae.provenance["hookpoint"] = hookpoint
         return sae

@@ -45,7 +45,8 @@ def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
     for key, expected in (("activation_dim", m), ("dict_size", n)):
         if key in trainer and trainer[key] != expected:
             raise SaeCompressError(
-                f"{cfg_path}: {key}={trainer[key]} but {weights_path.name} has {expected}; config and weights do not match"
+                f"{cfg_path}: {key}={trainer[key]} but {weights_path.name} has {expected}; "
+                "config and weights do not match"
             )
     return build_topk(
         W_enc=tensor(sd, "encoder.weight", weights_path, (n, m)).T,
@@ -57,6 +58,7 @@ def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
             "path": str(folder),
             "hookpoint": hookpoint or trainer.get("submodule_name"),
             "model_name": trainer.get("lm_name"),
+            "submodule_name": trainer.get("submodule_name"),
             "layer": trainer.get("layer"),
             "source_dtype": source_dtype(sd),
         },

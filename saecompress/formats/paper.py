@@ -14,6 +14,11 @@ file name, or must be given. A ``_topksigned`` file (top-k by |pre|) is refused.
 
 The import is exact: the mask becomes explicit ``indices`` (``mask_seed=None``), the
 column-normalised values become ``values``.
+
+Their dense baselines (``models/dense.py``: ``dense_tied``, ``dense_warmtied``,
+``dense_randinit``) save ``W_dec_param [m, n]`` (column-normalised like above), optionally an
+independent ``W_enc_param [n, m]`` (else the encoder is ``W_decᵀ``), ``b_dec``, ``b_enc``, with
+the same signed TopK; ``read_paper_dense`` loads them as a ``TopKSAE`` to be converted.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from typing import Any
 import torch
 
 from ..errors import SaeCompressError
-from ..models import ExpanderSAE
-from ._common import dims_of, int_value, read_torch, refuse, source_dtype, tensor
+from ..models import ExpanderSAE, TopKSAE
+from ._common import build_topk, dims_of, int_value, read_torch, refuse, source_dtype, tensor
 
 KEYS = ("mask", "decoder_vals", "b_dec", "b_enc")
+DENSE_KEYS = ("W_dec_param", "b_dec", "b_enc")
 _NAME = re.compile(r"_m(?P<m>\d+)_n(?P<n>\d+)_d(?P<d>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)")
 
 
 def matches_state(sd: dict[str, Any]) -> bool:
-    """Whether a loaded state dict is an Expander-SAE paper checkpoint."""
-    return all(key in sd for key in KEYS)
+    """Whether a loaded state dict is an Expander-SAE paper checkpoint (expander or dense baseline)."""
+    return all(key in sd for key in KEYS) or all(key in sd for key in DENSE_KEYS)
 
 
 def k_from_name(path: Path) -> int | None:
@@ -43,12 +49,7 @@ def k_from_name(path: Path) -> int | None:
     return int(match["k"]) if match else None
 
 
-def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> ExpanderSAE:
-    """Exact ``ExpanderSAE`` (explicit indices, tied, ``signed_topk``) from a paper checkpoint.
-
-    ``k`` overrides/supplies the TopK size when the file name does not carry it.
-    """
-    path = Path(path)
+def _checked_k(path: Path, k: int | None) -> int:
     if "_topksigned" in path.name:
         raise refuse(path, "it was trained with top-k by |pre-activation| (topk_mode 'signed')")
     named_k = k_from_name(path)
@@ -59,12 +60,45 @@ def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, 
         raise SaeCompressError(
             f"{path}: paper checkpoints do not store k and the file name has no '_k<k>_'; pass --k"
         )
-    k = int_value(k, "k", path)
+    return int_value(k, "k", path)
+
+
+def _provenance(path: Path, sd: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    match = _NAME.search(path.name)
+    provenance = {"library": "paper", "path": str(path), "arch": path.name[: match.start()] if match else None,
+                  "paper_seed": int(match["seed"]) if match else None, "source_dtype": source_dtype(sd), **extra}
+    return {key: value for key, value in provenance.items() if value is not None}
+
+
+def _colnorm(W: torch.Tensor) -> torch.Tensor:
+    W = W.to(torch.float64)
+    return W / W.norm(dim=0, keepdim=True).clamp(min=1e-8)
+
+
+def read_paper_dense(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> TopKSAE:
+    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``)."""
+    path = Path(path)
+    k = _checked_k(path, k)
+    sd = read_torch(path) if sd is None else sd
+    m, n = dims_of(sd, "W_dec_param", path, 2)
+    W_dec = _colnorm(tensor(sd, "W_dec_param", path, (m, n)))
+    W_enc = tensor(sd, "W_enc_param", path, (n, m)).T if "W_enc_param" in sd else W_dec
+    return build_topk(W_enc=W_enc, W_dec=W_dec.T, b_enc=tensor(sd, "b_enc", path, (n,)),
+                      b_dec=tensor(sd, "b_dec", path, (m,)), k=k, activation="signed_topk",
+                      provenance=_provenance(path, sd))
+
+
+def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> ExpanderSAE:
+    """Exact ``ExpanderSAE`` (explicit indices, tied, ``signed_topk``) from a paper checkpoint.
+
+    ``k`` overrides/supplies the TopK size when the file name does not carry it.
+    """
+    path = Path(path)
+    k = _checked_k(path, k)
     sd = read_torch(path) if sd is None else sd
     m, n = dims_of(sd, "mask", path, 2)
     support = tensor(sd, "mask", path, (m, n)) != 0
-    W = tensor(sd, "decoder_vals", path, (m, n)).to(torch.float64) * support
-    W = W / W.norm(dim=0, keepdim=True).clamp(min=1e-8)
+    W = _colnorm(tensor(sd, "decoder_vals", path, (m, n)) * support)
     degrees = support.sum(dim=0)
     d = int(degrees.max())
     if d == 0:
@@ -77,14 +111,5 @@ def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, 
         sae.values.data = values.to(torch.float32)
         sae.b_enc.data = tensor(sd, "b_enc", path, (n,))
         sae.b_dec.data = tensor(sd, "b_dec", path, (m,))
-    match = _NAME.search(path.name)
-    sae.provenance = {
-        "library": "paper",
-        "path": str(path),
-        "arch": path.name[: match.start()] if match else None,
-        "paper_seed": int(match["seed"]) if match else None,
-        "source_dtype": source_dtype(sd),
-        "padded_latents": int((degrees < d).sum()) or None,
-    }
-    sae.provenance = {key: value for key, value in sae.provenance.items() if value is not None}
+    sae.provenance = _provenance(path, sd, padded_latents=int((degrees < d).sum()) or None)
     return sae

@@ -45,11 +45,9 @@ def matches(folder: Path) -> bool:
 def _k_and_architecture(cfg: dict, where: Path) -> int:
     architecture = cfg.get("architecture")
     activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
-    if architecture in _TOPK_ARCHITECTURES:
-        return int_value(cfg.get("k"), "cfg k", where)
-    if architecture in (None, "standard") and activation_fn == "topk":  # SAELens < 6
-        kwargs = cfg.get("activation_fn_kwargs") or {}
-        return int_value(kwargs.get("k", cfg.get("k")), "activation_fn_kwargs.k", where)
+    if architecture in _TOPK_ARCHITECTURES or (architecture in (None, "standard") and activation_fn == "topk"):
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))  # SAELens < 6: activation_fn_kwargs
+        return int_value(k, "k (cfg k or activation_fn_kwargs.k)", where)
     if architecture in _REFUSED:
         raise refuse(where, f"architecture {architecture!r} is {_REFUSED[architecture]}")
     if architecture is None and activation_fn is None:
@@ -87,7 +85,9 @@ def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
             "TopKSAE cannot express; supported: 'none', 'layer_norm', 'expected_average_only_in'"
         )
     if cfg.get("reshape_activations", "none") not in ("none", None):
-        raise SaeCompressError(f"{cfg_path}: reshape_activations={cfg['reshape_activations']!r} (hook_z SAEs) is not supported")
+        raise SaeCompressError(
+            f"{cfg_path}: reshape_activations={cfg['reshape_activations']!r} (hook_z SAEs) is not supported"
+        )
     if "scaling_factor" in sd:  # SAELens < 6 finetuning scale: decode uses (z * s) @ W_dec
         W_dec = W_dec * tensor(sd, "scaling_factor", weights_path, (d_sae,))[:, None]
     if cfg.get("rescale_acts_by_decoder_norm"):

@@ -56,8 +56,8 @@ def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
             raise refuse(cfg_path, f"{flag}=true (not a plain autoencoder)")
     d_in = int_value(cfg.get("d_in"), "cfg d_in", cfg_path)
     k = int_value(cfg.get("k"), "cfg k", cfg_path)
-    num_latents = cfg.get("num_latents") or d_in * int_value(cfg.get("expansion_factor", 32), "expansion_factor", cfg_path)
-    n = int_value(num_latents, "num_latents", cfg_path)
+    expansion = int_value(cfg.get("expansion_factor", 32), "expansion_factor", cfg_path)
+    n = int_value(cfg.get("num_latents") or d_in * expansion, "num_latents", cfg_path)
 
     sd = read_safetensors(weights_path)
     if "W_skip" in sd:

@@ -68,22 +68,26 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def render_card(repo_id: str, entries: list[CardEntry]) -> str:
-    """The full ``README.md`` text for ``repo_id`` holding ``entries``."""
+def _mask(meta: dict[str, Any]) -> str:
+    return f"{meta.get('mask_algorithm', '')} seed {meta['mask_seed']}" if meta["mask"] == "seed" else "explicit"
+
+
+def render_card(repo_id: str, entries: list[CardEntry], onnx_paths: list[str] = ()) -> str:
+    """The full ``README.md`` text for ``repo_id`` holding ``entries`` (and ONNX exports at ``onnx_paths``)."""
     entries = sorted(entries, key=lambda e: (e.hookpoint, e.path_in_repo))
     front = ["---", "library_name: saecompress", "tags:"] + [f"- {t}" for t in TAGS] + ["---", ""]
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
         "Expander sparse autoencoders in the [saecompress](https://pypi.org/project/saecompress/) compact "
-        "format: each latent's decoder row (and its tied encoder column) keeps only `d` of `m` entries, on a "
-        "seeded expander mask that is regenerated at load time instead of stored.",
+        "format: each latent's decoder row and encoder column keep only `d` of the `m` model dimensions, on a "
+        "sparse expander mask that is regenerated from its seed at load time (or stored, for explicit masks).",
         "",
         "## Hookpoints",
         "",
     ]
     metric_names = sorted({name for e in entries for name in metrics(e.meta)})
-    header = ["hookpoint", "file", "m", "n", "d", "k", "activation", "encoder", "dtype", "size",
+    header = ["hookpoint", "file", "m", "n", "d", "k", "activation", "encoder", "mask", "dtype", "size",
               "compression"] + metric_names
     rows = []
     for e in entries:
@@ -91,12 +95,16 @@ def render_card(repo_id: str, entries: list[CardEntry]) -> str:
         ratio = 4 * dense_values(m["m"], m["n"]) / max(e.size, 1)
         found = metrics(m)
         rows.append([f"`{e.hookpoint or '.'}`", f"`{e.path_in_repo}`", _fmt(m["m"]), _fmt(m["n"]), _fmt(m["d"]),
-                     _fmt(m["k"]), m["activation"], m["encoder"], m["dtype"], _size(e.size), f"{ratio:,.1f}x"]
+                     _fmt(m["k"]), m["activation"], m["encoder"], _mask(m), m["dtype"], _size(e.size),
+                     f"{ratio:,.1f}x"]
                     + [_fmt(found[name]) if name in found else "" for name in metric_names])
     body += _table(header, rows)
     body += ["", "Compression is against the equivalent dense TopK SAE in float32 (2·m·n + m + n values)."]
     if metric_names:
         body += ["Fidelity metrics are the ones recorded in each file's metadata."]
+    if onnx_paths:
+        body += ["ONNX exports of the encoders (for onnxruntime): "
+                 + ", ".join(f"`{p}`" for p in sorted(onnx_paths)) + "."]
     sources = [e for e in entries if e.meta.get("source")]
     if sources:
         body += ["", "## Source SAEs", ""]
@@ -104,22 +112,26 @@ def render_card(repo_id: str, entries: list[CardEntry]) -> str:
         for e in sources:
             src = dict(e.meta["source"])
             location = source_location(str(src.pop("path", ""))) if "path" in src else ""
+            skip = {"library", "model_name"} | ({"hookpoint"} if src.get("hookpoint") == e.hookpoint else set())
             details = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(src.items())
-                                if k not in ("library", "model_name") and not isinstance(v, (dict, list)))
+                                if k not in skip and not isinstance(v, (dict, list)))
             srows.append([f"`{e.hookpoint or '.'}`", _fmt(src.get("library", "")), _fmt(src.get("model_name", "")),
                           f"`{location}`" if location else "", details])
         body += _table(["hookpoint", "library", "model", "converted from", "details"], srows)
     first = entries[0].hookpoint if entries else ""
     ref = f"{repo_id}/{first}" if first else repo_id
+    m = entries[0].meta["m"] if entries else 512
     body += [
         "",
         "## Usage",
         "",
         "```python",
         "import saecompress",
+        "import torch",
         "",
         f'sae = saecompress.load("hf://{ref}")  # ExpanderSAE (torch); verified on download',
-        "top_values, top_indices = sae.encode(x)  # x: [..., m] activations",
+        f"x = torch.randn(8, {m})  # activations at the hookpoint: [..., m]",
+        "top_values, top_indices = sae.encode(x)  # the k active latents per row",
         "x_hat = sae.decode(top_values, top_indices)",
         "```",
         "",

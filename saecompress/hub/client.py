@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+import importlib
 import os
 from collections.abc import Iterator
 
 from ..errors import SaeCompressError
-
-log = logging.getLogger(__name__)
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -29,6 +27,17 @@ def make_api(endpoint: str | None, token: str | None):
 
     return HfApi(endpoint=hub_endpoint(endpoint), token=token, library_name="saecompress",
                  library_version=__version__)
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Network-level failures of the HTTP client under ``huggingface_hub`` (httpx2 in 2.x, httpx in 1.x)."""
+    found: list[type[BaseException]] = [ConnectionError]
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 def is_offline() -> bool:
@@ -66,6 +75,19 @@ def is_missing_xet_error(err: BaseException) -> bool:
     return "xet-write-token" in text and "404" in text
 
 
+def content_ids(local: str | os.PathLike, entry) -> tuple[str, str]:
+    """``(local id, listed id)`` of a file and the Hub's listing of it (a ``RepoFile``).
+
+    LFS files are identified by the sha256 of their content, regular files by their git blob id.
+    """
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    with open(local, "rb") as f:
+        if entry.lfs is not None:
+            return sha_fileobj(f).hex(), entry.lfs.sha256
+        return git_hash(f.read()), entry.blob_id
+
+
 def _first_line(err: BaseException) -> str:
     for line in str(err).splitlines():
         if line.strip():
@@ -76,7 +98,6 @@ def _first_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path: str | None = None) -> Iterator[None]:
     """Turn ``huggingface_hub``/network failures into one-line ``SaeCompressError``s naming repo and revision."""
-    import httpx2
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -103,7 +124,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
             raise SaeCompressError(f"{repo_id}@{rev} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
                                    "set; unset HF_HUB_OFFLINE, or pull it once while online") from None
         raise SaeCompressError(f"cannot reach the Hub at {where} to fetch {repo_id}@{rev}, and it is not in the "
-                               "local cache; check the network and HF_ENDPOINT") from None
+                               "local cache; check the network and HF_ENDPOINT / --endpoint") from None
     except EntryNotFoundError:
         what = f"{path!r}" if path else "a requested file"
         raise SaeCompressError(f"{what} not found in {repo_id}@{rev} on {where}; check the hookpoint/path") from None
@@ -117,7 +138,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
                                    "write access to this repo or namespace") from None
         raise SaeCompressError(f"the Hub at {where} answered HTTP {status} for {repo_id}@{rev}: "
                                f"{_first_line(err)}") from None
-    except (httpx2.TransportError, OfflineModeIsEnabled, ConnectionError) as err:
+    except (OfflineModeIsEnabled, *transport_errors()) as err:
         if is_offline():
             raise SaeCompressError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be reached on {where}; unset "
                                    "HF_HUB_OFFLINE to talk to the Hub") from None

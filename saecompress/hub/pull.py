@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import glob
-import hashlib
+import logging
 import os
 from pathlib import Path, PurePosixPath
 
 from ..compact import is_compact_file, load_compact, read_compact_metadata
 from ..errors import SaeCompressError
-from .client import hub_errors, is_offline, make_api
+from .client import content_ids, hub_errors, is_offline, make_api, transport_errors
 from .uri import HfUri, parse_hf_uri
+
+log = logging.getLogger(__name__)
 
 SOURCE_SUFFIXES = ("*.json", "*.safetensors", "*.pt")  # what a loader may need: configs and weights
 
@@ -25,16 +27,7 @@ def _patterns(hookpoint: str | None, suffixes: tuple[str, ...] | None) -> list[s
 
 def _verify(local: Path, entry, ref: HfUri) -> None:
     """Check a downloaded file against the sha256 (LFS) or git blob id the Hub lists for it."""
-    from huggingface_hub.utils.sha import git_hash
-
-    data_hash = hashlib.sha256()
-    with open(local, "rb") as f:
-        if entry.lfs is not None:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                data_hash.update(chunk)
-            got, expected = data_hash.hexdigest(), entry.lfs.sha256
-        else:
-            got, expected = git_hash(f.read()), entry.blob_id
+    got, expected = content_ids(local, entry)
     if got != expected:
         target = local.resolve()
         local.unlink(missing_ok=True)
@@ -44,12 +37,25 @@ def _verify(local: Path, entry, ref: HfUri) -> None:
                                "removed: pull again, and tell the repo owner if it persists")
 
 
+def _cached_files(root: Path, patterns: list[str] | None) -> list[Path]:
+    """The files of a cached snapshot matching ``patterns`` (used when the Hub is not asked)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    names = [n for n in filter_repo_objects(names, allow_patterns=patterns) if not n.startswith(".cache/")]
+    if not names:
+        raise LocalEntryNotFoundError(f"no cached files match {patterns}")
+    return [root / n for n in sorted(names)]
+
+
 def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, token: str | None,
               cache_dir: str | os.PathLike | None, out: str | os.PathLike | None) -> tuple[Path, list[Path]]:
     """Download the files of ``ref`` matching ``patterns``; return the snapshot root and the files.
 
     Online, every file is checked against the Hub's listing at the resolved commit. Offline
-    (``HF_HUB_OFFLINE``), the cache is used as is: its files were checked when they were pulled.
+    (``HF_HUB_OFFLINE``, or the Hub unreachable with the snapshot cached), the cache is used as
+    is: its files were checked when they were pulled.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.hf_api import RepoFile
@@ -61,14 +67,20 @@ def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, t
     with hub_errors(ref.repo_id, rev, endpoint, path=ref.hookpoint):
         if is_offline():
             root = Path(snapshot_download(ref.repo_id, revision=rev, local_dir=out, **kwargs))
-            names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-            names = [n for n in filter_repo_objects(names, allow_patterns=patterns) if not n.startswith(".cache/")]
-            return root, [root / n for n in sorted(names)]
-        if out is None:  # the cache: snapshot_download records the branch/tag -> commit ref for offline use
-            root = Path(snapshot_download(ref.repo_id, revision=rev, **kwargs))
-            sha = root.name
-        else:
+            return root, _cached_files(root, patterns)
+        try:
             sha = api.repo_info(ref.repo_id, revision=rev).sha
+        except transport_errors() as err:
+            if out is not None:
+                raise
+            # the Hub is unreachable: like huggingface_hub, fall back to a cached snapshot (or fail clearly)
+            root = Path(snapshot_download(ref.repo_id, revision=rev, **kwargs))
+            files = _cached_files(root, patterns)
+            log.warning("cannot reach %s (%s); using the cached snapshot of %s", api.endpoint, err, ref)
+            return root, files
+        if out is None:  # the cache: snapshot_download also records the branch/tag -> commit ref
+            root = Path(snapshot_download(ref.repo_id, revision=rev, **kwargs))
+            sha = root.name  # the commit it resolved (the branch may have moved since repo_info)
         tree = {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True)
                 if isinstance(f, RepoFile)}
         wanted = sorted(filter_repo_objects(list(tree), allow_patterns=patterns))

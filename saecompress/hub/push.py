@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from ..compact import _parse_metadata, is_compact_file, read_compact_metadata
 from ..errors import SaeCompressError
 from .card import CardEntry, render_card
-from .client import hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
+from .client import content_ids, hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,12 @@ def collect(path: Path, path_in_repo: str | None = None) -> list[_Local]:
     return list(locals_.values())
 
 
-def _local_oid(path: Path, lfs: bool) -> str:
-    """The id the Hub lists for a file: sha256 for LFS files, git blob sha1 otherwise."""
-    from huggingface_hub.utils.sha import git_hash, sha_fileobj
-
-    with open(path, "rb") as f:
-        return sha_fileobj(f).hex() if lfs else git_hash(f.read())
-
-
-def _remote_oid(entry) -> str | None:
+def _unchanged(local: Path, entry) -> bool:
+    """True when the repo already holds ``local``'s content at that path (``entry``: its listing, or None)."""
     if entry is None:
-        return None
-    return entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+        return False
+    got, listed = content_ids(local, entry)
+    return got == listed
 
 
 def _remote_card_entries(api, repo_id: str, sha: str, tree: dict, skip: set[str]) -> list[CardEntry]:
@@ -167,12 +161,12 @@ def push(path: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = No
                    for lp in locals_]
         with hub_errors(repo_id, branch, endpoint):
             entries += _remote_card_entries(api, repo_id, head, tree, {p for _, p in files})
+        onnx_paths = {p for p in tree if PurePosixPath(p).name == ONNX_NAME} | {r for _, r in files if r.endswith(ONNX_NAME)}
         card = Path(tmp) / CARD_NAME
-        card.write_text(render_card(repo_id, entries), encoding="utf-8")
+        card.write_text(render_card(repo_id, entries, sorted(onnx_paths)), encoding="utf-8")
         files.append((card, CARD_NAME))
 
-        changed = [(local, remote) for local, remote in files
-                   if _remote_oid(tree.get(remote)) != _local_oid(local, lfs=remote.endswith((".safetensors", ".onnx")))]
+        changed = [(local, remote) for local, remote in files if not _unchanged(local, tree.get(remote))]
         result = PushResult(repo_id, branch, head, f"{api.endpoint}/{repo_id}/commit/{head}",
                             unchanged=sorted({r for _, r in files} - {r for _, r in changed}))
         if not changed:

@@ -1,0 +1,131 @@
+"""Fidelity of expander SAEs vs their dense TopK baseline on real activations (not in CI).
+
+SmolLM2-135M-Instruct, residual stream after block 15 (activations from ``saecompress acts``).
+Trains a dense TopK SAE (n=4608, k=32), then for each d: an expander SAE trained natively, the
+dense SAE converted without training, and converted + distilled with the dense SAE as teacher.
+Prints held-out FVU, dead fraction (over the held-out rows), latent agreement with the dense
+SAE, file bytes and CE-loss recovered (zero ablation; SAE spliced into the LM on held-out text),
+also as a fraction of the dense SAE's. Token budgets are flags; the table names them.
+
+    python benchmarks/fidelity.py --acts /work/data/smollm2-l15 \\
+        --model /path/SmolLM2-135M-Instruct.Q4_1.gguf --text-list /tmp/text/eval_files.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from saecompress.activations import open_activations
+from saecompress.convert import convert
+from saecompress.distill import latent_agreement
+from saecompress.metrics import evaluate
+from saecompress.train import TrainConfig, train
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--acts", default="/work/data/smollm2-l15")
+    p.add_argument("--model", default=None, help="LM (GGUF file or folder) for CE-loss recovered; omit to skip CE")
+    p.add_argument("--text-list", default=None, help="file listing held-out text files for CE (one path a line)")
+    p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--n", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--ds", default="7,16,32")
+    p.add_argument("--dense-tokens", type=int, default=1_000_000)
+    p.add_argument("--native-tokens", type=int, default=1_000_000)
+    p.add_argument("--distill-tokens", type=int, default=500_000)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--held-out", type=int, default=8192)
+    p.add_argument("--ce-tokens", type=int, default=4096)
+    p.add_argument("--out", default="/tmp/fidelity")
+    p.add_argument("--skip-native", action="store_true")
+    p.add_argument("--encoder", choices=["tied", "untied"], default="untied", help="expander encoder")
+    p.add_argument("--lr", type=float, default=2e-3, help="expander learning rate (native and distill)")
+    p.add_argument("--dense-from", default=None, help="reuse this dense SAE (SAELens folder) instead of training one")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = open_activations(a.acts)
+    _, held = source.split(min(a.held_out, source.num_rows // 10))
+    print(f"activations: {source.num_rows} rows, m={source.m}; held out {held.num_rows}", flush=True)
+
+    rows: dict[str, dict] = {}
+    saes: dict[str, torch.nn.Module] = {}
+
+    def record(name: str, sae, path: Path, tokens: int, seconds: float, teacher=None) -> None:
+        sae.eval()
+        m = evaluate(sae, held)
+        row = {"tokens": tokens, "train_s": round(seconds, 1), "fvu": m["fvu"], "dead": m["dead_fraction"],
+               "l0": m["l0"], "bytes": _bytes(path)}
+        if teacher is not None:
+            row["agreement"] = latent_agreement(teacher, sae, held)["agreement"]
+        rows[name], saes[name] = row, sae
+        print(name, json.dumps(row), flush=True)
+
+    t0 = time.time()
+    if a.dense_from:
+        from saecompress.sources import load
+        dense = load(a.dense_from)
+        record("dense", dense, Path(a.dense_from), a.dense_tokens, 0.0)
+    else:
+        dense_cfg = TrainConfig(d=None, n=a.n, k=a.k, tokens=a.dense_tokens, batch_size=a.batch,
+                                held_out_rows=a.held_out)
+        dense, _ = train(source, out / "dense", dense_cfg)
+        record("dense", dense, out / "dense", a.dense_tokens, time.time() - t0)
+    dense.requires_grad_(False)
+
+    for d in [int(v) for v in a.ds.split(",")]:
+        if not a.skip_native:
+            t0 = time.time()
+            cfg = TrainConfig(d=d, n=a.n, k=a.k, tokens=a.native_tokens, batch_size=a.batch,
+                              held_out_rows=a.held_out, encoder=a.encoder, lr=a.lr)
+            sae, _ = train(source, out / f"native-d{d}.safetensors", cfg)
+            record(f"native d={d}", sae, out / f"native-d{d}.safetensors", a.native_tokens, time.time() - t0)
+        from saecompress.compact import save_compact
+        conv = convert(dense, d, encoder=a.encoder)
+        save_compact(conv, out / f"convert-d{d}.safetensors")
+        record(f"convert d={d}", conv, out / f"convert-d{d}.safetensors", 0, 0.0, teacher=dense)
+        t0 = time.time()
+        cfg = TrainConfig(d=d, tokens=a.distill_tokens, batch_size=a.batch, held_out_rows=a.held_out,
+                          encoder=a.encoder, lr=a.lr)
+        sae, _ = train(source, out / f"distill-d{d}.safetensors", cfg, teacher=dense)
+        record(f"distill d={d}", sae, out / f"distill-d{d}.safetensors", a.distill_tokens, time.time() - t0,
+               teacher=dense)
+
+    if a.model:
+        from saecompress.lm import ce_eval_many, load_model
+        model, tok = load_model(a.model)
+        files = [Path(line.strip()) for line in Path(a.text_list).read_text().splitlines() if line.strip()]
+        texts = (f.read_text(errors="replace") for f in files)
+        with torch.no_grad():
+            ce = ce_eval_many(model, tok, texts, saes, a.layer, tokens=a.ce_tokens)
+        for name, r in ce.items():
+            rows[name].update(ce_recovered=r["ce_recovered"], ce_spliced=r["ce_spliced"],
+                              ce_clean=r["ce_clean"], ce_zero=r["ce_zero"], ce_tokens=r["ce_tokens"])
+        for row in rows.values():
+            row["ce_vs_dense"] = row["ce_recovered"] / rows["dense"]["ce_recovered"]
+
+    (out / "fidelity.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nSmolLM2-135M L{a.layer} resid, n={a.n} k={a.k}, expander encoder {a.encoder}, lr {a.lr}; "
+          f"{held.num_rows} held-out rows; "
+          f"{source.num_rows} activation rows (epochs repeat)")
+    head = f"{'model':<14}{'tokens':>9}{'FVU':>8}{'dead':>8}{'agree':>8}{'bytes':>11}{'CE rec':>8}{'vs dense':>9}"
+    print(head)
+    for name, r in rows.items():
+        agree = f"{r['agreement']:.1%}" if "agreement" in r else "-"
+        ce = f"{r['ce_recovered']:.3f}" if "ce_recovered" in r else "-"
+        rel = f"{r['ce_vs_dense']:.1%}" if "ce_vs_dense" in r else "-"
+        print(f"{name:<14}{r['tokens']:>9}{r['fvu']:>8.4f}{r['dead']:>8.2%}{agree:>8}{r['bytes']:>11,}{ce:>8}{rel:>9}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""ONNX encode throughput: expander graph vs the dense MatMul+TopK graph vs torch, one thread.
+
+Prints two Markdown tables:
+
+1. rows/s of the ORT expander encode, the ORT dense encode of the equivalent dense SAE
+   (``ExpanderSAE.to_dense()``), their ratio, and torch (``ExpanderSAE`` / ``TopKSAE``) at
+   m=2048, n ∈ {16384, 65536}, d ∈ {7, 16, 64}, k=64, batch ∈ {1, 64, 512}, plus file sizes;
+2. the encode formulations measured (see docs/ONNX.md) at the largest n and d=7.
+
+Timings alternate between the engines round by round (so a busy machine slows all alike) and
+report medians; the ratio is the median of per-round ratios. ``--quick`` runs tiny sizes in
+seconds (CI); ``--threads`` sets onnxruntime's and torch's intra-op threads (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import print_table  # noqa: E402
+from saecompress.exporters.onnx import EncodeLayout, build_onnx  # noqa: E402
+from saecompress.models import ExpanderSAE  # noqa: E402
+
+FORMULATIONS = {
+    "grouped chunk=256 G=16 + 1-row branch (default)": EncodeLayout(),
+    "grouped chunk=128 G=16": EncodeLayout(chunk=128),
+    "grouped chunk=1024 G=16": EncodeLayout(chunk=1024),
+    "grouped chunk=256 G=32": EncodeLayout(group=32),
+    "grouped, block-diagonal MatMul over 4 latents": EncodeLayout(block=4),
+    "grouped chunk=256 G=16, no 1-row branch": EncodeLayout(single_row_branch=False),
+    "1-row branch: one GatherElements [d+1, n] + Mul + MatMul row-sum": EncodeLayout(chain=False),
+    "1-row branch: int64 indices": EncodeLayout(int32_single_row=False),
+    "chunked chunk=256, TopK over all n (G=1)": EncodeLayout(group=1, single_row_branch=False),
+    "naive Gather(x, idx, axis=1) [B, n, d]": EncodeLayout(naive=True),
+}
+
+
+def session(model, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def interleaved(engines: dict[str, callable], rounds: int, budget: float) -> dict[str, list[float]]:
+    """Per-engine seconds per call, one sample per round, engines alternating within a round."""
+    for fn in engines.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, fn in engines.items():
+            reps = max(1, int(budget / statistics.median(times[name]))) if times[name] else 1
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - start) / reps)
+    return times
+
+
+def main_table(sizes, batches, k, threads, rounds, budget, m) -> None:
+    rows = []
+    for n in sizes["n"]:
+        for d in sizes["d"]:
+            torch.manual_seed(0)
+            sae = ExpanderSAE(m, n, d, k, activation="topk_relu")
+            with torch.no_grad():
+                sae.b_enc.normal_(0, 0.1)
+            dense = sae.to_dense()
+            expander_model, dense_model = build_onnx(sae), build_onnx(dense)
+            exp_bytes, dense_bytes = expander_model.ByteSize(), dense_model.ByteSize()
+            exp_sess, dense_sess = session(expander_model, threads), session(dense_model, threads)
+            for batch in batches:
+                x = np.random.default_rng(1).standard_normal((batch, m)).astype(np.float32)
+                xt = torch.from_numpy(x)
+                feeds = {"activations": x}
+                with torch.inference_mode():
+                    t = interleaved({
+                        "ort_exp": lambda: exp_sess.run(None, feeds),
+                        "ort_dense": lambda: dense_sess.run(None, feeds),
+                        "torch_exp": lambda: sae.encode(xt),
+                        "torch_dense": lambda: dense.encode(xt),
+                    }, rounds, budget)
+                med = {name: statistics.median(v) for name, v in t.items()}
+                ratio = statistics.median(a / b for a, b in zip(t["ort_dense"], t["ort_exp"]))
+                rows.append([n, d, batch, batch / med["ort_exp"], batch / med["ort_dense"], f"{ratio:.1f}x",
+                             batch / med["torch_exp"], batch / med["torch_dense"],
+                             f"{exp_bytes / 2**20:.1f}", f"{dense_bytes / 2**20:.0f}"])
+                print(f"  n={n} d={d} batch={batch}: {ratio:.1f}x", file=sys.stderr, flush=True)
+    print(f"\nEncode rows/s, m={m}, k={k}, {threads} thread(s), onnxruntime {ort.__version__} CPU\n")
+    print_table(["n", "d", "batch", "ORT expander", "ORT dense", "speedup", "torch expander",
+                 "torch dense", "expander MiB", "dense MiB"], rows)
+
+
+def formulation_table(n, d, batches, k, threads, rounds, budget, m) -> None:
+    torch.manual_seed(0)
+    sae = ExpanderSAE(m, n, d, k, activation="topk_relu")
+    dense_sess = session(build_onnx(sae.to_dense()), threads)
+    sessions = {name: session(build_onnx(sae, layout=layout), threads)
+                for name, layout in FORMULATIONS.items()}
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(1).standard_normal((batch, m)).astype(np.float32)
+        feeds = {"activations": x}
+        engines = {"dense": lambda: dense_sess.run(None, feeds)}
+        for name, sess in sessions.items():
+            if "naive" in name and batch * n * d > 2**26:
+                continue  # materialises B·n·d floats: skip where that is > 256 MiB
+            engines[name] = lambda sess=sess: sess.run(None, feeds)
+        t = interleaved(engines, rounds, budget)
+        for name, samples in t.items():
+            ratio = statistics.median(a / b for a, b in zip(t["dense"], samples))
+            rows.append([batch, name, batch / statistics.median(samples), f"{ratio:.1f}x"])
+    print(f"\nFormulations of ExpanderEncode, m={m}, n={n}, d={d}, k={k}, {threads} thread(s)\n")
+    print_table(["batch", "formulation", "rows/s", "vs dense"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per cell (default 5)")
+    parser.add_argument("--skip-formulations", action="store_true", help="only the main table")
+    parser.add_argument("--skip-main", action="store_true", help="only the formulation table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        m, sizes, batches, k, rounds, budget = 256, {"n": [2048], "d": [7]}, [1, 64], 16, 3, 0.02
+    else:
+        m, sizes, batches, k = 2048, {"n": [16384, 65536], "d": [7, 16, 64]}, [1, 64, 512], 64
+        rounds, budget = args.rounds, 0.3
+    if not args.skip_main:
+        main_table(sizes, batches, k, args.threads, rounds, budget, m)
+    if not args.skip_formulations:
+        formulation_table(sizes["n"][-1], 7, batches, k, args.threads, rounds, budget, m)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""``saecompress export``: an SAE source → a self-contained ONNX file."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..exporters.onnx import DTYPES, GRAPHS, export_onnx
+
+
+@click.command("export")
+@click.argument("src")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--graph", type=click.Choice(GRAPHS), default="encode", show_default=True,
+              help="encode: activations -> top_indices, top_values. decode: top_indices, top_values -> "
+                   "reconstruction. autoencoder: activations -> reconstruction, top_indices, top_values.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Dtype of the graph's float inputs/outputs and stored float32 weights (float16 halves "
+                   "the file; arithmetic stays float32). Values stored as float16/bfloat16/int8 in a "
+                   "compact file keep that storage and are dequantised in-graph.")
+@click.option("--dense-output", is_flag=True,
+              help="Also output the dense codes [.., n] (zeros except the k active latents).")
+@click.option("--seq", is_flag=True,
+              help="Inputs [batch, seq, m] instead of [batch, m] (both axes dynamic).")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset (18..21; IR version 10). onnxruntime >= 1.16 reads opset 18.")
+def export(src: str, out: str, graph: str, dtype: str, dense_output: bool, seq: bool, opset: int) -> None:
+    """Export the SAE SRC (compact file, dense SAE folder/file, or hf://owner/repo[/hookpoint][@rev])
+    to the ONNX file OUT.
+
+    Expander SAEs use the custom-domain ops ai.saecompress::ExpanderEncode / ExpanderDecode, stored
+    as ONNX model-local functions of standard ops: stock onnxruntime runs the file, no plugin needed.
+    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Prints a JSON summary.
+    """
+    path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
+    click.echo(json.dumps({"path": str(path), "graph": graph, "dtype": dtype, "dense_output": dense_output,
+                           "seq": seq, "opset": opset, "file_bytes": path.stat().st_size}))

@@ -1,0 +1,89 @@
+"""``saecompress monitor``: run an SAE over activations with onnxruntime; print features or alerts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import numpy as np
+
+from ..errors import SaeCompressError
+from ..runtime import Monitor, read_activation_arrays
+
+
+def parse_watch(text: str) -> dict[int, float]:
+    """``"123:0.5,456:1.0"`` → ``{123: 0.5, 456: 1.0}``."""
+    watch = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        feature, sep, threshold = item.partition(":")
+        try:
+            watch[int(feature)] = float(threshold) if sep else 0.0
+        except ValueError:
+            raise SaeCompressError(f"--watch item {item!r} is not FEATURE:THRESHOLD (e.g. 123:0.5)") from None
+    if not watch:
+        raise SaeCompressError("--watch is empty; give FEATURE:THRESHOLD pairs, e.g. 123:0.5,456:1.0")
+    return watch
+
+
+def _emit(record: dict, jsonl: bool) -> None:
+    if jsonl:
+        click.echo(json.dumps(record))
+    elif "feature" in record:
+        click.echo(f"row {record['row']}: feature {record['feature']} = {record['value']:.4g}")
+    else:
+        click.echo(f"row {record['row']}: " + "  ".join(f"{f}={v:.4g}" for f, v in record["features"]))
+
+
+@click.command("monitor")
+@click.argument("model")
+@click.option("--input", "source", required=True,
+              help="Activations [..., m]: a .npy or .safetensors file (tensor 'activations' or the only "
+                   "one), or '-' to read a stream of .npy arrays from stdin (numpy.save each batch).")
+@click.option("--watch", default=None,
+              help="Alert on features: FEATURE:THRESHOLD pairs, comma-separated (e.g. 123:0.5,456:1.0). "
+                   "Prints one line per alert. Without it, prints each row's top features.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Features printed per row (without --watch; at most k).")
+@click.option("--jsonl", is_flag=True, help="Print JSON lines ({row, feature, value} or {row, features}).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Rows per onnxruntime call.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--provider", default=None,
+              help="Force an execution provider (e.g. CUDAExecutionProvider). Default: CUDA when "
+                   "onnxruntime-gpu is installed and a GPU is usable, else CPU.")
+def monitor(model: str, source: str, watch: str | None, top: int, jsonl: bool, batch_size: int,
+            threads: int | None, provider: str | None) -> None:
+    """Encode activations with the SAE MODEL (an exported .onnx file, a compact file, a dense SAE
+    or hf://owner/repo[/hookpoint][@rev]) on onnxruntime.
+
+    Rows are numbered across the whole input (flattened leading axes). Rows holding NaN/Inf are
+    skipped and reported on stderr; the provider in use is reported on stderr at start.
+    """
+    mon = Monitor(model, providers=[provider] if provider else None, batch_size=batch_size, threads=threads)
+    if watch:
+        mon.watch(parse_watch(watch))
+    click.echo(f"monitor: {mon.graph} graph, m={mon.m}, n={mon.n}, k={mon.k}, provider {mon.provider}", err=True)
+    offset = skipped = 0
+    stdin = sys.stdin.buffer if source == "-" else None
+    for array in read_activation_arrays(source, stdin=stdin):
+        if mon.watched:
+            for alert in mon.scan(array):
+                _emit({"row": offset + alert.row, "feature": alert.feature, "value": alert.value}, jsonl)
+        else:
+            indices, values = mon.encode(array)
+            indices, values = indices.reshape(-1, mon.k), values.reshape(-1, mon.k)
+            for row in range(len(indices)):
+                if indices[row, 0] < 0:
+                    continue
+                order = values[row].argsort()[::-1][:top]
+                _emit({"row": offset + row,
+                       "features": [[int(indices[row, i]), float(values[row, i])] for i in order]}, jsonl)
+        for row in mon.skipped_rows:
+            click.echo(json.dumps({"row": offset + int(row), "skipped": "NaN or Inf in the activations"}),
+                       err=True)
+        skipped += len(mon.skipped_rows)
+        offset += int(np.prod(array.shape[:-1]))
+        sys.stdout.flush()
+    click.echo(f"monitor: {offset} rows, {skipped} skipped", err=True)

@@ -1,0 +1,80 @@
+"""``saecompress train``: train an Expander SAE natively, or distil a converted one from its teacher."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..train import TrainConfig
+from ..train import train as run_training
+
+_DEFAULTS = TrainConfig()
+
+
+@click.command("train")
+@click.option("--acts", required=True, type=click.Path(exists=True),
+              help="Activations [N, m]: a .npy/.safetensors file or a shard folder from `saecompress acts`. "
+                   "The last --held-out rows are kept for the final metrics.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output compact .safetensors file (with --dense: a SAELens folder). A checkpoint "
+                   "OUT.ckpt is written beside it.")
+@click.option("--d", "d", type=int, default=7, show_default=True, help="Nonzeros per latent (mask degree).")
+@click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (ignores --d).")
+@click.option("--k", "k", type=int, default=None,
+              help="Active latents per token [default: 32, or the --teacher/--init SAE's k].")
+@click.option("--n", "n", type=int, default=None, help="Number of latents.")
+@click.option("--expansion", type=int, default=None, help="Number of latents as a multiple of m (instead of --n).")
+@click.option("--teacher", default=None,
+              help="Dense SAE source (any layout, or hf://...) to distil from: the student starts as "
+                   "convert(teacher, d) and keeps each latent close to the teacher's same-index latent.")
+@click.option("--init", default=None, help="Start from this SAE (compact file) instead of a fresh or converted one.")
+@click.option("--tokens", type=int, default=_DEFAULTS.tokens, show_default=True, help="Training tokens.")
+@click.option("--batch", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Tokens per step.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [default: 2e-4 / sqrt(n / 16384)].")
+@click.option("--activation", type=click.Choice(["signed_topk", "topk_relu", "relu_topk"]), default=None,
+              help="Top-k ordering of a fresh SAE [default: signed_topk, dense: topk_relu].")
+@click.option("--encoder", type=click.Choice(["tied", "untied"]), default="tied", show_default=True,
+              help="Expander encoder: the decoder's values (tied, half the file) or its own values on the "
+                   "same mask (untied; trains much faster on LM residual streams, see docs).")
+@click.option("--mask-seed", type=int, default=0, show_default=True, help="Seed of the expander mask.")
+@click.option("--auxk-coef", type=float, default=_DEFAULTS.auxk_coef, show_default=True,
+              help="Weight of the AuxK loss on dead latents.")
+@click.option("--k-aux", type=int, default=None, help="Dead latents used by AuxK [default: m / 2].")
+@click.option("--dead-tokens", type=int, default=None,
+              help="A latent is dead after this many tokens without firing [default: min(10M, tokens/10)].")
+@click.option("--distill-coef", type=float, default=_DEFAULTS.distill_coef, show_default=True,
+              help="Weight of the latent-matching term (with --teacher).")
+@click.option("--held-out", type=int, default=_DEFAULTS.held_out_rows, show_default=True,
+              help="Rows at the end of --acts kept out of training, for the final metrics.")
+@click.option("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every, show_default=True,
+              help="Steps between checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and data order.")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
+def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr, activation, encoder,
+          mask_seed, auxk_coef, k_aux, dead_tokens, distill_coef, held_out, checkpoint_every, seed,
+          resume, as_json) -> None:
+    """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
+
+    \b
+    Native:   saecompress train --acts acts/ --d 7 --k 32 --expansion 8 --out sae.safetensors
+    Distil:   saecompress train --acts acts/ --d 7 --teacher ./dense-sae --out sae.safetensors
+    Ctrl-C writes a checkpoint; rerun the same command with --resume to continue.
+    """
+    cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation,
+                      encoder=encoder, mask_seed=mask_seed, tokens=tokens, batch_size=batch, lr=lr,
+                      k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, distill_coef=distill_coef,
+                      held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
+    _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    held = metrics.get("held_out", {})
+    line = f"wrote {out}: {metrics['training']['tokens']:,} tokens"
+    if held:
+        line += (f"; held-out FVU {held['fvu']:.4f}, L0 {held['l0']:.1f}, "
+                 f"dead {held['dead_fraction']:.2%}")
+        if "latent_agreement" in held:
+            line += f", latent agreement {held['latent_agreement']:.1%}"
+    click.echo(line)

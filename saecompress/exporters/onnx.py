@@ -1,0 +1,274 @@
+"""Export SAEs to self-contained ONNX files (contract: docs/ONNX.md).
+
+``export_onnx(sae, path, graph=...)`` writes one of three graphs:
+
+* ``encode``: ``activations [..., m]`` → ``top_indices [..., k]`` (int64), ``top_values [..., k]``
+  (and ``codes [..., n]`` with ``dense_output``);
+* ``decode``: ``top_indices``, ``top_values`` → ``reconstruction [..., m]`` (normalised space when
+  the SAE normalises its inputs, as ``model.decode``);
+* ``autoencoder``: ``activations`` → ``reconstruction`` (original space), ``top_indices``,
+  ``top_values`` (and ``codes``).
+
+Expander SAEs use the custom-domain functions of ``onnx_functions``; their weights are stored as
+in the compact file (mask as int16/int32, values as float32/float16/bfloat16 or int8 + per-latent
+scale) and dequantised in-graph (onnxruntime folds that at session start). Dense TopK SAEs export
+as standard ``MatMul`` + ``TopK``, with the same inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import ModelProto, TensorProto, helper
+
+from .._io import atomic_path
+from ..compact import quantize_int8
+from ..errors import SaeCompressError
+from ..models import ExpanderSAE, TopKSAE
+from .onnx_functions import (DOMAIN, DOMAIN_VERSION, LAYER_NORM_EPS, EncodeLayout,
+                             expander_decode_function, expander_encode_function, layer_norm_function)
+from .onnx_graph import GraphBuilder
+
+GRAPHS = ("encode", "decode", "autoencoder")
+DTYPES = ("float32", "float16")
+IR_VERSION = 10
+OPSETS = range(18, 22)  # ReduceMax with axes as an input needs 18; IR 10 covers up to 21
+METADATA_PREFIX = "saecompress."
+
+_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
+def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: str = "float32",
+                dense_output: bool = False, opset: int = 18, seq: bool = False) -> Path:
+    """Write ``sae`` (a model, or any source ``saecompress.load`` accepts) as an ONNX file.
+
+    ``dtype`` is the dtype of the graph's float inputs/outputs and of the float32 weights it
+    stores (float16 halves the file; arithmetic stays float32). Inputs are ``[batch, m]``, or
+    ``[batch, seq, m]`` with ``seq=True`` (both axes dynamic). Written atomically.
+    """
+    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(model.SerializeToString())
+    return Path(path)
+
+
+def build_onnx(sae, graph: str = "encode", *, dtype: str = "float32", dense_output: bool = False,
+               opset: int = 18, seq: bool = False, layout: EncodeLayout = EncodeLayout()) -> ModelProto:
+    """The ONNX model ``export_onnx`` writes (in memory). ``layout`` picks the encode formulation."""
+    if not isinstance(sae, (ExpanderSAE, TopKSAE)):
+        from ..sources import load
+
+        sae = load(sae)
+    if graph not in GRAPHS:
+        raise SaeCompressError(f"unknown graph {graph!r}; use one of {', '.join(GRAPHS)}")
+    if dtype not in DTYPES:
+        raise SaeCompressError(f"unknown ONNX dtype {dtype!r}; use float32 or float16")
+    if opset not in OPSETS:
+        raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
+    model = _Exporter(sae, dtype, opset, layout, ["batch", "seq"] if seq else ["batch"]).model(graph, dense_output)
+    if model.ByteSize() >= 2**31:
+        raise SaeCompressError(f"the {graph} graph of this SAE is {model.ByteSize() / 2**30:.1f} GiB, over "
+                               "ONNX's 2 GiB single-file limit; export --graph encode or decode alone, "
+                               "--dtype float16, or convert it to an Expander SAE first")
+    return model
+
+
+class _Exporter:
+    """Builds the main graph of one SAE: weights as initializers, then the requested graph."""
+
+    def __init__(self, sae: ExpanderSAE | TopKSAE, dtype: str, opset: int, layout: EncodeLayout,
+                 lead: list[str]) -> None:
+        self.sae, self.dtype, self.opset, self.layout, self.lead = sae, dtype, opset, layout, lead
+        self.expander = isinstance(sae, ExpanderSAE)
+        self.b = GraphBuilder("main")
+        self.functions: dict[str, onnx.FunctionProto] = {}
+        self._weights: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ weights
+    def _float(self, name: str, tensor: torch.Tensor) -> str:
+        """A float weight stored in the export dtype, as a float32 value in the graph."""
+        array = tensor.detach().cpu().float().numpy()
+        if self.dtype == "float16":
+            return self.b.op("Cast", self.b.initializer(name, array.astype(np.float16)), to=TensorProto.FLOAT)
+        return self.b.initializer(name, array)
+
+    def _values(self, name: str, tensor: torch.Tensor) -> str:
+        """Expander values in their storage dtype, dequantised to float32 in-graph."""
+        storage = self.sae.storage_dtype
+        if storage == "float32":
+            return self._float(name, tensor)
+        if storage == "int8":
+            q, scale = quantize_int8(tensor)  # bit-exact re-quantisation of the loaded values
+            stored = self.b.op("Cast", self.b.initializer(name, q.numpy()), to=TensorProto.FLOAT)
+            scale = self.b.initializer(f"{name}_scale", scale.numpy()[:, None])
+            return self.b.op("Mul", stored, scale)
+        if storage == "float16":
+            stored = self.b.initializer(name, tensor.detach().cpu().to(torch.float16).numpy())
+        elif storage == "bfloat16":
+            raw = tensor.detach().cpu().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+            stored = self.b.initializer(name, helper.make_tensor(
+                name, TensorProto.BFLOAT16, list(raw.shape), raw.tobytes(), raw=True))
+        else:
+            raise SaeCompressError(f"unknown storage dtype {storage!r} on the model")
+        return self.b.op("Cast", stored, to=TensorProto.FLOAT)
+
+    def weight(self, key: str) -> str:
+        """The float32 (int64 for the mask) graph value of weight ``key``, created once."""
+        if key not in self._weights:
+            sae = self.sae
+            if key == "indices":
+                small = np.int16 if sae.m <= 32767 else np.int32
+                stored = self.b.initializer("mask_indices", sae.indices.cpu().numpy().astype(small))
+                self._weights[key] = self.b.op("Cast", stored, to=TensorProto.INT64)
+            elif key == "enc_values":
+                if sae.enc_values is None:
+                    return self.weight("values")
+                self._weights[key] = self._values("enc_values", sae.enc_values)
+            elif key == "values":
+                self._weights[key] = self._values("values", sae.values)
+            else:
+                self._weights[key] = self._float(key, getattr(sae, key))
+        return self._weights[key]
+
+    # ------------------------------------------------------------------ pieces
+    def _call(self, function: onnx.FunctionProto, inputs: list[str], outputs: int, **attrs):
+        self.functions[function.name] = function
+        return self.b.op(function.name, *inputs, outputs=outputs, domain=DOMAIN, **attrs)
+
+    def _flatten(self, name: str, width: int | str) -> tuple[str, str]:
+        """``name [..., width]`` as ``[rows, width]`` float32/int64, and its leading shape."""
+        lead = self.b.op("Shape", name, start=0, end=-1)
+        last = self.b.ints(width) if isinstance(width, int) else self.b.op("Shape", name, start=-1)
+        flat = self.b.op("Reshape", name, self.b.op("Concat", self.b.ints(-1), last, axis=0))
+        return flat, lead
+
+    def _unflatten(self, name: str, lead: str, out: str, width: int | None = None) -> None:
+        last = self.b.ints(width) if width is not None else self.b.op("Shape", name, start=-1)
+        self.b.op("Reshape", name, self.b.op("Concat", lead, last, axis=0), outputs=[out])
+
+    def _to_io(self, name: str) -> str:
+        return self.b.op("Cast", name, to=TensorProto.FLOAT16) if self.dtype == "float16" else name
+
+    def _from_io(self, name: str) -> str:
+        return self.b.op("Cast", name, to=TensorProto.FLOAT) if self.dtype == "float16" else name
+
+    def encode(self, x: str) -> tuple[str, str, tuple[str, str] | None]:
+        """``(top_values, top_indices, (mu, std) or None)`` of flattened float32 ``x [B, m]``."""
+        sae, stats = self.sae, None
+        if sae.normalize_input:
+            x, mu, std = self._call(layer_norm_function(self.opset), [x], 3)
+            stats = (mu, std)
+        centred = self.b.op("Sub", x, self.weight("b_dec"))
+        if self.expander:
+            function = expander_encode_function(sae.m, sae.n, sae.d, sae.k, sae.activation,
+                                                self.opset, self.layout)
+            values, indices = self._call(function, [centred, self.weight("indices"),
+                                                    self.weight("enc_values"), self.weight("b_enc")],
+                                         2, k=sae.k, activation=sae.activation)
+            return values, indices, stats
+        pre = self.b.op("Add", self.b.op("MatMul", centred, self.weight("W_enc")), self.weight("b_enc"))
+        if sae.activation == "relu_topk":
+            pre = self.b.op("Relu", pre)
+        values, indices = self.b.op("TopK", pre, self.b.ints(sae.k), outputs=2, axis=-1)
+        if sae.activation == "topk_relu":
+            values = self.b.op("Relu", values)
+        return values, indices, stats
+
+    def decode(self, values: str, indices: str) -> str:
+        """Reconstruction ``[B, m]`` (normalised space) of float32 ``values``, int64 ``indices``."""
+        if self.expander:
+            return self._call(expander_decode_function(self.opset),
+                              [values, indices, self.weight("indices"), self.weight("values"),
+                               self.weight("b_dec")], 1)
+        rows = self.b.op("Gather", self.weight("W_dec"), indices, axis=0)  # [B, k, m]
+        weighted = self.b.op("MatMul", self.b.op("Unsqueeze", values, self.b.ints(1)), rows)
+        return self.b.op("Add", self.b.op("Squeeze", weighted, self.b.ints(1)), self.weight("b_dec"))
+
+    def codes(self, values: str, indices: str) -> str:
+        """Dense codes ``[B, n]``: zeros with the k kept values scattered in."""
+        shape = self.b.op("Concat", self.b.op("Shape", values, start=0, end=1), self.b.ints(self.sae.n), axis=0)
+        zeros = self.b.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+        return self.b.op("ScatterElements", zeros, indices, values, axis=1)
+
+    # ------------------------------------------------------------------ graphs
+    def model(self, graph: str, dense_output: bool) -> ModelProto:
+        sae, b, io = self.sae, self.b, _ELEM[self.dtype]
+        inputs, outputs = [], []
+
+        def value(name: str, elem: int, width: int | str) -> onnx.ValueInfoProto:
+            return helper.make_tensor_value_info(name, elem, [*self.lead, width])
+
+        if graph in ("encode", "autoencoder"):
+            inputs.append(value("activations", io, sae.m))
+            flat, lead = self._flatten("activations", sae.m)
+            values, indices, stats = self.encode(self._from_io(flat))
+            if graph == "autoencoder":
+                recon = self.decode(values, indices)
+                if stats is not None:
+                    mu, std = stats
+                    eps = b.const(np.array(LAYER_NORM_EPS, dtype=np.float32))
+                    recon = b.op("Add", b.op("Mul", recon, b.op("Add", std, eps)), mu)
+                self._unflatten(self._to_io(recon), lead, "reconstruction", sae.m)
+                outputs.append(value("reconstruction", io, sae.m))
+            self._unflatten(indices, lead, "top_indices", sae.k)
+            self._unflatten(self._to_io(values), lead, "top_values", sae.k)
+            outputs += [value("top_indices", TensorProto.INT64, sae.k),
+                        value("top_values", io, sae.k)]
+            if dense_output:
+                self._unflatten(self._to_io(self.codes(values, indices)), lead, "codes", sae.n)
+                outputs.append(value("codes", io, sae.n))
+        else:
+            inputs += [value("top_indices", TensorProto.INT64, "k"),
+                       value("top_values", io, "k")]
+            indices, lead = self._flatten("top_indices", "last")
+            values, _ = self._flatten("top_values", "last")
+            self._unflatten(self._to_io(self.decode(self._from_io(values), indices)), lead,
+                            "reconstruction", sae.m)
+            outputs.append(value("reconstruction", io, sae.m))
+        proto = b.graph(f"saecompress_{graph}", inputs, outputs)
+        opsets = [helper.make_opsetid("", self.opset)]
+        if self.functions:
+            opsets.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+        model = helper.make_model(proto, opset_imports=opsets, ir_version=IR_VERSION,
+                                  functions=list(self.functions.values()),
+                                  producer_name="saecompress", doc_string=_DOC[graph])
+        helper.set_model_props(model, self.metadata(graph, dense_output))
+        return model
+
+    def metadata(self, graph: str, dense_output: bool) -> dict[str, str]:
+        sae = self.sae
+        meta = {"graph": graph, "kind": "expander" if self.expander else "dense", "m": sae.m,
+                "n": sae.n, "k": sae.k, "activation": sae.activation,
+                "normalize_input": str(sae.normalize_input).lower(), "dtype": self.dtype,
+                "dense_output": str(dense_output).lower(), "source": json.dumps(sae.provenance, sort_keys=True)}
+        if self.expander:
+            meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": sae.storage_dtype,
+                     "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}
+            if graph != "decode" and not self.layout.naive:
+                meta |= {"layout": f"chunk={self.layout.chunk},group={self.layout.group_for(sae.n, sae.k)},"
+                                   f"single_row_branch={str(self.layout.single_row_branch).lower()}"}
+        return {METADATA_PREFIX + key: str(value) for key, value in meta.items()}
+
+
+_DOC = {
+    "encode": "saecompress SAE encoder: activations [..., m] -> top_indices [..., k] (int64), top_values [..., k].",
+    "decode": "saecompress SAE decoder: top_indices, top_values [..., k] -> reconstruction [..., m].",
+    "autoencoder": "saecompress SAE: activations [..., m] -> reconstruction [..., m], top_indices, top_values.",
+}
+
+
+def read_onnx_metadata(model: ModelProto | dict[str, str]) -> dict[str, str]:
+    """The ``saecompress.*`` metadata of an exported model (or of onnxruntime's
+    ``custom_metadata_map``), without the prefix."""
+    props = model if isinstance(model, dict) else {p.key: p.value for p in model.metadata_props}
+    return {key[len(METADATA_PREFIX):]: value for key, value in props.items()
+            if key.startswith(METADATA_PREFIX)}
+
+
+__all__ = ["GRAPHS", "DTYPES", "IR_VERSION", "EncodeLayout", "build_onnx", "export_onnx",
+           "read_onnx_metadata"]

@@ -1,0 +1,272 @@
+"""The onnxruntime monitor: encode activations next to a served LLM and raise alerts on features.
+
+``Monitor(model)`` takes an exported ``.onnx`` file, any SAE source ``saecompress.load`` accepts
+(compact file, dense SAE, ``hf://`` URI; exported in memory as an autoencoder graph) or an SAE
+object. It runs on ``CUDAExecutionProvider`` when onnxruntime-gpu is installed and a GPU is usable,
+else on CPU; ``monitor.provider`` is the provider the session really uses (onnxruntime-gpu falls
+back to CPU silently when CUDA is missing, so it is read from ``session.get_providers()``).
+
+Rows holding NaN or Inf are skipped (never sent to onnxruntime): ``encode`` gives them index -1
+and value NaN, ``reconstruct`` NaN, ``scan`` no alerts; ``monitor.skipped_rows`` lists them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SaeCompressError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A watched feature firing at or above its threshold: flat row index, feature id, value."""
+
+    row: int
+    feature: int
+    value: float
+
+
+def choose_providers(requested: list[str] | None = None, available: list[str] | None = None) -> list[str]:
+    """Execution providers to ask for: ``requested`` (checked), else CUDA then CPU when CUDA is offered."""
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers() if available is None else available)
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise SaeCompressError(
+                f"execution provider {', '.join(missing)} is not available (this onnxruntime offers "
+                f"{', '.join(available)}); install onnxruntime-gpu for CUDA (saecompress[gpu])")
+        return list(requested)
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def _load_model_bytes(model) -> bytes:
+    """Serialized ONNX for ``model``: an .onnx file's bytes, or an in-memory autoencoder export."""
+    from .exporters.onnx import build_onnx
+
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+        path = Path(model)
+        if not path.is_file():
+            raise SaeCompressError(f"{path}: no such ONNX file")
+        return path.read_bytes()
+    return build_onnx(model, "autoencoder").SerializeToString()
+
+
+class Monitor:
+    """Encode / reconstruct activations with onnxruntime and raise alerts on watched features.
+
+    ``batch_size`` rows go to onnxruntime per call; ``threads`` sets intra-op threads (default:
+    onnxruntime's choice); ``providers`` forces execution providers (default: CUDA if usable, else CPU).
+    """
+
+    def __init__(self, model, providers: list[str] | None = None, batch_size: int = 512,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from .exporters.onnx import read_onnx_metadata
+
+        if batch_size < 1:
+            raise SaeCompressError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        data = _load_model_bytes(model)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3  # onnxruntime-gpu without CUDA: fall back quietly, we report it
+        wanted = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(data, options, providers=wanted)
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise SaeCompressError(f"{model}: onnxruntime cannot load this model "
+                                   f"({str(err).splitlines()[0][:200]}); re-export it with `saecompress export`") from None
+        self.provider = self.session.get_providers()[0]
+        if providers and self.provider != providers[0]:
+            raise SaeCompressError(f"{providers[0]} was requested but onnxruntime runs on {self.provider} "
+                                   "(CUDA/cuDNN libraries missing or no GPU); drop --provider to use CPU")
+        meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map)
+        if "graph" not in meta:
+            raise SaeCompressError(f"{model}: not an ONNX file exported by saecompress (no saecompress.* "
+                                   "metadata); export it with `saecompress export`")
+        self.graph = meta["graph"]
+        if self.graph == "decode":
+            raise SaeCompressError(f"{model}: a decode-only graph cannot monitor activations; "
+                                   "export --graph encode or autoencoder")
+        self.m, self.n, self.k = int(meta["m"]), int(meta["n"]), int(meta["k"])
+        self.metadata = meta
+        first = self.session.get_inputs()[0]
+        self._input_rank = len(first.shape)
+        self._input_dtype = np.float16 if "float16" in first.type else np.float32
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._thresholds = np.full(self.n, np.inf, dtype=np.float32)
+        self.watched: dict[int, float] = {}
+        self.skipped_rows: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"Monitor(graph={self.graph}, m={self.m}, n={self.n}, k={self.k}, provider={self.provider})"
+
+    # ------------------------------------------------------------------ input handling
+    def _rows(self, x) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+        """``x`` as ``[rows, m]`` in the model's dtype, its leading shape, and a finite-row mask."""
+        if hasattr(x, "detach"):  # a torch tensor
+            x = x.detach().cpu().float().numpy() if x.dtype.is_floating_point else x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.m:
+            raise SaeCompressError(f"activations have shape {list(x.shape)} but this SAE expects [..., {self.m}]; "
+                                   "use the SAE trained for this model and hookpoint")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise SaeCompressError(f"activations have dtype {x.dtype}; expected floating point "
+                                   "(float16/float32/float64)")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.m)
+        finite = np.isfinite(flat).all(axis=1)
+        self.skipped_rows = np.flatnonzero(~finite)
+        return flat, lead, finite
+
+    def _run(self, flat: np.ndarray, finite: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """Run ``names`` outputs over the finite rows of ``flat`` in batches; skipped rows stay unset."""
+        good = np.flatnonzero(finite)
+        results: list[np.ndarray] | None = None
+        for start in range(0, len(good), self.batch_size):
+            rows = good[start:start + self.batch_size]
+            batch = flat[rows].astype(self._input_dtype, copy=False)
+            if self._input_rank == 3:
+                batch = batch[None]
+            outs = self.session.run(names, {self.session.get_inputs()[0].name: batch})
+            if results is None:
+                results = [np.empty((len(flat), *o.shape[self._input_rank - 1:]), dtype=_wide(o.dtype)) for o in outs]
+            for result, out in zip(results, outs):
+                result[rows] = out.reshape(len(rows), *out.shape[self._input_rank - 1:])
+        return results if results is not None else []
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """``(top_indices [..., k] int64, top_values [..., k] float32)``; skipped rows: -1 / NaN."""
+        flat, lead, finite = self._rows(x)
+        indices = np.full((len(flat), self.k), -1, dtype=np.int64)
+        values = np.full((len(flat), self.k), np.nan, dtype=np.float32)
+        out = self._run(flat, finite, ["top_indices", "top_values"])
+        if out:
+            indices[finite], values[finite] = out[0][finite], out[1][finite]
+        return indices.reshape(*lead, self.k), values.reshape(*lead, self.k)
+
+    def reconstruct(self, x) -> np.ndarray:
+        """Reconstruction ``[..., m]`` (float32; skipped rows NaN). Needs an autoencoder graph."""
+        if "reconstruction" not in self._outputs:
+            raise SaeCompressError("this ONNX file has no reconstruction output; export it with "
+                                   "`saecompress export --graph autoencoder` (or give the compact file)")
+        flat, lead, finite = self._rows(x)
+        recon = np.full((len(flat), self.m), np.nan, dtype=np.float32)
+        out = self._run(flat, finite, ["reconstruction"])
+        if out:
+            recon[finite] = out[0][finite]
+        return recon.reshape(*lead, self.m)
+
+    def watch(self, thresholds: dict[int, float]) -> Monitor:
+        """Watch features: ``scan`` alerts when feature ``f`` is active with value ≥ ``thresholds[f]``."""
+        for feature, threshold in thresholds.items():
+            feature, threshold = int(feature), float(threshold)
+            if not 0 <= feature < self.n:
+                raise SaeCompressError(f"feature {feature} does not exist; this SAE has features 0..{self.n - 1}")
+            if not np.isfinite(threshold):
+                raise SaeCompressError(f"threshold for feature {feature} must be a finite number, got {threshold}")
+            self.watched[feature] = threshold
+            self._thresholds[feature] = threshold
+        return self
+
+    def scan(self, x) -> list[Alert]:
+        """Alerts for watched features, in row order then descending value (skipped rows: none)."""
+        if not self.watched:
+            raise SaeCompressError("no features are watched; call watch({feature: threshold}) first")
+        indices, values = self.encode(x)
+        indices, values = indices.reshape(-1, self.k), values.reshape(-1, self.k)
+        safe = np.where(indices >= 0, indices, 0)
+        hits = (indices >= 0) & (values >= self._thresholds[safe])
+        rows, slots = np.nonzero(hits)
+        order = np.lexsort((-values[rows, slots], rows))
+        return [Alert(int(rows[i]), int(indices[rows[i], slots[i]]), float(values[rows[i], slots[i]]))
+                for i in order]
+
+
+def _wide(dtype: np.dtype) -> np.dtype:
+    return np.float32 if dtype == np.float16 else dtype
+
+
+
+def read_activation_arrays(source: str | os.PathLike, stdin=None, chunk_rows: int = 65536):
+    """Yield ``[rows, m]``-like float arrays from a ``.npy``/``.safetensors`` file, or from a stream
+    of ``.npy`` arrays (``source == "-"``: read from ``stdin``, a binary stream, until EOF).
+
+    Unlike training readers this keeps NaN/Inf rows: the monitor reports and skips them.
+    A safetensors file must hold a tensor ``activations`` or exactly one tensor.
+    """
+    if str(source) == "-":
+        yield from _npy_stream(stdin)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise SaeCompressError(f"{path}: no such activation file (give a .npy or .safetensors file, or -)")
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise SaeCompressError(f"{path}: not a readable .npy array ({err}); re-create the file") from None
+        for start in range(0, max(len(array), 1), chunk_rows):
+            yield np.asarray(array[start:start + chunk_rows])
+    elif path.suffix == ".safetensors":
+        yield _safetensors_array(path)
+    else:
+        raise SaeCompressError(f"{path}: unknown activation file type; use .npy or .safetensors")
+
+
+def _safetensors_array(path: Path) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            name = "activations" if "activations" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise SaeCompressError(f"{path}: holds tensors {', '.join(names) or '(none)'}; name the "
+                                       "activations tensor 'activations' or keep only one tensor")
+            tensor = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SaeCompressError(f"{path}: not a readable safetensors file ({err}); re-create it") from None
+    return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+
+
+def _npy_stream(stream):
+    """Consecutive ``.npy`` arrays from a buffered binary stream (no seeking: works on pipes)."""
+    if not hasattr(stream, "peek"):
+        import io
+
+        stream = io.BufferedReader(stream)
+    from numpy.lib import format as npy
+
+    count = 0
+    reader = _Reader(stream)  # not a "real file" to numpy: it must not seek or tell on a pipe
+    while stream.peek(1):
+        try:
+            array = npy.read_array(reader, allow_pickle=False)
+        except (ValueError, EOFError) as err:
+            raise SaeCompressError(f"stdin: array {count} is not a valid .npy array ({err}); "
+                                   "write each array with numpy.save to the stream") from None
+        yield array
+        count += 1
+
+
+class _Reader:
+    """A read-only view of a binary stream exposing only ``read``."""
+
+    def __init__(self, stream) -> None:
+        self.read = stream.read
+
+
+__all__ = ["Alert", "Monitor", "choose_providers", "read_activation_arrays"]

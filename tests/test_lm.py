@@ -1,0 +1,257 @@
+"""LM harvesting and CE splicing on tiny transformers models built in-process (no downloads)."""
+
+import json
+import random
+import string
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from saecompress.activations import open_activations
+from saecompress.cli.main import cli
+from saecompress.compact import save_compact
+from saecompress.errors import SaeCompressError
+from saecompress.lm import capture, ce_eval, ce_eval_many, decoder_layers, harvest, keep_mask, load_model, token_contexts
+from saecompress.models import ExpanderSAE, TopKSAE
+
+HIDDEN = 32
+CHARS = string.ascii_lowercase + " .,\n"
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_config(arch: str):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = dict(vocab_size=40, bos_token_id=0, eos_token_id=1)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **common)
+    return GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128, **common)
+
+
+def texts(n_docs=6, seed=0):
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "quiet", "dog", "ran", "far", "zebra"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 90))) + ".\n" for _ in range(n_docs)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy 2-core CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny(folder, arch, massive_char=None):
+    """Save a tiny model + tokenizer, briefly trained on ``texts()`` so its predictions carry information."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    tokenizer = tiny_tokenizer()
+    ids = torch.stack(list(token_contexts(tokenizer, texts(), 64)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.eval()
+    if massive_char is not None:  # plant a massive-activation token: a huge embedding row
+        with torch.no_grad():
+            model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(massive_char)] *= 1e4
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "neox"])
+def tiny(request, tmp_path_factory):
+    folder = save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+    model, tokenizer = load_model(folder)
+    return folder, model, tokenizer
+
+
+def identity_sae(m: int) -> TopKSAE:
+    """A TopK SAE that reconstructs exactly: latents +x_j and −x_j, k = m keeps the positive one."""
+    sae = TopKSAE(m, 2 * m, m)
+    eye = torch.eye(m)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae
+
+
+def test_token_contexts_start_with_bos_and_join_documents_with_eos():
+    tok = tiny_tokenizer()
+    rows = list(token_contexts(tok, ["ab", "cd", "efgh"], 4))
+    assert [r.tolist() for r in rows] == [[0, 3, 4, 1], [0, 5, 6, 1], [0, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("site", ["resid", "mlp_out", "attn_out"])
+def test_harvest_matches_hidden_states(tiny, tmp_path, site):
+    folder, model, tokenizer = tiny
+    manifest = harvest(model, tokenizer, texts(), 1, site, tokens=10_000, out=tmp_path / "acts", context=32,
+                       batch=3, drop_first=False, outlier_factor=None, shard_rows=100, progress=False)
+    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))
+    src = open_activations(tmp_path / "acts")
+    assert src.num_rows == ids.numel() == manifest["num_rows"] < 10_000  # the text ran out
+    assert src.manifest["hookpoint"] == {"resid": "blocks.1.hook_resid_post", "mlp_out": "blocks.1.hook_mlp_out",
+                                         "attn_out": "blocks.1.hook_attn_out"}[site]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    got = src.read(0, src.num_rows).reshape(ids.shape[0], 32, HIDDEN)
+    if site == "resid":
+        # block 1's output; hidden_states[2] is the last one, which has the final norm applied
+        torch.testing.assert_close(got, capture(model, ids, 1, "resid"))
+        torch.testing.assert_close(capture(model, ids, 0, "resid"), hidden[1])
+    else:
+        # independent check: in these models block 0 adds exactly attn_out + mlp_out to the stream
+        other = "attn_out" if site == "mlp_out" else "mlp_out"
+        first = capture(model, ids, 0, site) + capture(model, ids, 0, other)
+        torch.testing.assert_close(first, hidden[1] - hidden[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, capture(model, ids, 1, site))
+
+
+def test_resid_is_hidden_state_after_the_block(tmp_path):
+    # with more layers, hidden_states[L + 1] (not the last) is the output of block L
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.stack(list(token_contexts(tiny_tokenizer(), texts(), 16)))[:2]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in (0, 1):
+        torch.testing.assert_close(capture(model, ids, layer, "resid"), hidden[layer + 1])
+    assert len(decoder_layers(model)) == 3
+
+
+def test_harvest_drops_first_and_massive_tokens(tmp_path):
+    folder = save_tiny(tmp_path / "lm", "llama", massive_char="z")
+    model, tokenizer = load_model(folder)
+    manifest = harvest(model, tokenizer, texts(), 0, tokens=10_000, out=tmp_path / "acts", context=32, batch=4,
+                       progress=False)
+    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))
+    z = tokenizer.convert_tokens_to_ids("z")
+    expected_massive = int((ids[:, 1:] == z).sum())
+    assert expected_massive > 0
+    assert manifest["dropped_first"] == ids.shape[0]
+    assert manifest["dropped_massive"] == expected_massive
+    assert manifest["num_rows"] == ids.numel() - ids.shape[0] - expected_massive
+    rows = open_activations(tmp_path / "acts").read(0, manifest["num_rows"])
+    assert float(rows.norm(dim=1).max()) < 100 * float(rows.norm(dim=1).median())
+
+    # a token budget stops early and exactly
+    small = harvest(model, tokenizer, texts(), 0, tokens=50, out=tmp_path / "small", context=32, batch=4,
+                    progress=False)
+    assert small["num_rows"] == 50 == open_activations(tmp_path / "small").num_rows
+
+    # CE evaluation excludes the same tokens and reports them
+    report = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 0, tokens=32 * 4, context=32, batch=2,
+                     progress=False)
+    assert report["ce_excluded_first"] == 4
+    assert report["ce_excluded_massive"] == int((ids[:4, 1:] == z).sum())
+
+
+def test_keep_mask():
+    acts = torch.randn(3, 10, 8)
+    acts[1, 4] *= 1000
+    keep, first, massive = keep_mask(acts)
+    assert (first, massive) == (3, 1)
+    assert not keep[:, 0].any() and not keep[1, 4] and int(keep.sum()) == 26
+    keep, first, massive = keep_mask(acts, drop_first=False, outlier_factor=None)
+    assert bool(keep.all()) and (first, massive) == (0, 0)
+
+
+def test_ce_eval_perfect_zero_and_random_sae(tiny):
+    _, model, tokenizer = tiny
+    kwargs = dict(tokens=64 * 4, context=64, batch=2, progress=False)
+    perfect = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 0, "resid", **kwargs)
+    assert perfect["ce_spliced"] == pytest.approx(perfect["ce_clean"], rel=1e-5)
+    assert perfect["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert perfect["kl_spliced"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["ce_zero"] > perfect["ce_clean"]
+    assert perfect["kl_zero"] > 0 and perfect["kl_mean"] > 0
+    assert perfect["ce_tokens"] == 256
+
+    torch.manual_seed(1)
+    noisy_sae = TopKSAE(HIDDEN, 64, 2)
+    noisy = ce_eval(model, tokenizer, texts(), noisy_sae, 0, "resid", **kwargs)
+    assert noisy["ce_clean"] == pytest.approx(perfect["ce_clean"], rel=1e-9)
+    assert noisy["ce_zero"] == pytest.approx(perfect["ce_zero"], rel=1e-9)
+    assert abs(noisy["ce_spliced"] - noisy["ce_clean"]) > 1e-3
+    assert noisy["ce_recovered"] < 0.999
+    expected = (noisy["ce_mean"] - noisy["ce_spliced"]) / (noisy["ce_mean"] - noisy["ce_clean"])
+    assert noisy["ce_recovered_mean_ablation"] == pytest.approx(expected)
+
+    both = ce_eval_many(model, tokenizer, texts(), {"perfect": identity_sae(HIDDEN), "noisy": noisy_sae},
+                        0, "resid", **kwargs)
+    for name, single in (("perfect", perfect), ("noisy", noisy)):
+        for key in ("ce_clean", "ce_zero", "ce_mean", "ce_spliced", "ce_recovered", "kl_spliced"):
+            assert both[name][key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), (name, key)
+
+
+def test_ce_eval_mlp_site_and_mismatch(tiny):
+    _, model, tokenizer = tiny
+    report = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 1, "mlp_out", tokens=64, context=32,
+                     batch=2, progress=False)
+    assert report["ce_spliced"] == pytest.approx(report["ce_clean"], rel=1e-5)
+    with pytest.raises(SaeCompressError, match="hidden size 32 but the SAE has m=16"):
+        ce_eval(model, tokenizer, texts(), identity_sae(16), 0, tokens=64, context=32, progress=False)
+    with pytest.raises(SaeCompressError, match="layer 5 is out of range"):
+        ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 5, tokens=64, context=32, progress=False)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(SaeCompressError, match="cannot load a causal LM"):
+        load_model(tmp_path)
+
+
+def test_cli_acts_and_eval(tmp_path):
+    folder = save_tiny(tmp_path / "lm", "llama")
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(texts(12)))
+    runner = CliRunner()
+    out = tmp_path / "acts"
+    result = runner.invoke(cli, ["acts", "--model", str(folder), "--text", str(text), "--layer", "1",
+                                 "--tokens", "400", "--context", "32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_rows"] == 400 and manifest["layer"] == 1 and manifest["m"] == HIDDEN
+
+    torch.manual_seed(0)
+    sae = ExpanderSAE(HIDDEN, 128, 4, 8, seed=3)
+    save_compact(sae, tmp_path / "sae.safetensors")
+    result = runner.invoke(cli, ["eval", str(tmp_path / "sae.safetensors"), "--acts", str(out), "--model", str(folder),
+                                 "--text", str(text), "--ce-tokens", "64", "--context", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_zero", "ce_spliced",
+                "ce_recovered", "ce_recovered_mean_ablation"):
+        assert isinstance(report[key], float), key
+    assert report["hookpoint"] == "blocks.1.hook_resid_post"  # layer and site from the manifest
+    assert report["l0"] == pytest.approx(8.0)
+
+    table = runner.invoke(cli, ["eval", str(tmp_path / "sae.safetensors"), "--acts", str(out)])
+    assert table.exit_code == 0 and "explained_variance" in table.output and "ce_clean" not in table.output
+
+    save_compact(ExpanderSAE(16, 64, 4, 8), tmp_path / "small.safetensors")
+    bad = runner.invoke(cli, ["eval", str(tmp_path / "small.safetensors"), "--acts", str(out)])
+    assert bad.exit_code == 2
+    assert bad.output.strip().count("\n") == 0 and "m=16" in bad.output and "m=32" in bad.output

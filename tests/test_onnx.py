@@ -1,0 +1,304 @@
+"""ONNX export: checker passes, onnxruntime matches a float64 reference for every ordering and dtype."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from saecompress import SaeCompressError
+from saecompress.cli.main import cli
+from saecompress.compact import load_compact, save_compact
+from saecompress.exporters.onnx import EncodeLayout, build_onnx, export_onnx, read_onnx_metadata
+from saecompress.models import LAYER_NORM_EPS, ExpanderSAE, TopKSAE
+
+M, N, D, K = 48, 512, 5, 8
+
+
+def make_sae(activation="signed_topk", encoder="tied", normalize=False, n=N, seed=0) -> ExpanderSAE:
+    torch.manual_seed(seed)
+    sae = ExpanderSAE(M, n, D, K, seed=seed, activation=activation, encoder=encoder, normalize_input=normalize)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    return sae
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, **feeds) -> dict[str, np.ndarray]:
+    sess = session(model)
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def reference(sae, x: np.ndarray):
+    """Float64 numpy reference: (top indices, top values, reconstruction) of ``x [B, m]``."""
+    x = x.astype(np.float64)
+    b_dec, b_enc = sae.b_dec.detach().double().numpy(), sae.b_enc.detach().double().numpy()
+    if isinstance(sae, ExpanderSAE):
+        idx = sae.indices.numpy()
+        enc, dec = sae.encoder_values.detach().double().numpy(), sae.values.detach().double().numpy()
+        W_enc = np.zeros((sae.m, sae.n))
+        W_dec = np.zeros((sae.n, sae.m))
+        rows = np.arange(sae.n)[:, None]
+        W_enc[idx, rows] = enc
+        W_dec[rows, idx] = dec
+    else:
+        W_enc, W_dec = sae.W_enc.detach().double().numpy(), sae.W_dec.detach().double().numpy()
+    mu = std = None
+    if sae.normalize_input:
+        mu = x.mean(-1, keepdims=True)
+        std = (x - mu).std(-1, ddof=1, keepdims=True)
+        x = (x - mu) / (std + LAYER_NORM_EPS)
+    pre = (x - b_dec) @ W_enc + b_enc
+    if sae.activation == "relu_topk":
+        pre = np.maximum(pre, 0)
+    top = np.argsort(-pre, axis=1, kind="stable")[:, :sae.k]
+    vals = np.take_along_axis(pre, top, 1)
+    if sae.activation == "topk_relu":
+        vals = np.maximum(vals, 0)
+    recon = np.einsum("bk,bkm->bm", vals, W_dec[top]) + b_dec
+    if sae.normalize_input:
+        recon = recon * (std + LAYER_NORM_EPS) + mu
+    return top, vals, recon
+
+
+def rel_err(got, want) -> float:
+    return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
+
+
+def assert_codes_match(indices, values, ref_idx, ref_vals, tol):
+    """Identical index sets per row, and values (matched by index) within relative ``tol``."""
+    indices, values = indices.reshape(-1, ref_idx.shape[1]), values.reshape(-1, ref_idx.shape[1])
+    assert indices.dtype == np.int64
+    for row in range(len(ref_idx)):
+        assert set(indices[row].tolist()) == set(ref_idx[row].tolist()), f"row {row}"
+    got = np.take_along_axis(values, np.argsort(indices, 1), 1)
+    want = np.take_along_axis(ref_vals, np.argsort(ref_idx, 1), 1)
+    assert rel_err(got, want) < tol
+
+
+CASES = [  # (activation, encoder, normalize, storage dtype): every ordering, dtype, encoder, norm
+    ("signed_topk", "tied", False, "float32"),
+    ("topk_relu", "untied", True, "float32"),
+    ("relu_topk", "tied", True, "float32"),
+    ("signed_topk", "untied", True, "float16"),
+    ("topk_relu", "tied", False, "bfloat16"),
+    ("relu_topk", "untied", False, "int8"),
+    ("topk_relu", "tied", True, "int8"),
+]
+
+
+@pytest.mark.parametrize("activation,encoder,normalize,storage", CASES)
+def test_autoencoder_matches_float64_reference(tmp_path, activation, encoder, normalize, storage):
+    path = save_compact(make_sae(activation, encoder, normalize), tmp_path / "sae.safetensors", dtype=storage)
+    sae = load_compact(path)  # values as the file stores them, storage_dtype remembered
+    model = build_onnx(sae, "autoencoder", dense_output=True)
+    onnx.checker.check_model(model, full_check=True)
+    stored = {t.name: t.data_type for t in model.graph.initializer}
+    expected = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+                "bfloat16": onnx.TensorProto.BFLOAT16, "int8": onnx.TensorProto.INT8}[storage]
+    assert stored["values"] == expected  # stored representation kept, dequantised in-graph
+    x = np.random.default_rng(1).standard_normal((7, M)).astype(np.float32) * 2
+    for batch in (x[:1], x):  # one row takes the If's single-row branch
+        out = run(model, activations=batch)
+        ref_idx, ref_vals, ref_recon = reference(sae, batch)
+        assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-5)
+        assert rel_err(out["reconstruction"], ref_recon) < 1e-5
+        dense = np.zeros((len(batch), N))
+        np.put_along_axis(dense, ref_idx, ref_vals, 1)
+        assert out["codes"].shape == (len(batch), N)
+        assert rel_err(out["codes"], dense) < 1e-5
+
+
+@pytest.mark.parametrize("layout", [EncodeLayout(), EncodeLayout(chunk=100, group=1),
+                                    EncodeLayout(chunk=64, group=4, single_row_branch=False),
+                                    EncodeLayout(naive=True)])
+def test_every_encode_formulation_agrees(layout):
+    sae = make_sae("topk_relu")
+    model = build_onnx(sae, layout=layout)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(2).standard_normal((5, M)).astype(np.float32)
+    out = run(model, activations=x)
+    assert_codes_match(out["top_indices"], out["top_values"], *reference(sae, x)[:2], 1e-5)
+
+
+def test_group_max_falls_back_when_groups_do_not_fit():
+    """n not a multiple of the group (or n/G < k): plain TopK over all latents, still exact."""
+    sae = make_sae("relu_topk", n=100)
+    model = build_onnx(sae)
+    assert "group=1" in read_onnx_metadata(model)["layout"]
+    x = np.random.default_rng(3).standard_normal((4, M)).astype(np.float32)
+    out = run(model, activations=x)
+    assert_codes_match(out["top_indices"], out["top_values"], *reference(sae, x)[:2], 1e-5)
+
+
+def test_decode_graph_matches_model_decode():
+    sae = make_sae("signed_topk", "untied", normalize=True)
+    model = build_onnx(sae, "decode")
+    onnx.checker.check_model(model, full_check=True)
+    x = torch.randn(6, M)
+    values, indices = sae.encode(x)
+    out = run(model, top_indices=indices.numpy(), top_values=values.detach().numpy())
+    # float64 reference of the decoder (normalised space, like model.decode)
+    dec = np.zeros((N, M))
+    dec[np.arange(N)[:, None], sae.indices.numpy()] = sae.values.detach().double().numpy()
+    want = np.einsum("bk,bkm->bm", values.detach().double().numpy(), dec[indices.numpy()]) \
+        + sae.b_dec.detach().double().numpy()
+    assert rel_err(out["reconstruction"], want) < 1e-5
+
+
+def test_float16_graph_within_1e2():
+    sae = make_sae("topk_relu", "untied", normalize=True)
+    model = build_onnx(sae, "autoencoder", dtype="float16")
+    onnx.checker.check_model(model, full_check=True)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    x = np.random.default_rng(4).standard_normal((6, M)).astype(np.float16)
+    out = run(model, activations=x)
+    assert out["top_values"].dtype == np.float16
+    # reference on the float16-rounded weights and inputs: only output rounding remains
+    rounded = make_sae("topk_relu", "untied", normalize=True)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    ref_idx, ref_vals, ref_recon = reference(rounded, x.astype(np.float32))
+    assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-2)
+    assert rel_err(out["reconstruction"], ref_recon) < 1e-2
+
+
+def test_sequence_inputs_keep_their_axes():
+    sae = make_sae("topk_relu")
+    model = build_onnx(sae, "autoencoder", seq=True)
+    onnx.checker.check_model(model, full_check=True)
+    assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim[:2]] == ["batch", "seq"]
+    x = np.random.default_rng(5).standard_normal((2, 3, M)).astype(np.float32)
+    out = run(model, activations=x)
+    assert out["top_indices"].shape == (2, 3, K) and out["reconstruction"].shape == (2, 3, M)
+    ref_idx, ref_vals, ref_recon = reference(sae, x.reshape(-1, M))
+    assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-5)
+    assert rel_err(out["reconstruction"].reshape(-1, M), ref_recon) < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["topk_relu", "relu_topk", "signed_topk"])
+def test_dense_topk_sae_exports_with_the_same_contract(activation):
+    torch.manual_seed(0)
+    dense = TopKSAE(M, 256, K, activation=activation, normalize_input=activation == "topk_relu")
+    with torch.no_grad():
+        dense.b_enc.normal_(0, 0.3)
+        dense.b_dec.normal_(0, 0.3)
+    model = build_onnx(dense, "autoencoder")
+    onnx.checker.check_model(model, full_check=True)
+    assert read_onnx_metadata(model)["kind"] == "dense"
+    x = np.random.default_rng(6).standard_normal((5, M)).astype(np.float32)
+    out = run(model, activations=x)
+    ref_idx, ref_vals, ref_recon = reference(dense, x)
+    assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-5)
+    assert rel_err(out["reconstruction"], ref_recon) < 1e-5
+
+
+def test_model_uses_custom_domain_functions_and_explicit_versions():
+    model = build_onnx(make_sae(normalize=True), "autoencoder")
+    assert model.ir_version == 10
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 18), ("ai.saecompress", 1)}
+    assert {f.name for f in model.functions} == {"ExpanderEncode", "ExpanderDecode", "LayerNorm"}
+    assert {n.op_type for n in model.graph.node if n.domain == "ai.saecompress"} == \
+        {"ExpanderEncode", "ExpanderDecode", "LayerNorm"}
+    assert "mask_indices" in {t.name for t in model.graph.initializer}  # self-contained file
+
+    def topk_nodes(nodes):
+        for node in nodes:
+            if node.op_type == "TopK":
+                yield node
+            for attr in node.attribute:
+                if attr.g.node:
+                    yield from topk_nodes(attr.g.node)
+
+    constants = {}
+    for function in model.functions:
+        for node in function.node:
+            if node.op_type == "Constant":
+                constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    encode = next(f for f in model.functions if f.name == "ExpanderEncode")
+    found = list(topk_nodes(encode.node))
+    assert found
+    for node in found:  # K is a 1-D int64 tensor of shape [1]
+        k = constants.get(node.input[1])
+        if k is None:  # a Constant inside the If branch
+            continue
+        assert k.dtype == np.int64 and k.shape == (1,)
+
+
+def test_export_onnx_from_a_compact_file_writes_atomically(tmp_path):
+    src = save_compact(make_sae("topk_relu"), tmp_path / "sae.safetensors")
+    out = export_onnx(str(src), tmp_path / "out" / "sae.onnx")
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["sae.onnx"]
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    assert read_onnx_metadata(model)["graph"] == "encode"
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"graph": "both"}, "unknown graph"),
+                                           ({"dtype": "int8"}, "unknown ONNX dtype"),
+                                           ({"opset": 13}, "opset 13")])
+def test_bad_arguments_are_clean_errors(tmp_path, kwargs, needle):
+    with pytest.raises(SaeCompressError, match=needle):
+        export_onnx(make_sae(), tmp_path / "x.onnx", **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_corrupt_source_is_a_clean_error(tmp_path):
+    bad = tmp_path / "sae.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(SaeCompressError, match="sae.safetensors"):
+        export_onnx(str(bad), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_cli(tmp_path):
+    src = save_compact(make_sae("relu_topk", normalize=True), tmp_path / "sae.safetensors", dtype="int8")
+    out = tmp_path / "sae.onnx"
+    result = CliRunner().invoke(cli, ["export", str(src), str(out), "--graph", "autoencoder",
+                                      "--dtype", "float16", "--dense-output"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["file_bytes"] == out.stat().st_size
+    names = [o.name for o in session(onnx.load(out)).get_outputs()]
+    assert names == ["reconstruction", "top_indices", "top_values", "codes"]
+    bad = CliRunner().invoke(cli, ["export", str(tmp_path / "missing.safetensors"), str(out)])
+    assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_export_cli_from_a_dense_sparsify_folder(tmp_path):
+    """A dense source in a library layout exports as MatMul + TopK with the same contract."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "sae" / "layers.0"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(256, M, generator=g)
+    W_enc, b_enc, b_dec = torch.randn(M, 256, generator=g), torch.randn(256, generator=g), torch.randn(M, generator=g)
+    save_file({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+              str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 256 // M,
+                                                 "num_latents": 256, "k": K, "d_in": M,
+                                                 "normalize_decoder": True, "skip_connection": False,
+                                                 "transcode": False, "multi_topk": False}))
+    out = tmp_path / "dense.onnx"
+    result = CliRunner().invoke(cli, ["export", str(folder), str(out), "--graph", "autoencoder"])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    assert read_onnx_metadata(model)["kind"] == "dense" and not model.functions
+    x = np.random.default_rng(7).standard_normal((4, M)).astype(np.float32)
+    got = run(model, activations=x)
+    pre = np.maximum((x.astype(np.float64) - b_dec.double().numpy()) @ W_enc.double().numpy()
+                     + b_enc.double().numpy(), 0)  # sparsify: ReLU, then TopK
+    top = np.argsort(-pre, 1)[:, :K]
+    vals = np.take_along_axis(pre, top, 1)
+    recon = np.einsum("bk,bkm->bm", vals, W_dec.double().numpy()[top]) + b_dec.double().numpy()
+    assert_codes_match(got["top_indices"], got["top_values"], top, vals, 1e-5)
+    assert rel_err(got["reconstruction"], recon) < 1e-5
