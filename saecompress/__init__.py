@@ -1,19 +1,46 @@
-"""saecompress: compress sparse autoencoders to Expander SAEs and ship them to production."""
+"""saecompress: compress sparse autoencoders to Expander SAEs and ship them to production.
 
+Every CLI command has a library function: ``convert`` / ``convert_path``, ``train``,
+``evaluate``, ``harvest``, ``export_onnx``, ``push``, ``pull``, ``Monitor``; ``load`` resolves any
+source (compact file, dense SAE folder in a known layout, ``hf://owner/repo[/hookpoint][@rev]``).
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 from .compact import load_compact, read_compact_metadata, save_compact
+from .convert import convert, convert_path
 from .errors import SaeCompressError
 from .mask import MASK_ALGORITHM, expander_mask
 from .models import ExpanderSAE, TopKSAE
 from .sources import load
+from .train import TrainConfig, train
 
 try:
     __version__ = version("saecompress")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+# Imported on first use: they pull in onnx, onnxruntime, huggingface_hub or transformers.
+_LAZY = {
+    "export_onnx": "saecompress.exporters.onnx",
+    "Monitor": "saecompress.runtime",
+    "push": "saecompress.hub",
+    "pull": "saecompress.hub",
+    "evaluate": "saecompress.metrics",
+    "harvest": "saecompress.lm",
+    "ce_eval": "saecompress.lm",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saecompress' has no attribute {name!r}")
+
+
 __all__ = [
-    "MASK_ALGORITHM", "ExpanderSAE", "SaeCompressError", "TopKSAE", "expander_mask", "load",
-    "load_compact", "read_compact_metadata", "save_compact", "__version__",
+    "MASK_ALGORITHM", "ExpanderSAE", "SaeCompressError", "TopKSAE", "TrainConfig", "convert",
+    "convert_path", "expander_mask", "load", "load_compact", "read_compact_metadata", "save_compact",
+    "train", "__version__", *_LAZY,
 ]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationSource
 from .errors import SaeCompressError
-from .models import LAYER_NORM_EPS, SparseAutoencoder, layer_norm
+from .models import SparseAutoencoder
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -52,16 +52,6 @@ def dead_fraction(top_values: torch.Tensor, top_indices: torch.Tensor, n: int) -
     fired = torch.zeros(n, dtype=torch.bool)
     fired[top_indices[top_values != 0]] = True
     return 1.0 - float(fired.double().mean())
-
-
-def reconstruct(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x̂, top_values, top_indices)`` with one encode: ``x̂`` equals ``sae(x)``."""
-    values, indices = sae.encode(x)
-    x_hat = sae.decode(values, indices)
-    if sae.normalize_input:
-        _, mu, std = layer_norm(x.to(x_hat.dtype))
-        x_hat = x_hat * (std + LAYER_NORM_EPS) + mu
-    return x_hat, values, indices
 
 
 class FidelityAccumulator:
@@ -133,7 +123,7 @@ def evaluate(sae: SparseAutoencoder, source: ActivationSource, *, batch_size: in
     acc = FidelityAccumulator(sae.n)
     bar = tqdm(total=source.num_rows, unit="tok", desc="eval", disable=not progress, leave=False)
     for x in source.iter_batches(batch_size):
-        x_hat, values, indices = reconstruct(sae, x)
+        x_hat, values, indices = sae.reconstruct(x)
         acc.update(x, x_hat, values, indices)
         bar.update(x.shape[0])
     bar.close()

@@ -121,6 +121,10 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``x`` (in its original space, also when inputs are normalised)."""
+        return self.reconstruct(x)[0]
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x̂, top_values, top_indices)`` from one encode; ``x̂`` is in the original space."""
         flat, lead = self._flatten(x)
         flat = flat.to(self.b_dec.dtype)
         if self.normalize_input:
@@ -128,8 +132,9 @@ class SparseAutoencoder(nn.Module):
         values, indices = self._encode_topk(flat - self.b_dec)
         out = self._decode(values, indices)
         if self.normalize_input:
-            out = out * (std + LAYER_NORM_EPS) + mu
-        return out.reshape(*lead, self.m)
+            out = out * std + mu  # OpenAI / SAELens un-normalise with std, not std + eps
+        return (out.reshape(*lead, self.m), values.reshape(*lead, self.k),
+                indices.reshape(*lead, self.k))
 
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return select_topk(self._pre_activations(centred), self.k, self.activation)

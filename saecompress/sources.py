@@ -34,11 +34,11 @@ def find_compact(path: Path, hookpoint: str | None = None) -> Path | None:
 
 
 def load(src: str | os.PathLike, hookpoint: str | None = None) -> ExpanderSAE | TopKSAE:
-    """Load any SAE source: a compact file → ``ExpanderSAE``; a dense SAE → ``TopKSAE``."""
+    """Load any SAE source: a compact file or a paper checkpoint → ``ExpanderSAE``; a dense SAE → ``TopKSAE``."""
     path, hookpoint = resolve(src, hookpoint)
     compact = find_compact(path, hookpoint)
     if compact is not None:
         return load_compact(compact)
-    from .formats import read_dense
+    from .formats import read_sae
 
-    return read_dense(path, hookpoint)
+    return read_sae(path, hookpoint)

@@ -327,8 +327,6 @@ def test_openai_round_trip_with_layer_norm(tmp_path, postact):
     close(sae(x.float()), want, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="foundation: models.forward un-normalises with (std + eps); "
-                   "OpenAI and SAELens multiply by std. Remove this marker once models.py is fixed.")
 def test_openai_layer_norm_at_small_activation_scale(tmp_path):
     w = weights(7)
     sae = read_dense(write_openai(tmp_path / "small.pt", w))

@@ -430,7 +430,7 @@ def test_pull_from_olah_mirror(tmp_path, sae_dir, monkeypatch):
                     pytest.fail("olah did not start")
                 time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        files = pull(f"alice/tiny-expander/layers.5@v1", endpoint=url)
+        files = pull("alice/tiny-expander/layers.5@v1", endpoint=url)
         assert [f.parent.name for f in files] == ["layers.5"]
         assert files[0].read_bytes() == (sae_dir / "layers.5" / "sae.safetensors").read_bytes()
         path, hookpoint = resolve_hf_source("hf://alice/tiny-expander/layers.3", endpoint=url)

@@ -7,7 +7,7 @@ import torch
 from saecompress.activations import write_activations, open_activations
 from saecompress.errors import SaeCompressError
 from saecompress.metrics import (FidelityAccumulator, cosine_similarity, dead_fraction, evaluate,
-                                 explained_variance, fvu, l0, reconstruct)
+                                 explained_variance, fvu, l0)
 from saecompress.models import ExpanderSAE, TopKSAE
 
 
@@ -108,7 +108,7 @@ def test_reconstruct_equals_forward():
     x, _ = data(n=50)
     for sae in make_saes():
         with torch.no_grad():
-            x_hat, values, indices = reconstruct(sae, x)
+            x_hat, values, indices = sae.reconstruct(x)
             torch.testing.assert_close(x_hat, sae(x), rtol=1e-6, atol=1e-6)
             assert values.shape == indices.shape == (50, sae.k)
 

@@ -34,7 +34,7 @@ def reference_forward(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torc
     code = torch.zeros_like(pre).scatter(-1, idx, vals)
     out = code @ W_dec + b_dec
     if sae.normalize_input:
-        out = out * (std + 1e-5) + mu
+        out = out * std + mu
     return code, out
 
 

@@ -64,7 +64,7 @@ def reference(sae, x: np.ndarray):
         vals = np.maximum(vals, 0)
     recon = np.einsum("bk,bkm->bm", vals, W_dec[top]) + b_dec
     if sae.normalize_input:
-        recon = recon * (std + LAYER_NORM_EPS) + mu
+        recon = recon * std + mu
     return top, vals, recon
 
 

@@ -30,7 +30,7 @@ from .._io import atomic_path
 from ..compact import quantize_int8
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
-from .onnx_functions import (DOMAIN, DOMAIN_VERSION, LAYER_NORM_EPS, EncodeLayout,
+from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout,
                              expander_decode_function, expander_encode_function, layer_norm_function)
 from .onnx_graph import GraphBuilder
 
@@ -211,8 +211,7 @@ class _Exporter:
                 recon = self.decode(values, indices)
                 if stats is not None:
                     mu, std = stats
-                    eps = b.const(np.array(LAYER_NORM_EPS, dtype=np.float32))
-                    recon = b.op("Add", b.op("Mul", recon, b.op("Add", std, eps)), mu)
+                    recon = b.op("Add", b.op("Mul", recon, std), mu)
                 self._unflatten(self._to_io(recon), lead, "reconstruction", sae.m)
                 outputs.append(value("reconstruction", io, sae.m))
             self._unflatten(indices, lead, "top_indices", sae.k)

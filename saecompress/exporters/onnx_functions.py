@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
+from ..models import LAYER_NORM_EPS
 from .onnx_graph import GraphBuilder
 
 DOMAIN = "ai.saecompress"
 DOMAIN_VERSION = 1
-LAYER_NORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
