@@ -10,12 +10,11 @@ file size and the storage ratio against the dense float32 SAE (``2mn + m + n`` v
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import median_seconds, print_table
 
 from saecompress.compact import dense_values, save_compact
 from saecompress.convert import convert, kept_energy
@@ -51,21 +50,18 @@ def main() -> None:
     dense_bytes = 4 * dense_values(m, n)
     print(f"convert: m={m} n={n} d={args.d} k={args.k}, {args.threads} threads, median of {args.repeats}; "
           f"dense float32 = {dense_bytes / 2**20:.1f} MiB")
-    print(f"{'strategy':<22}{'seconds':>9}{'kept energy':>13}{'file MiB':>10}{'ratio':>9}")
     cases = [("expander", {}), ("topd", {"mask": "topd"}),
              (f"search N={args.search_seeds}", {"mask": "search", "search_seeds": args.search_seeds}),
              ("expander untied", {"encoder": "untied"})]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, kwargs in cases:
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                sae = convert(dense, args.d, **kwargs)
-                times.append(time.perf_counter() - start)
+            seconds = median_seconds(lambda: convert(dense, args.d, **kwargs), args.repeats, warmup=0)
+            sae = convert(dense, args.d, **kwargs)
             size = save_compact(sae, Path(tmp) / "out.safetensors").stat().st_size
-            print(f"{name:<22}{statistics.median(times):>9.2f}{kept_energy(dense, sae.indices):>13.4f}"
-                  f"{size / 2**20:>10.2f}{dense_bytes / size:>8.0f}x")
-
+            rows.append((name, seconds, kept_energy(dense, sae.indices), size / 2**20,
+                         f"{dense_bytes / size:.0f}x"))
+    print_table(["strategy", "seconds", "kept energy", "file MiB", "ratio"], rows)
 
 if __name__ == "__main__":
     main()

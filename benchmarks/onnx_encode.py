@@ -18,17 +18,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import print_table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import print_table  # noqa: E402
-from saecompress.exporters.onnx import EncodeLayout, build_onnx  # noqa: E402
-from saecompress.models import ExpanderSAE  # noqa: E402
+from saecompress.exporters.onnx import EncodeLayout, build_onnx
+from saecompress.models import ExpanderSAE
 
 FORMULATIONS = {
     "grouped chunk=256 G=16 + 1-row branch (default)": EncodeLayout(),

@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+from common import print_table
 
 
 def _rss_mb() -> float:
@@ -132,11 +133,9 @@ def main() -> None:
     c = summary["config"]
     print(f"train step, m={c['m']} n={c['n']} d={c['d']} k={c['k']} batch={c['batch']}, "
           f"{c['threads']} threads, median of {a.rounds} round(s)")
-    print(f"{'variant':<14}{'step s':>10}{'tokens/s':>12}{'peak RSS MB':>14}{'step growth MB':>16}")
-    for v, name in (("sparse", "sparse"), ("dense", "masked-dense")):
-        s = summary[v]
-        print(f"{name:<14}{s['step_s']:>10.4f}{s['tokens_per_s']:>12.0f}{s['peak_rss_mb']:>14.0f}"
-              f"{s['step_peak_growth_mb']:>16.0f}")
+    print_table(["variant", "step s", "tokens/s", "peak RSS MB", "step growth MB"],
+                [(name, summary[v]["step_s"], summary[v]["tokens_per_s"], summary[v]["peak_rss_mb"],
+                  summary[v]["step_peak_growth_mb"]) for v, name in (("sparse", "sparse"), ("dense", "masked-dense"))])
     print(f"speedup: {summary['speedup']:.1f}x")
 
 

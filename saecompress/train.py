@@ -70,6 +70,7 @@ class TrainConfig:
     held_out_rows: int = 8192
     checkpoint_every: int = 500  # steps
     reaim_every: int = 250  # steps between re-aiming dead latents at residuals (0: never)
+    standardize_encoder: bool = True  # untied expander encoder reads per-dim standardised inputs
     seed: int = 0
 
     def check(self) -> None:
@@ -136,9 +137,12 @@ def _remove_parallel_grad(sae) -> None:
 
 
 @torch.no_grad()
-def _normalize_decoder(sae) -> None:
-    w = _decoder_param(sae)
+def _normalize_rows(w: torch.Tensor) -> None:
     w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _normalize_decoder(sae) -> None:
+    _normalize_rows(_decoder_param(sae))
 
 
 class Trainer:
@@ -156,6 +160,7 @@ class Trainer:
         self.step = 0
         self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
         self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
+        self.enc_scale: torch.Tensor | None = None  # encoder reads (x - b_dec) / enc_scale
         if teacher is not None:
             from .distill import DistillTerm
             self.distill = DistillTerm(teacher)
@@ -169,7 +174,7 @@ class Trainer:
         xin = self._input(x)
         dead = self.since_fired >= self.dead_tokens
         if self.layout is not None:
-            out = sparse_forward(sae, xin, self.layout, dead, self.k_aux)
+            out = sparse_forward(sae, xin, self.layout, dead, self.k_aux, self.enc_scale)
         else:
             out = dense_forward(sae, xin, dead, self.k_aux)
         recon_loss = _fvu_loss(xin, out.recon)
@@ -182,7 +187,7 @@ class Trainer:
             loss = loss + cfg.auxk_coef * scale * aux_loss
             stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
-            d_loss = self.distill.loss(sae, x, xin, out, self.input_scale)
+            d_loss = self.distill.loss(sae, x, xin, out, self.input_scale, self.enc_scale)
             loss = loss + cfg.distill_coef * d_loss
             stats["distill"] = float(d_loss.detach())
         for group in self.optimizer.param_groups:
@@ -202,42 +207,42 @@ class Trainer:
         self.step += 1
         if (self.layout is not None and cfg.reaim_every and self.step % cfg.reaim_every == 0
                 and self.step < self.total_steps):
-            stats["reaimed"] = self._reaim_dead((xin - out.recon).detach())
+            stats["reaimed"] = self._reaim_dead(xin, out)
         stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()),
                      l0=float((out.top_vals != 0).sum(1).double().mean()),
                      dead=float((self.since_fired >= self.dead_tokens).double().mean()))
         return stats
 
     @torch.no_grad()
-    def _reaim_dead(self, residual: torch.Tensor) -> int:
-        """Point each dead latent at the batch residual with most energy on its support.
+    def _reaim_dead(self, xin: torch.Tensor, out: SparseForward) -> int:
+        """Revive each dead latent on the batch row where it came closest to the top-k.
 
-        The residual energy of every row on every latent's ``d`` dims is one sparse product,
-        ``|e|² @ mask``; the dead latent's values become that row's residual on its support
-        (unit norm), its encoder bias 0 and its Adam moments are reset.
+        For dead latent ``i`` (encoder unchanged) take the row ``r`` maximising the margin
+        ``pre_i(r) − τ_r`` (``τ_r`` = row r's k-th largest pre-activation); shift ``b_enc[i]`` so
+        the latent just fires there, and point its unit decoder row at that row's residual on its
+        support, so that firing lowers the error. Costs O(B·n_dead·d); Adam moments of the
+        revived latents are reset.
         """
         sae = self.sae
         dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
-        ones = torch.ones_like(sae.values)
-        energy = sparse_pre_activations(residual.pow(2), ones, torch.zeros_like(sae.b_enc), self.layout)
-        rows = energy[:, dead].argmax(0)
-        new = residual[rows.unsqueeze(1), sae.indices[dead]]
-        new /= new.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        for param in (sae.values, sae.enc_values):
-            if param is None:
-                continue
-            param[dead] = new
+        xc = xin - sae.b_dec
+        if self.enc_scale is not None:
+            xc = xc / self.enc_scale
+        support = sae.indices[dead]  # [D, d]
+        pre = torch.einsum("bjd,jd->bj", xc[:, support], sae.encoder_values[dead]) + sae.b_enc[dead]
+        thr = out.top_vals.detach().min(1).values
+        margin = pre - thr.unsqueeze(1)  # [B, D]
+        best, rows = margin.max(0)
+        residual = (xin - out.recon.detach())[rows.unsqueeze(1), support]
+        sae.values[dead] = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        sae.b_enc[dead] -= best - 1e-3 * thr[rows].abs()
+        for param in (sae.values, sae.enc_values, sae.b_enc):
+            state = self.optimizer.state.get(param, {}) if param is not None else {}
             for key in ("exp_avg", "exp_avg_sq"):
-                state = self.optimizer.state.get(param, {})
                 if key in state:
                     state[key][dead] = 0
-        sae.b_enc[dead] = 0
-        for key in ("exp_avg", "exp_avg_sq"):
-            state = self.optimizer.state.get(sae.b_enc, {})
-            if key in state:
-                state[key][dead] = 0
         self.since_fired[dead] = 0
         return int(dead.numel())
 
@@ -254,19 +259,36 @@ class Trainer:
         self.sae.b_enc *= factor
         self.input_scale = scale
 
+    @torch.no_grad()
+    def set_encoder_scale(self, std: torch.Tensor) -> None:
+        """Let an untied expander encoder read the per-dimension standardised ``(x − b_dec) / std``.
+
+        Exact reparametrisation on the same mask: the trained ``enc_values`` are the model's
+        times ``std[indices]`` (:meth:`export` divides back). Residual streams have dimensions
+        whose variance differs ~1000-fold; on raw inputs a latent whose ``d`` dims miss the big
+        ones can never reach the top-k and dies, and Adam's steps move pre-activations by
+        ``lr · std`` per dim. Standardised, every latent starts with comparable pre-activation
+        spread and learns at the same pace.
+        """
+        std = std.to(self.sae.enc_values.dtype).clamp_min(1e-6)
+        self.sae.enc_values *= std[self.sae.indices]
+        self.enc_scale = std
+
     def export(self):
         """A copy of the model in the activations' own units."""
         sae = copy.deepcopy(self.sae)
         with torch.no_grad():
             sae.b_dec /= self.input_scale
             sae.b_enc /= self.input_scale
+            if self.enc_scale is not None:
+                sae.enc_values /= self.enc_scale[sae.indices]
         return sae.requires_grad_(False)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
-                "input_scale": self.input_scale,
+                "input_scale": self.input_scale, "enc_scale": self.enc_scale,
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
 
     def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
@@ -282,6 +304,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
+        self.enc_scale = state.get("enc_scale")
         self.since_fired = state["since_fired"].clone()
 
 
@@ -356,7 +379,7 @@ def _fit_encoder_scale(trainer: Trainer, x: torch.Tensor) -> None:
     """
     sae = trainer.sae
     xin = trainer._input(x)
-    out = sparse_forward(sae, xin, trainer.layout)
+    out = sparse_forward(sae, xin, trainer.layout, enc_scale=trainer.enc_scale)
     r, target = out.recon - sae.b_dec, xin - sae.b_dec
     c = float((target * r).sum() / (r * r).sum().clamp_min(1e-12))
     if c > 0:
@@ -364,15 +387,17 @@ def _fit_encoder_scale(trainer: Trainer, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float]:
-    """``(mean, scale)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer norm)."""
+def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``(mean, scale, std)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer
+    norm); ``std [m]`` is the per-dimension standard deviation of the scaled inputs."""
     x = source.read(0, min(rows, source.num_rows)).double()
     if sae.normalize_input:
         x = layer_norm(x)[0]
     mean = x.mean(0)
     spread = float((x - mean).pow(2).sum(1).mean())
     scale = 1.0 if sae.normalize_input or spread <= 0 else math.sqrt(sae.m / spread)
-    return mean.to(sae.b_dec.dtype), scale
+    std = (x - mean).pow(2).mean(0).sqrt() * scale
+    return mean.to(sae.b_dec.dtype), scale, std.to(sae.b_dec.dtype)
 
 
 def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
@@ -439,13 +464,18 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
-        mean, scale = _data_stats(train_src, sae)
-        if init is None and teacher is None:
+        mean, scale, std = _data_stats(train_src, sae)
+        fresh = init is None and teacher is None
+        if fresh:
             with torch.no_grad():
                 sae.b_dec.copy_(mean)
         _normalize_decoder(sae)
         trainer.set_input_scale(scale)
-        if init is None and teacher is None and getattr(sae, "enc_values", None) is not None:
+        if cfg.standardize_encoder and getattr(sae, "enc_values", None) is not None:
+            trainer.set_encoder_scale(std ** float(os.environ.get("SAEC_STD_EXP", "1")))
+            if fresh:  # every latent starts with the same pre-activation spread
+                _normalize_rows(sae.enc_values)
+        if fresh and getattr(sae, "enc_values", None) is not None:
             _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
 
     def checkpoint(user: dict) -> None:
