@@ -234,10 +234,11 @@ class Trainer:
         pre = torch.einsum("bjd,jd->bj", xc[:, support], sae.encoder_values[dead]) + sae.b_enc[dead]
         thr = out.top_vals.detach().min(1).values
         margin = pre - thr.unsqueeze(1)  # [B, D]
-        best, rows = margin.max(0)
-        residual = (xin - out.recon.detach())[rows.unsqueeze(1), support]
+        j = max(1, min(xin.shape[0], round(xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
+        best, rows = margin.topk(j, dim=0)  # [j, D]
+        residual = (xin - out.recon.detach())[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
         sae.values[dead] = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        sae.b_enc[dead] -= best - 1e-3 * thr[rows].abs()
+        sae.b_enc[dead] -= best[-1] - 1e-3 * thr[rows[-1]].abs()
         for param in (sae.values, sae.enc_values, sae.b_enc):
             state = self.optimizer.state.get(param, {}) if param is not None else {}
             for key in ("exp_avg", "exp_avg_sq"):
