@@ -152,7 +152,7 @@ def read_compact_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     raw = _read_header(path)
-    return _parse_metadata(path, raw)
+    return parse_compact_metadata(path, raw)
 
 
 def _read_header(path: Path) -> dict[str, str]:
@@ -186,7 +186,8 @@ def is_compact_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _parse_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+def parse_compact_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """Validate and parse a compact file's raw ``__metadata__`` strings; ``path`` names it in errors."""
     if raw.get("format") != FORMAT_NAME:
         raise _fail(path, f"not a compact saecompress file (format={raw.get('format')!r})",
                     "convert a dense SAE with `saecompress convert`")
@@ -329,5 +330,5 @@ def learned_values(m: int, n: int, d: int, encoder: str) -> int:
 
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STORAGE_DTYPES", "save_compact", "load_compact",
-           "read_compact_metadata", "is_compact_file", "write_safetensors", "quantize_int8",
+           "read_compact_metadata", "parse_compact_metadata", "is_compact_file", "write_safetensors", "quantize_int8",
            "compact_size_bound", "dense_values", "learned_values"]

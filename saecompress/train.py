@@ -234,7 +234,7 @@ class Trainer:
         pre = torch.einsum("bjd,jd->bj", xc[:, support], sae.encoder_values[dead]) + sae.b_enc[dead]
         thr = out.top_vals.detach().min(1).values
         margin = pre - thr.unsqueeze(1)  # [B, D]
-        j = max(1, min(xin.shape[0], round(xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
+        j = max(1, min(xin.shape[0], round(float(os.environ.get('SAEC_J','1')) * xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
         best, rows = margin.topk(j, dim=0)  # [j, D]
         residual = (xin - out.recon.detach())[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
         sae.values[dead] = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)

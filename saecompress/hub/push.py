@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..compact import _parse_metadata, is_compact_file, read_compact_metadata
+from ..compact import parse_compact_metadata, is_compact_file, read_compact_metadata
 from ..errors import SaeCompressError
 from .card import CardEntry, render_card
 from .client import content_ids, hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
@@ -106,7 +106,7 @@ def _remote_card_entries(api, repo_id: str, sha: str, tree: dict, skip: set[str]
             continue
         raw = api.parse_safetensors_file_metadata(repo_id, path, revision=sha).metadata
         try:
-            meta = _parse_metadata(Path(f"hf://{repo_id}/{path}"), raw)
+            meta = parse_compact_metadata(Path(f"hf://{repo_id}/{path}"), raw)
         except SaeCompressError as err:
             log.warning("leaving %s out of the model card: %s", path, err)
             continue
