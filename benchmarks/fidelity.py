@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/fidelity")
     p.add_argument("--skip-native", action="store_true")
     p.add_argument("--encoder", choices=["tied", "untied"], default="untied", help="expander encoder")
-    p.add_argument("--lr", type=float, default=2e-3, help="expander learning rate (native and distill)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="expander learning rate, native and distill [default: the trainer's, 3e-3/sqrt(n/16384)]")
     p.add_argument("--dense-from", default=None, help="reuse this dense SAE (SAELens folder) instead of training one")
     a = p.parse_args()
     out = Path(a.out)
@@ -115,7 +116,8 @@ def main() -> None:
             row["ce_vs_dense"] = row["ce_recovered"] / rows["dense"]["ce_recovered"]
 
     (out / "fidelity.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nSmolLM2-135M L{a.layer} resid, n={a.n} k={a.k}, expander encoder {a.encoder}, lr {a.lr}; "
+    lr = a.lr if a.lr is not None else TrainConfig().learning_rate(a.n)
+    print(f"\nSmolLM2-135M L{a.layer} resid, n={a.n} k={a.k}, expander encoder {a.encoder}, lr {lr:.2g}; "
           f"{held.num_rows} held-out rows; "
           f"{source.num_rows} activation rows (epochs repeat)")
     head = f"{'model':<14}{'tokens':>9}{'FVU':>8}{'dead':>8}{'agree':>8}{'bytes':>11}{'CE rec':>8}{'vs dense':>9}"

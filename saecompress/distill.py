@@ -31,18 +31,14 @@ class DistillTerm:
         self.row_norms = teacher.W_dec.detach().norm(dim=1)
 
     def loss(self, sae: ExpanderSAE, x: torch.Tensor, xin: torch.Tensor, out: SparseForward,
-             scale: float = 1.0, enc_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Term for the raw batch ``x``, the student's input ``xin = x * scale`` and its ``out``
-        (``enc_scale``: the encoder reads ``(xin − b_dec) / enc_scale``, see ``sparse_forward``)."""
+             scale: float = 1.0) -> torch.Tensor:
+        """Term for the raw batch ``x``, the student's input ``xin = x * scale`` and its ``out``."""
         with torch.no_grad():
             t_vals, t_idx = self.teacher.encode(x)
             t_vals = t_vals.to(xin.dtype) * (self.row_norms[t_idx].to(xin.dtype) * scale)
         B, k_t = t_idx.shape
         rows = sae.indices[t_idx].view(B, k_t * sae.d)
-        xc = xin - sae.b_dec
-        if enc_scale is not None:
-            xc = xc / enc_scale
-        xc = xc.gather(1, rows).view(B, k_t, sae.d)
+        xc = (xin - sae.b_dec).gather(1, rows).view(B, k_t, sae.d)
         pre_at = (xc * sae.encoder_values[t_idx]).sum(-1) + sae.b_enc[t_idx]
         matched = (pre_at - t_vals).pow(2).sum()
         in_teacher = (out.top_idx.unsqueeze(2) == t_idx.unsqueeze(1)).any(2)

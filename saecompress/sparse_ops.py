@@ -186,18 +186,15 @@ class SparseForward:
 
 
 def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = None,
-                   k_aux: int = 0, enc_scale: Tensor | None = None) -> SparseForward:
+                   k_aux: int = 0) -> SparseForward:
     """Differentiable ExpanderSAE forward on ``x [B, m]`` (already in the SAE's input space).
 
     Gradients reach ``values`` (and ``enc_values`` when untied), ``b_enc`` and ``b_dec`` through
-    the sparse functions above only. With ``enc_scale [m]`` the encoder reads the standardised
-    ``(x − b_dec) / enc_scale`` (the model's ``enc_values`` are then per-dimension rescaled; see
-    ``Trainer.set_encoder_scale``).
+    the sparse functions above only.
     """
     relu = sae.activation != "signed_topk"
-    xe, b_dec_e = (x, sae.b_dec) if enc_scale is None else (x / enc_scale, sae.b_dec / enc_scale)
     top_vals, top_idx, aux_vals, aux_idx = SparseEncodeTopK.apply(
-        xe, sae.encoder_values, sae.b_enc, b_dec_e, layout, sae.k, relu, dead, k_aux)
+        x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, relu, dead, k_aux)
     recon = SparseDecode.apply(top_vals, top_idx, sae.values, sae.b_dec, layout)
     aux_recon = None
     if aux_idx.shape[1] > 0:

@@ -7,9 +7,13 @@ One loop for both models and for distillation::
          + distill_coef · latent term                   # distillation only (see distill.py)
 
 Decoder rows are kept at unit norm (gradient component along each row removed before the step,
-rows renormalised after it). Adam with ``lr ≈ 2e-4/√(n/2¹⁴)``, linear warm-up then cosine (or
-linear) decay, gradient clipping. ``b_dec`` starts at the data mean. A latent is dead once it
-has not fired for ``dead_tokens`` tokens.
+rows renormalised after it). Adam with ``lr ≈ 3e-3/√(n/2¹⁴)`` (expander; dense ``2e-4/√(n/2¹⁴)``),
+linear warm-up then cosine (or linear) decay, gradient clipping. ``b_dec`` starts at the data
+mean. A latent is dead once it has not fired for ``dead_tokens`` tokens (default 32× the mean
+firing interval ``n/k``); every ``reaim_every`` steps a native expander run revives its dead
+latents (see ``Trainer._reaim_dead``). AuxK alone cannot: under Adam its gradient on a dead
+latent is scale-free, so it only nudges the direction while the top-k threshold, set by the
+growing encoders of the alive latents, runs away (63% dead on SmolLM2 residuals at d=7).
 
 Checkpoints: ``OUT`` (a valid compact file at every checkpoint) and ``OUT.ckpt`` (model +
 optimizer + counters, for ``resume``), both written atomically; Ctrl-C writes both before
@@ -40,7 +44,7 @@ from .compact import save_compact
 from .errors import SaeCompressError
 from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, layer_norm, select_topk
-from .sparse_ops import MaskLayout, SparseForward, sparse_forward, sparse_pre_activations
+from .sparse_ops import MaskLayout, SparseForward, sparse_forward
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -54,23 +58,22 @@ class TrainConfig:
     n: int | None = None  # number of latents; or use expansion
     expansion: int | None = None  # n = expansion * m
     activation: str | None = None  # default: signed_topk (expander), topk_relu (dense)
-    encoder: str = "tied"
+    encoder: str = "untied"
     mask_seed: int = 0
     tokens: int = 2_000_000
     batch_size: int = 1024
-    lr: float | None = None  # default 2e-4 / sqrt(n / 2**14)
+    lr: float | None = None  # default 3e-3 / sqrt(n / 2**14) (expander), 2e-4 / sqrt(n / 2**14) (dense)
     warmup_frac: float = 0.02
     decay: str = "cosine"  # cosine | linear | constant
     final_lr_frac: float = 0.1
     grad_clip: float = 1.0
     k_aux: int | None = None  # default m // 2
     auxk_coef: float = 1 / 32
-    dead_tokens: int | None = None  # default min(10M, tokens // 10)
+    dead_tokens: int | None = None  # default min(32 * n / k, tokens // 10): 32x a latent's mean firing interval
     distill_coef: float = 1.0
     held_out_rows: int = 8192
     checkpoint_every: int = 500  # steps
-    reaim_every: int = 250  # steps between re-aiming dead latents at residuals (0: never)
-    standardize_encoder: bool = True  # untied expander encoder reads per-dim standardised inputs
+    reaim_every: int = 5  # steps between re-aiming dead expander latents (0: never)
     seed: int = 0
 
     def check(self) -> None:
@@ -83,12 +86,16 @@ class TrainConfig:
             raise SaeCompressError(f"decay must be cosine, linear or constant, got {self.decay!r}")
         if self.d is not None and self.d < 1:
             raise SaeCompressError(f"d must be at least 1, got {self.d}")
+        if self.reaim_every < 0:
+            raise SaeCompressError(f"reaim_every must be 0 (never) or more, got {self.reaim_every}")
 
     def num_latents(self, m: int) -> int | None:
         return self.n if self.n is not None else (self.expansion * m if self.expansion else None)
 
-    def learning_rate(self, n: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n / 2**14)
+    def learning_rate(self, n: int, expander: bool = True) -> float:
+        if self.lr is not None:
+            return self.lr
+        return (3e-3 if expander else 2e-4) / math.sqrt(n / 2**14)
 
     def lr_factor(self, step: int, total: int) -> float:
         """Warm-up then decay multiplier of the base learning rate at ``step`` of ``total``."""
@@ -137,12 +144,9 @@ def _remove_parallel_grad(sae) -> None:
 
 
 @torch.no_grad()
-def _normalize_rows(w: torch.Tensor) -> None:
-    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def _normalize_decoder(sae) -> None:
-    _normalize_rows(_decoder_param(sae))
+    w = _decoder_param(sae)
+    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 class Trainer:
@@ -152,15 +156,14 @@ class Trainer:
                  teacher: TopKSAE | None = None):
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
         self.teacher = teacher
-        self.base_lr = cfg.learning_rate(sae.n)
+        self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
-        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.tokens // 10))
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(32 * sae.n // sae.k, cfg.tokens // 10))
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
         self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
         self.step = 0
         self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
         self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
-        self.enc_scale: torch.Tensor | None = None  # encoder reads (x - b_dec) / enc_scale
         if teacher is not None:
             from .distill import DistillTerm
             self.distill = DistillTerm(teacher)
@@ -174,7 +177,7 @@ class Trainer:
         xin = self._input(x)
         dead = self.since_fired >= self.dead_tokens
         if self.layout is not None:
-            out = sparse_forward(sae, xin, self.layout, dead, self.k_aux, self.enc_scale)
+            out = sparse_forward(sae, xin, self.layout, dead, self.k_aux)
         else:
             out = dense_forward(sae, xin, dead, self.k_aux)
         recon_loss = _fvu_loss(xin, out.recon)
@@ -187,7 +190,7 @@ class Trainer:
             loss = loss + cfg.auxk_coef * scale * aux_loss
             stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
-            d_loss = self.distill.loss(sae, x, xin, out, self.input_scale, self.enc_scale)
+            d_loss = self.distill.loss(sae, x, xin, out, self.input_scale)
             loss = loss + cfg.distill_coef * d_loss
             stats["distill"] = float(d_loss.detach())
         for group in self.optimizer.param_groups:
@@ -205,8 +208,8 @@ class Trainer:
         self.since_fired += x.shape[0]
         self.since_fired[fired] = 0
         self.step += 1
-        if (self.layout is not None and cfg.reaim_every and self.step % cfg.reaim_every == 0
-                and self.step < self.total_steps):
+        if (self.layout is not None and self.teacher is None and cfg.reaim_every
+                and self.step % cfg.reaim_every == 0 and self.step < self.total_steps):
             stats["reaimed"] = self._reaim_dead(xin, out)
         stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()),
                      l0=float((out.top_vals != 0).sum(1).double().mean()),
@@ -215,30 +218,40 @@ class Trainer:
 
     @torch.no_grad()
     def _reaim_dead(self, xin: torch.Tensor, out: SparseForward) -> int:
-        """Revive each dead latent on the batch row where it came closest to the top-k.
+        """Revive each dead latent on the batch rows where it came closest to the top-k.
 
-        For dead latent ``i`` (encoder unchanged) take the row ``r`` maximising the margin
-        ``pre_i(r) − τ_r`` (``τ_r`` = row r's k-th largest pre-activation); shift ``b_enc[i]`` so
-        the latent just fires there, and point its unit decoder row at that row's residual on its
-        support, so that firing lowers the error. Costs O(B·n_dead·d); Adam moments of the
-        revived latents are reset.
+        Dead latent ``i`` keeps its encoder direction, rescaled (untied) to the median alive
+        encoder norm, since alive encoders grow and a revived latent left at its old scale fires
+        once and dies again. Its margin on row r is ``pre_i(r) − τ_r`` (``τ_r``: row r's k-th
+        largest pre-activation); on its ``j = B·k/n`` best rows (an alive latent's share) its
+        unit decoder row is pointed at their summed residual on its support, and ``b_enc[i]`` is
+        set so that it just fires on all ``j``. Costs O(B·n_dead·d); Adam moments of the revived
+        latents are reset.
         """
         sae = self.sae
         dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
         xc = xin - sae.b_dec
-        if self.enc_scale is not None:
-            xc = xc / self.enc_scale
         support = sae.indices[dead]  # [D, d]
-        pre = torch.einsum("bjd,jd->bj", xc[:, support], sae.encoder_values[dead]) + sae.b_enc[dead]
-        thr = out.top_vals.detach().min(1).values
-        margin = pre - thr.unsqueeze(1)  # [B, D]
-        j = max(1, min(xin.shape[0], round(float(os.environ.get('SAEC_J','1')) * xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
-        best, rows = margin.topk(j, dim=0)  # [j, D]
+        xs = xc[:, support]  # [B, D, d]: each dead latent's inputs
+        thr = out.top_vals.detach().min(1).values.unsqueeze(1)
+        j = max(1, min(xin.shape[0], round(xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
+
+        def margins() -> torch.Tensor:  # [B, D]: pre-activation (without b_enc) minus the row's τ
+            return torch.einsum("bjd,jd->bj", xs, sae.encoder_values[dead]) - thr
+
+        if sae.enc_values is not None:  # alive encoders grow during training: match their norm
+            norms = sae.enc_values.norm(dim=1)
+            alive = torch.ones_like(norms, dtype=torch.bool)
+            alive[dead] = False
+            if alive.any():
+                sae.enc_values[dead] *= (norms[alive].median() / norms[dead].clamp_min(1e-12)).unsqueeze(1)
+        rows = margins().topk(j, dim=0).indices  # [j, D]
         residual = (xin - out.recon.detach())[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
         sae.values[dead] = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        sae.b_enc[dead] -= best[-1] - 1e-3 * thr[rows[-1]].abs()
+        best = margins().topk(j, dim=0).values[-1]  # tied: the encoder just changed
+        sae.b_enc[dead] = -best + 1e-3 * thr.abs().mean()
         for param in (sae.values, sae.enc_values, sae.b_enc):
             state = self.optimizer.state.get(param, {}) if param is not None else {}
             for key in ("exp_avg", "exp_avg_sq"):
@@ -260,36 +273,19 @@ class Trainer:
         self.sae.b_enc *= factor
         self.input_scale = scale
 
-    @torch.no_grad()
-    def set_encoder_scale(self, std: torch.Tensor) -> None:
-        """Let an untied expander encoder read the per-dimension standardised ``(x − b_dec) / std``.
-
-        Exact reparametrisation on the same mask: the trained ``enc_values`` are the model's
-        times ``std[indices]`` (:meth:`export` divides back). Residual streams have dimensions
-        whose variance differs ~1000-fold; on raw inputs a latent whose ``d`` dims miss the big
-        ones can never reach the top-k and dies, and Adam's steps move pre-activations by
-        ``lr · std`` per dim. Standardised, every latent starts with comparable pre-activation
-        spread and learns at the same pace.
-        """
-        std = std.to(self.sae.enc_values.dtype).clamp_min(1e-6)
-        self.sae.enc_values *= std[self.sae.indices]
-        self.enc_scale = std
-
     def export(self):
         """A copy of the model in the activations' own units."""
         sae = copy.deepcopy(self.sae)
         with torch.no_grad():
             sae.b_dec /= self.input_scale
             sae.b_enc /= self.input_scale
-            if self.enc_scale is not None:
-                sae.enc_values /= self.enc_scale[sae.indices]
         return sae.requires_grad_(False)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
-                "input_scale": self.input_scale, "enc_scale": self.enc_scale,
+                "input_scale": self.input_scale,
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
 
     def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
@@ -305,7 +301,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
-        self.enc_scale = state.get("enc_scale")
         self.since_fired = state["since_fired"].clone()
 
 
@@ -380,7 +375,7 @@ def _fit_encoder_scale(trainer: Trainer, x: torch.Tensor) -> None:
     """
     sae = trainer.sae
     xin = trainer._input(x)
-    out = sparse_forward(sae, xin, trainer.layout, enc_scale=trainer.enc_scale)
+    out = sparse_forward(sae, xin, trainer.layout)
     r, target = out.recon - sae.b_dec, xin - sae.b_dec
     c = float((target * r).sum() / (r * r).sum().clamp_min(1e-12))
     if c > 0:
@@ -388,17 +383,15 @@ def _fit_encoder_scale(trainer: Trainer, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """``(mean, scale, std)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer
-    norm); ``std [m]`` is the per-dimension standard deviation of the scaled inputs."""
+def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float]:
+    """``(mean, scale)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer norm)."""
     x = source.read(0, min(rows, source.num_rows)).double()
     if sae.normalize_input:
         x = layer_norm(x)[0]
     mean = x.mean(0)
     spread = float((x - mean).pow(2).sum(1).mean())
     scale = 1.0 if sae.normalize_input or spread <= 0 else math.sqrt(sae.m / spread)
-    std = (x - mean).pow(2).mean(0).sqrt() * scale
-    return mean.to(sae.b_dec.dtype), scale, std.to(sae.b_dec.dtype)
+    return mean.to(sae.b_dec.dtype), scale
 
 
 def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
@@ -465,18 +458,13 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
-        mean, scale, std = _data_stats(train_src, sae)
-        fresh = init is None and teacher is None
-        if fresh:
+        mean, scale = _data_stats(train_src, sae)
+        if init is None and teacher is None:
             with torch.no_grad():
                 sae.b_dec.copy_(mean)
         _normalize_decoder(sae)
         trainer.set_input_scale(scale)
-        if cfg.standardize_encoder and getattr(sae, "enc_values", None) is not None:
-            trainer.set_encoder_scale(std ** float(os.environ.get("SAEC_STD_EXP", "1")))
-            if fresh:  # every latent starts with the same pre-activation spread
-                _normalize_rows(sae.enc_values)
-        if fresh and getattr(sae, "enc_values", None) is not None:
+        if init is None and teacher is None and getattr(sae, "enc_values", None) is not None:
             _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
 
     def checkpoint(user: dict) -> None:

@@ -270,3 +270,34 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path):
     assert load_compact(out).n == 64
     state = torch.load(out.with_name(out.name + ".ckpt"), weights_only=True)
     assert state["step"] > 0
+
+
+def test_reaim_revives_dead_latents_on_their_best_rows():
+    from saecompress.train import Trainer
+
+    torch.manual_seed(0)
+    m, n, d, k, B = 32, 256, 4, 4, 512
+    sae = ExpanderSAE(m, n, d, k, seed=0, encoder="untied")
+    trainer = Trainer(sae, TrainConfig(k=k, d=d, n=n, tokens=B * 10, batch_size=B), total_steps=10)
+    x = torch.randn(B, m) * torch.linspace(0.1, 3.0, m)  # uneven dims: many latents never win
+    with torch.no_grad():
+        out = sparse_forward(sae, x, trainer.layout)
+    dead = torch.ones(n, dtype=torch.bool)
+    dead[out.top_idx.flatten()] = False
+    assert 0.2 < float(dead.double().mean()) < 0.95
+    trainer.since_fired[dead] = trainer.dead_tokens
+    alive_norm = sae.enc_values.detach()[~dead].norm(dim=1).median()
+
+    assert trainer._reaim_dead(x, out) == int(dead.sum())
+    with torch.no_grad():
+        pre = sae.pre_activations(x)[:, dead]
+    tau = out.top_vals.min(1).values.unsqueeze(1)
+    j = round(B * k / n)
+    # each revived latent now clears its rows' old top-k threshold on its j best rows (an alive
+    # latent's share; the small safety margin may add a near-tie row), no longer on none
+    wins = (pre > tau).sum(0)
+    assert int(wins.min()) >= j and int(wins.max()) <= 2 * j
+    enc_norms = sae.enc_values.detach()[dead].norm(dim=1)
+    assert torch.allclose(enc_norms, alive_norm.expand_as(enc_norms), rtol=1e-5)
+    assert torch.allclose(sae.values.detach()[dead].norm(dim=1), torch.ones(int(dead.sum())), rtol=1e-5)
+    assert int(trainer.since_fired.max()) == 0

@@ -31,18 +31,24 @@ _DEFAULTS = TrainConfig()
 @click.option("--init", default=None, help="Start from this SAE (compact file) instead of a fresh or converted one.")
 @click.option("--tokens", type=int, default=_DEFAULTS.tokens, show_default=True, help="Training tokens.")
 @click.option("--batch", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Tokens per step.")
-@click.option("--lr", type=float, default=None, help="Adam learning rate [default: 2e-4 / sqrt(n / 16384)].")
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate [default: 3e-3 / sqrt(n / 16384) for expanders, "
+                   "2e-4 / sqrt(n / 16384) with --dense].")
 @click.option("--activation", type=click.Choice(["signed_topk", "topk_relu", "relu_topk"]), default=None,
               help="Top-k ordering of a fresh SAE [default: signed_topk, dense: topk_relu].")
-@click.option("--encoder", type=click.Choice(["tied", "untied"]), default="tied", show_default=True,
-              help="Expander encoder: the decoder's values (tied, half the file) or its own values on the "
-                   "same mask (untied; trains much faster on LM residual streams, see docs).")
+@click.option("--encoder", type=click.Choice(["tied", "untied"]), default="untied", show_default=True,
+              help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
+                   "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
 @click.option("--mask-seed", type=int, default=0, show_default=True, help="Seed of the expander mask.")
 @click.option("--auxk-coef", type=float, default=_DEFAULTS.auxk_coef, show_default=True,
               help="Weight of the AuxK loss on dead latents.")
 @click.option("--k-aux", type=int, default=None, help="Dead latents used by AuxK [default: m / 2].")
 @click.option("--dead-tokens", type=int, default=None,
-              help="A latent is dead after this many tokens without firing [default: min(10M, tokens/10)].")
+              help="A latent is dead after this many tokens without firing "
+                   "[default: min(32 * n / k, tokens / 10)].")
+@click.option("--reaim-every", type=int, default=_DEFAULTS.reaim_every, show_default=True,
+              help="Steps between reviving dead latents of a native expander run on the rows they "
+                   "nearly fire on, decoder aimed at the residual (0: never; not when distilling).")
 @click.option("--distill-coef", type=float, default=_DEFAULTS.distill_coef, show_default=True,
               help="Weight of the latent-matching term (with --teacher).")
 @click.option("--held-out", type=int, default=_DEFAULTS.held_out_rows, show_default=True,
@@ -53,7 +59,7 @@ _DEFAULTS = TrainConfig()
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr, activation, encoder,
-          mask_seed, auxk_coef, k_aux, dead_tokens, distill_coef, held_out, checkpoint_every, seed,
+          mask_seed, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
 
@@ -64,7 +70,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr
     """
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation,
                       encoder=encoder, mask_seed=mask_seed, tokens=tokens, batch_size=batch, lr=lr,
-                      k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, distill_coef=distill_coef,
+                      k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
     _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True)
     if as_json:
