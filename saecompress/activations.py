@@ -12,6 +12,7 @@ batch that contains them is read; ``ActivationSource.check()`` scans everything 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -48,11 +49,14 @@ class _Shard:
     def rows(self) -> int:
         return self.array.shape[0]
 
+    def read_raw(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (along the first axis) as a float32 tensor, NaN/inf included."""
+        t = torch.from_numpy(np.array(self.array[start:stop], copy=True))
+        return t.view(torch.bfloat16).float() if self.bf16 else t.float()
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` as a float32 tensor; raises on NaN/inf."""
-        chunk = np.array(self.array[start:stop], copy=True)
-        t = torch.from_numpy(chunk)
-        t = t.view(torch.bfloat16).float() if self.bf16 else t.float()
+        t = self.read_raw(start, stop)
         finite = torch.isfinite(t).all(dim=1)
         if not bool(finite.all()):
             row = start + int((~finite).nonzero()[0, 0])
@@ -100,12 +104,12 @@ def _open_safetensors(path: Path) -> _Shard:
     shape = tuple(info["shape"])
     begin, end = info["data_offsets"]
     offset = 8 + header_len + begin
-    if len(shape) == 2 and end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize:
+    if len(shape) < 2:
+        raise SaeCompressError(f"{path}: tensor '{name}' has shape {list(shape)}; activations must be [N, m]")
+    if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
         raise SaeCompressError(f"{path}: tensor '{name}' byte range does not match its shape; re-create the file")
     if offset + (end - begin) > size:
         raise SaeCompressError(f"{path}: file is truncated ({size} bytes, needs {offset + end - begin}); re-create it")
-    if len(shape) != 2:
-        raise SaeCompressError(f"{path}: tensor '{name}' has shape {list(shape)}; activations must be [N, m]")
     if shape[0] == 0:
         arr = np.zeros(shape, dtype=dtype)
     else:
@@ -113,13 +117,28 @@ def _open_safetensors(path: Path) -> _Shard:
     return _Shard(path, arr, bf16=info["dtype"] == "BF16")
 
 
-def _open_shard(path: Path) -> _Shard:
+def open_activation_array(path: str | os.PathLike) -> _Shard:
+    """A memory-mapped float array ``[..., m]`` from a ``.npy`` or ``.safetensors`` file.
+
+    A safetensors file must hold a tensor ``activations`` or exactly one tensor. Training sources
+    (``open_activations``) further require ``[N, m]``; the monitor accepts any leading axes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SaeCompressError(f"{path}: no such activation file (give a .npy or .safetensors file)")
     if path.suffix == ".npy":
         shard = _open_npy(path)
     elif path.suffix == ".safetensors":
         shard = _open_safetensors(path)
     else:
         raise SaeCompressError(f"{path}: unknown activation file type; use .npy or .safetensors shards")
+    if shard.array.ndim < 2:
+        raise SaeCompressError(f"{path}: array has shape {list(shard.array.shape)}; activations must be [..., m]")
+    return shard
+
+
+def _open_shard(path: Path) -> _Shard:
+    shard = open_activation_array(path)
     if shard.array.ndim != 2:
         raise SaeCompressError(f"{path}: array has shape {list(shard.array.shape)}; activations must be [N, m]")
     return shard

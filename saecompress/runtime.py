@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .activations import open_activation_array
 from .errors import SaeCompressError
 
 CUDA = "CUDAExecutionProvider"
@@ -201,45 +202,17 @@ def _wide(dtype: np.dtype) -> np.dtype:
 
 
 def read_activation_arrays(source: str | os.PathLike, stdin=None, chunk_rows: int = 65536):
-    """Yield ``[rows, m]``-like float arrays from a ``.npy``/``.safetensors`` file, or from a stream
-    of ``.npy`` arrays (``source == "-"``: read from ``stdin``, a binary stream, until EOF).
+    """Yield ``[rows, ..., m]`` float arrays from a ``.npy``/``.safetensors`` file (memory-mapped, in
+    chunks), or from a stream of ``.npy`` arrays (``source == "-"``: read ``stdin``, a binary stream, until EOF).
 
     Unlike training readers this keeps NaN/Inf rows: the monitor reports and skips them.
-    A safetensors file must hold a tensor ``activations`` or exactly one tensor.
     """
     if str(source) == "-":
         yield from _npy_stream(stdin)
         return
-    path = Path(source)
-    if not path.is_file():
-        raise SaeCompressError(f"{path}: no such activation file (give a .npy or .safetensors file, or -)")
-    if path.suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise SaeCompressError(f"{path}: not a readable .npy array ({err}); re-create the file") from None
-        for start in range(0, max(len(array), 1), chunk_rows):
-            yield np.asarray(array[start:start + chunk_rows])
-    elif path.suffix == ".safetensors":
-        yield _safetensors_array(path)
-    else:
-        raise SaeCompressError(f"{path}: unknown activation file type; use .npy or .safetensors")
-
-
-def _safetensors_array(path: Path) -> np.ndarray:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            name = "activations" if "activations" in names else (names[0] if len(names) == 1 else None)
-            if name is None:
-                raise SaeCompressError(f"{path}: holds tensors {', '.join(names) or '(none)'}; name the "
-                                       "activations tensor 'activations' or keep only one tensor")
-            tensor = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SaeCompressError(f"{path}: not a readable safetensors file ({err}); re-create it") from None
-    return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    shard = open_activation_array(source)
+    for start in range(0, max(shard.rows, 1), chunk_rows):
+        yield shard.read_raw(start, start + chunk_rows).numpy()
 
 
 def _npy_stream(stream):
