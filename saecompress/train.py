@@ -472,6 +472,11 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             torch.save(trainer.state_dict(), tmp)
         _save_model(trainer.export(), out, user)
 
+    if progress and total_steps * cfg.batch_size > train_src.num_rows:
+        tqdm.write(f"note: {total_steps * cfg.batch_size:,} training tokens repeat the {train_src.num_rows:,} "
+                   f"training rows {total_steps * cfg.batch_size / train_src.num_rows:.1f}x; revived latents "
+                   "tend to fit repeated rows and die on new data (dead latents grow): harvest more "
+                   "activations with `saecompress acts` if you can", file=sys.stderr)
     bar = tqdm(total=total_steps * cfg.batch_size, initial=trainer.step * cfg.batch_size,
                unit="tok", unit_scale=True, desc="train", disable=not progress, dynamic_ncols=True)
     last = stop_after if stop_after is not None else total_steps

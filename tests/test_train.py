@@ -237,6 +237,11 @@ def test_cli_train_and_errors(planted, tmp_path):
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["training"]["tokens"] == 5120
     assert read_compact_metadata(out)["n"] == 64
+    assert "repeat" not in result.stderr  # 5,120 tokens of ~22,000 training rows
+    repeated = runner.invoke(cli, ["train", "--acts", str(path), "--d", "4", "--k", "4", "--n", "64",
+                                   "--tokens", "30720", "--batch", "1024", "--held-out", "2000",
+                                   "--out", str(tmp_path / "rep.safetensors")])
+    assert repeated.exit_code == 0 and "training rows 1.4x" in repeated.stderr
     bad = runner.invoke(cli, ["train", "--acts", str(path), "--d", "4", "--n", "64", "--expansion", "2",
                               "--out", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "not both" in bad.output
