@@ -1,6 +1,6 @@
 """saecompress: compress sparse autoencoders to Expander SAEs and ship them to production.
 
-Every CLI command has a library function: ``convert`` / ``convert_path``, ``train``,
+Every CLI command has a library function: ``convert`` / ``convert_path``, ``train``, ``finetune``,
 ``evaluate``, ``harvest``, ``export_onnx``, ``push``, ``pull``, ``Monitor``; ``load`` resolves any
 source (compact file, dense SAE folder in a known layout, ``hf://owner/repo[/hookpoint][@rev]``).
 """
@@ -30,6 +30,7 @@ _LAZY = {
     "evaluate": "saecompress.metrics",
     "harvest": "saecompress.lm",
     "ce_eval": "saecompress.lm",
+    "finetune": "saecompress.finetune",
 }
 
 

@@ -60,6 +60,7 @@ class TrainConfig:
     activation: str | None = None  # default: signed_topk (expander), topk_relu (dense)
     encoder: str = "untied"
     mask_seed: int = 0
+    mask: str = "expander"  # with a teacher: convert's mask strategy (expander | topd | search)
     tokens: int = 2_000_000
     batch_size: int = 1024
     lr: float | None = None  # default 3e-3 / sqrt(n / 2**14) (expander), 2e-4 / sqrt(n / 2**14) (dense)
@@ -110,7 +111,7 @@ class TrainConfig:
         return 1.0
 
 
-def _fvu_loss(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+def fvu_loss(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Batch FVU: squared error over the batch's total variance (the training objective)."""
     var = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
     return (recon - target).pow(2).sum() / var
@@ -128,6 +129,14 @@ def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_au
         aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
         aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals) @ sae.W_dec
     return SparseForward(recon, top_vals, top_idx, aux)
+
+
+def training_forward(sae, x: torch.Tensor, layout: MaskLayout | None, dead: torch.Tensor | None = None,
+                     k_aux: int = 0) -> SparseForward:
+    """Differentiable forward of either model on ``x`` in its input space (sparse ops for expanders)."""
+    if layout is not None:
+        return sparse_forward(sae, x, layout, dead, k_aux)
+    return dense_forward(sae, x, dead, k_aux)
 
 
 def _decoder_param(sae) -> torch.nn.Parameter:
@@ -176,17 +185,14 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         xin = self._input(x)
         dead = self.since_fired >= self.dead_tokens
-        if self.layout is not None:
-            out = sparse_forward(sae, xin, self.layout, dead, self.k_aux)
-        else:
-            out = dense_forward(sae, xin, dead, self.k_aux)
-        recon_loss = _fvu_loss(xin, out.recon)
+        out = training_forward(sae, xin, self.layout, dead, self.k_aux)
+        recon_loss = fvu_loss(xin, out.recon)
         loss = recon_loss
         stats: dict[str, float] = {}
         if out.aux_recon is not None:
             residual = (xin - out.recon).detach()
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
-            aux_loss = _fvu_loss(residual, out.aux_recon)
+            aux_loss = fvu_loss(residual, out.aux_recon)
             loss = loss + cfg.auxk_coef * scale * aux_loss
             stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
@@ -324,7 +330,8 @@ def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = 
     return folder
 
 
-def _save_model(sae, out: Path, user: dict) -> None:
+def save_model(sae, out: Path, user: dict) -> None:
+    """Write ``sae``: a compact file for an ``ExpanderSAE``, a SAELens folder for a dense one."""
     if isinstance(sae, ExpanderSAE):
         save_compact(sae, out, metadata=user)
     else:
@@ -340,8 +347,11 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
         if cfg.d is None:
             raise SaeCompressError("distillation trains an expander student: give --d with --teacher")
         from .convert import convert
-        sae = convert(teacher, cfg.d, seed=cfg.mask_seed, encoder=cfg.encoder)
+        sae = convert(teacher, cfg.d, mask=cfg.mask, seed=cfg.mask_seed, encoder=cfg.encoder)
     else:
+        if cfg.mask != "expander":
+            raise SaeCompressError(f"--mask {cfg.mask} picks each latent's dims from a dense SAE: give it as "
+                                   "--teacher (a fresh SAE uses the seeded expander mask)")
         n = cfg.num_latents(m)
         if n is None:
             raise SaeCompressError("say how many latents to train: --n N or --expansion E")
@@ -470,7 +480,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     def checkpoint(user: dict) -> None:
         with atomic_path(ckpt) as tmp:
             torch.save(trainer.state_dict(), tmp)
-        _save_model(trainer.export(), out, user)
+        save_model(trainer.export(), out, user)
 
     if progress and total_steps * cfg.batch_size > train_src.num_rows:
         tqdm.write(f"note: {total_steps * cfg.batch_size:,} training tokens repeat the {train_src.num_rows:,} "
@@ -504,7 +514,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
         metrics["training"]["stopped_early"] = True
         checkpoint(metrics)
     else:
-        _save_model(sae, out, metrics)
+        save_model(sae, out, metrics)
         with atomic_path(ckpt) as tmp:  # keep the final state: a later --resume is a no-op
             torch.save(trainer.state_dict(), tmp)
     return sae, metrics

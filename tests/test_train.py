@@ -80,6 +80,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from saecompress.cli.main import cli  # noqa: E402
 from saecompress.compact import load_compact, read_compact_metadata  # noqa: E402
+from saecompress.errors import SaeCompressError  # noqa: E402
 from saecompress.distill import latent_agreement  # noqa: E402
 from saecompress.mask import expander_mask  # noqa: E402
 from saecompress.models import TopKSAE  # noqa: E402
@@ -224,6 +225,22 @@ def test_distillation_keeps_latent_identities(tmp_path):
     assert results[1.0]["agreement"] > before["agreement"] + 0.04
     assert results[1.0]["agreement"] > results[0.0]["agreement"] + 0.04
     assert results[1.0]["mean_correlation"] > 0.85
+
+
+def test_distillation_on_teacher_chosen_supports(planted, tmp_path):
+    from saecompress.convert import topd_indices
+    from saecompress.models import TopKSAE
+
+    path, _, _ = planted
+    torch.manual_seed(4)
+    teacher = TopKSAE(M, N, 4)
+    cfg = TrainConfig(d=D, tokens=1024, batch_size=256, held_out_rows=2000, mask="topd")
+    student, _ = train(path, tmp_path / "topd.safetensors", cfg, teacher=teacher, progress=False)
+    assert student.mask_seed is None  # explicit indices, stored in the file
+    assert torch.equal(student.indices, topd_indices(teacher.W_dec.detach(), D))
+    assert torch.equal(load_compact(tmp_path / "topd.safetensors").indices, student.indices)
+    with pytest.raises(SaeCompressError, match="give it as --teacher"):
+        train(path, tmp_path / "x.safetensors", TrainConfig(d=D, n=N, mask="topd"), progress=False)
 
 
 def test_cli_train_and_errors(planted, tmp_path):

@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": "Convert a dense TopK SAE (SAELens, sparsify, OpenAI, dictionary_learning, paper) to expander form.",
     "acts": "Harvest activations from a transformers model over text files.",
     "train": "Train an Expander SAE natively, or distil a converted one from its dense teacher.",
+    "finetune": "Fine-tune an SAE through its LM (KL to the clean model's predictions + reconstruction).",
     "eval": "Measure FVU, L0, dead latents and CE-loss recovered of any SAE source.",
     "export": "Export an SAE to ONNX (encode / decode / autoencoder graphs).",
     "monitor": "Run an SAE over activations with onnxruntime and print features or alerts.",

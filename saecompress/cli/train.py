@@ -40,6 +40,9 @@ _DEFAULTS = TrainConfig()
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
 @click.option("--mask-seed", type=int, default=0, show_default=True, help="Seed of the expander mask.")
+@click.option("--mask", type=click.Choice(["expander", "topd", "search"]), default="expander", show_default=True,
+              help="With --teacher: how the student's dims are chosen, as in `convert` (topd: each latent's d "
+                   "largest teacher decoder entries, stored explicitly; keeps far more of the teacher).")
 @click.option("--auxk-coef", type=float, default=_DEFAULTS.auxk_coef, show_default=True,
               help="Weight of the AuxK loss on dead latents.")
 @click.option("--k-aux", type=int, default=None, help="Dead latents used by AuxK [default: m / 2].")
@@ -59,7 +62,7 @@ _DEFAULTS = TrainConfig()
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr, activation, encoder,
-          mask_seed, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
+          mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
 
@@ -69,7 +72,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr
     Ctrl-C writes a checkpoint; rerun the same command with --resume to continue.
     """
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation,
-                      encoder=encoder, mask_seed=mask_seed, tokens=tokens, batch_size=batch, lr=lr,
+                      encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
     _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True)

@@ -1,0 +1,154 @@
+"""KL fine-tuning: train an SAE *through the LM* so the spliced model predicts like the clean one.
+
+Activation-space training (``train.py``) minimises reconstruction error, which weighs every
+direction of the residual stream alike; the LM does not. This short second phase splices the SAE
+into the model at its hookpoint and minimises, per batch of contexts::
+
+    loss = KL(clean ‖ spliced)  +  recon_coef · FVU(x, x̂)
+
+where ``KL`` is the mean next-token KL divergence of the spliced model's predictions from the
+clean model's, and ``FVU`` keeps the SAE a faithful reconstruction (the batch FVU of training).
+Gradients flow through the LM's layers after the hookpoint into the SAE only (the LM is frozen);
+for an ``ExpanderSAE`` they go through the truly sparse ops of ``sparse_ops.py``. Excluded tokens
+(position 0, massive activations: see ``lm.py``) keep their clean value, as in ``ce_eval``.
+
+Each step costs two forward passes of the LM and one backward pass through the layers after the
+hookpoint. Adam, cosine decay from ``lr`` to 0, gradient clipping. Decoder rows are not
+renormalised (the file format does not need unit rows).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SaeCompressError
+from .lm import _batches, _hooked, hookpoint, keep_mask, site_module
+from .models import ExpanderSAE, SparseAutoencoder, layer_norm
+from .sparse_ops import MaskLayout
+from .train import fvu_loss, save_model, training_forward
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one KL fine-tuning run."""
+
+    tokens: int = 100_000  # LM tokens (contexts × context length)
+    context: int = 256
+    batch: int = 4  # contexts per step
+    lr: float = 1e-3
+    recon_coef: float = 1.0
+    grad_clip: float = 1.0
+    drop_first: bool = True
+    outlier_factor: float | None = 10.0
+
+    def check(self) -> None:
+        for name in ("tokens", "context", "batch"):
+            if getattr(self, name) < 1:
+                raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.context < 2:
+            raise SaeCompressError(f"context must be at least 2 tokens, got {self.context}")
+        if not self.lr > 0 or self.recon_coef < 0:
+            raise SaeCompressError("lr must be positive and recon_coef at least 0")
+
+
+def _next_token_kl(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over predicted positions of KL(clean ‖ patched)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return (clean_logp.exp() * (clean_logp - logp)).sum(-1).mean()
+
+
+class _Splice:
+    """Forward-hook state: capture the clean activation, then replace it by the SAE's reconstruction."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: FinetuneConfig):
+        self.sae, self.cfg = sae, cfg
+        self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
+        self.splicing = False
+        self.act = self.keep = None
+        self.fvu: torch.Tensor | None = None
+
+    def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
+        if not self.splicing:
+            if act.shape[-1] != self.sae.m:
+                raise SaeCompressError(f"model activations have hidden size {act.shape[-1]} but the SAE has "
+                                       f"m={self.sae.m}; pick the model/layer/site the SAE was trained on")
+            self.act = act.detach()
+            self.keep = keep_mask(act, drop_first=self.cfg.drop_first, outlier_factor=self.cfg.outlier_factor)[0]
+            return None
+        x = self.act[self.keep].to(self.sae.b_dec.dtype)
+        if self.sae.normalize_input:
+            xin, mu, std = layer_norm(x)
+        else:
+            xin, mu, std = x, 0.0, 1.0
+        recon = training_forward(self.sae, xin, self.layout).recon
+        self.fvu = fvu_loss(xin, recon)
+        spliced = self.act.clone().to(recon.dtype)
+        spliced[self.keep] = recon * std + mu
+        return spliced.to(self.act.dtype)
+
+
+def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int,
+             site: str = "resid", cfg: FinetuneConfig | None = None, *, out: str | os.PathLike | None = None,
+             progress: bool = True) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """KL-fine-tune ``sae`` in place at ``(layer, site)`` of ``model`` over ``texts``; returns ``(sae, stats)``.
+
+    ``stats``: the settings, steps, tokens and the mean KL / FVU of the first and last tenth of
+    the steps. With ``out`` the model is written there (compact file, or SAELens folder for a
+    dense SAE), atomically, with the stats in its metadata.
+    """
+    cfg = cfg or FinetuneConfig()
+    cfg.check()
+    module = site_module(model, layer, site)
+    model.requires_grad_(False)
+    sae.train().requires_grad_(True)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    splice = _Splice(sae, cfg)
+    steps = max(1, cfg.tokens // (cfg.context * cfg.batch))
+    history: list[tuple[float, float]] = []
+    bar = tqdm(total=steps * cfg.batch * cfg.context, unit="tok", unit_scale=True, desc="finetune",
+               disable=not progress, dynamic_ncols=True)
+    with _hooked(module, splice):
+        for step, ids in enumerate(_batches(tokenizer, texts, cfg.context, cfg.batch)):
+            if step >= steps:
+                break
+            ids = ids.to(model.device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            splice.splicing = False
+            with torch.no_grad():
+                clean_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            splice.splicing = True
+            kl = _next_token_kl(clean_logp, model(input_ids=ids, use_cache=False).logits)
+            loss = kl + cfg.recon_coef * splice.fvu
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            history.append((float(kl.detach()), float(splice.fvu.detach())))
+            bar.update(ids.numel())
+            bar.set_postfix(kl=f"{history[-1][0]:.4f}", fvu=f"{history[-1][1]:.4f}", refresh=False)
+    bar.close()
+    if not history:
+        raise SaeCompressError("the given texts yield no complete context; give more text or a smaller --context")
+    sae.eval().requires_grad_(False)
+    tenth = max(1, len(history) // 10)
+    first, last = torch.tensor(history[:tenth]).mean(0), torch.tensor(history[-tenth:]).mean(0)
+    stats = {"finetune": {**asdict(cfg), "hookpoint": hookpoint(layer, site), "steps": len(history),
+                          "tokens_seen": len(history) * cfg.batch * cfg.context,
+                          "kl_first": float(first[0]), "kl_last": float(last[0]),
+                          "fvu_first": float(first[1]), "fvu_last": float(last[1])}}
+    if out is not None:
+        save_model(sae, Path(out), {**getattr(sae, "metadata", {}), **stats})
+    return sae, stats
