@@ -5,9 +5,10 @@ Trains a dense TopK SAE (n=4608, k=32), then for each d:
 
 - ``native``: an expander SAE trained from scratch on the seeded expander mask;
 - ``convert``: the dense SAE converted (``--mask``, default topd) without training;
-- ``distill``: the converted SAE trained on the activations with the dense SAE as teacher;
-- ``… +ft`` (for ``--finetune-ds``): the SAE above KL-fine-tuned through the LM (``finetune.py``)
-  on ``--train-text-list`` text.
+- ``retrain``: the converted SAE trained further on reconstruction (``train --init``);
+- ``distill``: the converted SAE trained with the dense SAE as teacher (latent-matching term);
+- ``… +ft`` (for ``--finetune-ds``): the native and retrained SAEs KL-fine-tuned through the LM
+  (``finetune.py``) on ``--train-text-list`` text.
 
 Prints held-out FVU, dead fraction, latent agreement with the dense SAE, file bytes and CE-loss
 recovered (zero ablation; SAE spliced into the LM on held-out text), also as a fraction of the
@@ -64,8 +65,9 @@ def main() -> None:
     p.add_argument("--mask", default="topd", choices=["expander", "topd", "search"], help="convert/distill mask")
     p.add_argument("--dense-tokens", type=int, default=1_000_000)
     p.add_argument("--native-tokens", type=int, default=1_000_000)
+    p.add_argument("--retrain-tokens", type=int, default=2_000_000)
     p.add_argument("--distill-tokens", type=int, default=1_000_000)
-    p.add_argument("--finetune-ds", default="7", help="d values whose native and distilled SAEs get a KL fine-tune")
+    p.add_argument("--finetune-ds", default="7", help="d values whose native and retrained SAEs get a KL fine-tune")
     p.add_argument("--finetune-tokens", type=int, default=153_600)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--held-out", type=int, default=8192)
@@ -135,13 +137,19 @@ def main() -> None:
         save_compact(conv, out / f"convert-d{d}.safetensors")
         record(f"convert d={d}", conv, out / f"convert-d{d}.safetensors", 0, 0.0, teacher=dense)
         t0 = time.time()
+        cfg = TrainConfig(d=d, tokens=a.retrain_tokens, batch_size=a.batch, held_out_rows=a.held_out,
+                          encoder=a.encoder, lr=a.lr)
+        sae, _ = train(source, out / f"retrain-d{d}.safetensors", cfg, init=str(out / f"convert-d{d}.safetensors"))
+        record(f"retrain d={d}", sae, out / f"retrain-d{d}.safetensors", a.retrain_tokens, time.time() - t0,
+               teacher=dense)
+        if d in tune:
+            finetuned(f"retrain d={d}", copy.deepcopy(sae), teacher=dense)
+        t0 = time.time()
         cfg = TrainConfig(d=d, tokens=a.distill_tokens, batch_size=a.batch, held_out_rows=a.held_out,
                           encoder=a.encoder, lr=a.lr, mask=a.mask)
         sae, _ = train(source, out / f"distill-d{d}.safetensors", cfg, teacher=dense)
         record(f"distill d={d}", sae, out / f"distill-d{d}.safetensors", a.distill_tokens, time.time() - t0,
                teacher=dense)
-        if d in tune:
-            finetuned(f"distill d={d}", copy.deepcopy(sae), teacher=dense)
 
     if lm is not None:
         from saecompress.lm import ce_eval_many

@@ -12,6 +12,11 @@ Gradients flow through the LM's layers after the hookpoint into the SAE only (th
 for an ``ExpanderSAE`` they go through the truly sparse ops of ``sparse_ops.py``. Excluded tokens
 (position 0, massive activations: see ``lm.py``) keep their clean value, as in ``ce_eval``.
 
+**No latent dies.** The KL term can push a latent below every row's top-k threshold, after which
+it gets no gradient; such latents are many percent of a small SAE after a short run. A latent that
+has not fired for ``dead_tokens`` tokens is therefore put back to its starting parameters (and
+its Adam moments reset): the fine-tune refines latents but never loses one.
+
 Each step costs two forward passes of the LM and one backward pass through the layers after the
 hookpoint. Adam, cosine decay from ``lr`` to 0, gradient clipping. Decoder rows are not
 renormalised (the file format does not need unit rows).
@@ -46,8 +51,9 @@ class FinetuneConfig:
     context: int = 256
     batch: int = 4  # contexts per step
     lr: float = 1e-3
-    recon_coef: float = 1.0
+    recon_coef: float = 3.0
     grad_clip: float = 1.0
+    dead_tokens: int | None = None  # default 32 n / k: 32x a latent's mean firing interval
     drop_first: bool = True
     outlier_factor: float | None = 10.0
 
@@ -59,6 +65,8 @@ class FinetuneConfig:
             raise SaeCompressError(f"context must be at least 2 tokens, got {self.context}")
         if not self.lr > 0 or self.recon_coef < 0:
             raise SaeCompressError("lr must be positive and recon_coef at least 0")
+        if self.dead_tokens is not None and self.dead_tokens < 1:
+            raise SaeCompressError(f"dead_tokens must be at least 1, got {self.dead_tokens}")
 
 
 def _next_token_kl(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,7 @@ class _Splice:
         self.splicing = False
         self.act = self.keep = None
         self.fvu: torch.Tensor | None = None
+        self.fired: torch.Tensor | None = None  # [n] bool: latents active in the last splice
 
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         if not self.splicing:
@@ -90,11 +99,45 @@ class _Splice:
             xin, mu, std = layer_norm(x)
         else:
             xin, mu, std = x, 0.0, 1.0
-        recon = training_forward(self.sae, xin, self.layout).recon
+        out = training_forward(self.sae, xin, self.layout)
+        recon = out.recon
         self.fvu = fvu_loss(xin, recon)
+        self.fired = torch.zeros(self.sae.n, dtype=torch.bool)
+        self.fired[out.top_idx[out.top_vals.detach() != 0]] = True
         spliced = self.act.clone().to(recon.dtype)
         spliced[self.keep] = recon * std + mu
         return spliced.to(self.act.dtype)
+
+
+# The latent axis of each trainable tensor, for putting single latents back.
+_LATENT_AXIS = {"values": 0, "enc_values": 0, "b_enc": 0, "W_dec": 0, "W_enc": 1}
+
+
+class _LatentKeeper:
+    """Puts latents that stopped firing back to their starting parameters (see the module docstring)."""
+
+    def __init__(self, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_tokens: int):
+        self.params = {name: p for name, p in sae.named_parameters() if name in _LATENT_AXIS}
+        self.start = {name: p.detach().clone() for name, p in self.params.items()}
+        self.optimizer, self.dead_tokens = optimizer, dead_tokens
+        self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
+        self.restored = 0
+
+    @torch.no_grad()
+    def update(self, fired: torch.Tensor, tokens: int) -> None:
+        self.since_fired += tokens
+        self.since_fired[fired] = 0
+        dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return
+        for name, p in self.params.items():
+            axis = _LATENT_AXIS[name]
+            p.index_copy_(axis, dead, self.start[name].index_select(axis, dead))
+            for moment in self.optimizer.state.get(p, {}).values():
+                if moment.shape == p.shape:
+                    moment.index_fill_(axis, dead, 0)
+        self.since_fired[dead] = 0
+        self.restored += int(dead.numel())
 
 
 def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int,
@@ -114,6 +157,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     params = [p for p in sae.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     splice = _Splice(sae, cfg)
+    keeper = _LatentKeeper(sae, optimizer, cfg.dead_tokens or 32 * sae.n // sae.k)
     steps = max(1, cfg.tokens // (cfg.context * cfg.batch))
     history: list[tuple[float, float]] = []
     bar = tqdm(total=steps * cfg.batch * cfg.context, unit="tok", unit_scale=True, desc="finetune",
@@ -136,6 +180,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            keeper.update(splice.fired, int(splice.keep.sum()))
             history.append((float(kl.detach()), float(splice.fvu.detach())))
             bar.update(ids.numel())
             bar.set_postfix(kl=f"{history[-1][0]:.4f}", fvu=f"{history[-1][1]:.4f}", refresh=False)
@@ -147,8 +192,12 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     first, last = torch.tensor(history[:tenth]).mean(0), torch.tensor(history[-tenth:]).mean(0)
     stats = {"finetune": {**asdict(cfg), "hookpoint": hookpoint(layer, site), "steps": len(history),
                           "tokens_seen": len(history) * cfg.batch * cfg.context,
+                          "latents_restored": keeper.restored,
                           "kl_first": float(first[0]), "kl_last": float(last[0]),
                           "fvu_first": float(first[1]), "fvu_last": float(last[1])}}
     if out is not None:
-        save_model(sae, Path(out), {**getattr(sae, "metadata", {}), **stats})
+        previous = dict(getattr(sae, "metadata", {}))
+        if "held_out" in previous:  # activation-space metrics of the model before this run
+            previous["held_out_before_finetune"] = previous.pop("held_out")
+        save_model(sae, Path(out), {**previous, **stats})
     return sae, stats

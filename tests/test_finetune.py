@@ -10,7 +10,7 @@ from test_lm import HIDDEN, save_tiny, texts
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, read_compact_metadata, save_compact
 from saecompress.errors import SaeCompressError
-from saecompress.finetune import FinetuneConfig, finetune
+from saecompress.finetune import FinetuneConfig, _LatentKeeper, finetune
 from saecompress.lm import capture, ce_eval, load_model, token_contexts
 from saecompress.models import ExpanderSAE, TopKSAE
 from saecompress.sources import load
@@ -43,6 +43,7 @@ def kl(model, tokenizer, sae) -> float:
 def test_finetune_lowers_held_out_kl_and_writes_the_model(lm, tmp_path, dense):
     _, model, tokenizer = lm
     sae = start_sae(model, tokenizer, dense)
+    sae.metadata = {"held_out": {"fvu": 0.5}, "training": {"steps": 7}}
     indices = sae.indices.clone() if not dense else None
     before = kl(model, tokenizer, sae)
     out = tmp_path / ("dense" if dense else "ft.safetensors")
@@ -58,7 +59,9 @@ def test_finetune_lowers_held_out_kl_and_writes_the_model(lm, tmp_path, dense):
     assert kl(model, tokenizer, saved) == pytest.approx(after, rel=1e-5)
     if not dense:
         assert torch.equal(saved.indices, indices)  # the mask never moves
-        assert read_compact_metadata(out)["user"]["finetune"]["steps"] == 40
+        user = read_compact_metadata(out)["user"]
+        assert user["finetune"]["steps"] == 40 and user["training"] == {"steps": 7}
+        assert user["held_out_before_finetune"] == {"fvu": 0.5} and "held_out" not in user  # no stale metrics
 
 
 def test_finetune_recon_term_keeps_the_reconstruction(lm):
@@ -99,3 +102,32 @@ def test_finetune_errors(lm, tmp_path):
     error = [line for line in bad.output.splitlines() if "error:" in line]  # transformers' load bars aside
     assert len(error) == 1 and "m=16" in error[0] and error[0].split("]")[-1].startswith("error:")
     assert not any(p.name.startswith("bad") for p in tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_latents_that_stop_firing_are_put_back(dense):
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 16, 2) if dense else ExpanderSAE(8, 16, 3, 2, encoder="untied")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.1)
+    sae(torch.randn(4, 8)).pow(2).sum().backward()
+    optimizer.step()  # every parameter moves; Adam has moments
+    keeper = _LatentKeeper(sae, optimizer, dead_tokens=10)
+    moved = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    fired = torch.zeros(16, dtype=torch.bool)
+    fired[:12] = True
+    keeper.update(fired, 6)
+    assert keeper.restored == 0
+    fired[:] = False
+    fired[:4] = True
+    keeper.update(fired, 6)  # latents 12..15 have not fired for 12 >= 10 tokens
+    assert keeper.restored == 4
+    for name, p in sae.named_parameters():
+        if name == "b_dec":
+            assert torch.equal(p, moved[name])
+            continue
+        axis = 1 if name == "W_enc" else 0
+        dead, alive = torch.arange(12, 16), torch.arange(12)
+        assert torch.equal(p.index_select(axis, dead), keeper.start[name].index_select(axis, dead)), name
+        assert torch.equal(p.index_select(axis, alive), moved[name].index_select(axis, alive)), name
+        moments = optimizer.state[p]["exp_avg"].index_select(axis, dead)
+        assert torch.count_nonzero(moments) == 0

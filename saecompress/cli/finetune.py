@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..errors import SaeCompressError
 from ..finetune import FinetuneConfig
 from ..finetune import finetune as run_finetune
 from ..lm import SITES, load_model
@@ -43,7 +44,7 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
                          drop_first=not keep_first, outlier_factor=outlier_factor or None)
     cfg.check()
     if not texts:
-        raise click.UsageError("give at least one --text FILE or folder to fine-tune on")
+        raise SaeCompressError("give at least one --text FILE or folder to fine-tune on")
     files = text_files(texts)
     sae = load(src, hookpoint=hookpoint)
     model, tokenizer = load_model(model_path, gguf_file)
@@ -53,4 +54,5 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
         click.echo(json.dumps(stats))
         return
     click.echo(f"wrote {out}: {run['tokens_seen']:,} tokens in {run['steps']} steps; KL {run['kl_first']:.4f} -> "
-               f"{run['kl_last']:.4f}, FVU {run['fvu_first']:.4f} -> {run['fvu_last']:.4f} (first/last tenth of steps)")
+               f"{run['kl_last']:.4f}, FVU {run['fvu_first']:.4f} -> {run['fvu_last']:.4f} (first/last tenth of steps); "
+               f"{run['latents_restored']:,} restores of latents that stopped firing")
