@@ -12,10 +12,12 @@ Gradients flow through the LM's layers after the hookpoint into the SAE only (th
 for an ``ExpanderSAE`` they go through the truly sparse ops of ``sparse_ops.py``. Excluded tokens
 (position 0, massive activations: see ``lm.py``) keep their clean value, as in ``ce_eval``.
 
-**No latent dies.** The KL term can push a latent below every row's top-k threshold, after which
-it gets no gradient; such latents are many percent of a small SAE after a short run. A latent that
-has not fired for ``dead_tokens`` tokens is therefore put back to its starting parameters (and
-its Adam moments reset): the fine-tune refines latents but never loses one.
+**No latent dies.** Once a latent falls below every row's top-k threshold it gets no gradient
+again. Two things keep the set of firing latents intact: each latent's encoder keeps its starting
+norm (rows are rescaled after every step; the code scale can still change through the decoder),
+so no latent wins the top-k by growing its encoder and raising everyone's threshold; and a latent
+that has not fired for ``dead_tokens`` tokens is put back to its starting parameters (its Adam
+moments reset). The fine-tune refines latents but does not lose them.
 
 Each step costs two forward passes of the LM and one backward pass through the layers after the
 hookpoint. Adam, cosine decay from ``lr`` to 0, gradient clipping. Decoder rows are not
@@ -113,18 +115,28 @@ class _Splice:
 _LATENT_AXIS = {"values": 0, "enc_values": 0, "b_enc": 0, "W_dec": 0, "W_enc": 1}
 
 
+def _encoder(sae: SparseAutoencoder) -> tuple[torch.Tensor, int]:
+    """``(encoder weights, latent axis)``: ``W_enc [m, n]`` of a dense SAE, ``[n, d]`` values of an expander."""
+    return (sae.W_enc, 1) if hasattr(sae, "W_enc") else (sae.encoder_values, 0)
+
+
 class _LatentKeeper:
-    """Puts latents that stopped firing back to their starting parameters (see the module docstring)."""
+    """Keeps every latent in the top-k competition (see the module docstring)."""
 
     def __init__(self, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_tokens: int):
         self.params = {name: p for name, p in sae.named_parameters() if name in _LATENT_AXIS}
         self.start = {name: p.detach().clone() for name, p in self.params.items()}
+        self.encoder, self.axis = _encoder(sae)
+        self.encoder_norms = self.encoder.detach().norm(dim=1 - self.axis, keepdim=True)
         self.optimizer, self.dead_tokens = optimizer, dead_tokens
         self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
         self.restored = 0
 
     @torch.no_grad()
     def update(self, fired: torch.Tensor, tokens: int) -> None:
+        """After an optimizer step: fix encoder norms, count ``tokens`` and restore latents dead since."""
+        norms = self.encoder.norm(dim=1 - self.axis, keepdim=True)
+        self.encoder.mul_(torch.where(norms > 0, self.encoder_norms / norms.clamp_min(1e-12), 1.0))
         self.since_fired += tokens
         self.since_fired[fired] = 0
         dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)

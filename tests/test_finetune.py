@@ -112,11 +112,17 @@ def test_latents_that_stop_firing_are_put_back(dense):
     sae(torch.randn(4, 8)).pow(2).sum().backward()
     optimizer.step()  # every parameter moves; Adam has moments
     keeper = _LatentKeeper(sae, optimizer, dead_tokens=10)
+    encoder, axis = (sae.W_enc, 1) if dense else (sae.enc_values, 0)
+    norms = encoder.detach().norm(dim=1 - axis)
+    with torch.no_grad():
+        encoder.mul_(2.0)  # a step that grows every encoder
     moved = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    moved["W_enc" if dense else "enc_values"] /= 2.0
     fired = torch.zeros(16, dtype=torch.bool)
     fired[:12] = True
     keeper.update(fired, 6)
     assert keeper.restored == 0
+    torch.testing.assert_close(encoder.detach().norm(dim=1 - axis), norms)  # the encoders keep their norms
     fired[:] = False
     fired[:4] = True
     keeper.update(fired, 6)  # latents 12..15 have not fired for 12 >= 10 tokens
