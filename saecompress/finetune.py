@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SaeCompressError
-from .lm import _batches, _hooked, hookpoint, keep_mask, site_module
+from .lm import _batches, _hooked, hookpoint, keep_mask, next_token_kl, site_module
 from .models import ExpanderSAE, SparseAutoencoder, layer_norm
 from .sparse_ops import MaskLayout
 from .train import fvu_loss, save_model, training_forward
@@ -69,12 +69,6 @@ class FinetuneConfig:
             raise SaeCompressError("lr must be positive and recon_coef at least 0")
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise SaeCompressError(f"dead_tokens must be at least 1, got {self.dead_tokens}")
-
-
-def _next_token_kl(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over predicted positions of KL(clean ‖ patched)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return (clean_logp.exp() * (clean_logp - logp)).sum(-1).mean()
 
 
 class _Splice:
@@ -185,7 +179,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
             with torch.no_grad():
                 clean_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
             splice.splicing = True
-            kl = _next_token_kl(clean_logp, model(input_ids=ids, use_cache=False).logits)
+            kl = next_token_kl(clean_logp, model(input_ids=ids, use_cache=False).logits).mean()
             loss = kl + cfg.recon_coef * splice.fvu
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -252,10 +252,13 @@ def _ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(losses.double().sum())
 
 
-def _kl_sum(clean_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    """Summed KL(clean ‖ patched) of the next-token distributions over all predicted positions."""
+def next_token_kl(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean ‖ patched) of the next-token distributions at each predicted position ``[B, T-1]``.
+
+    ``clean_logp`` is ``log_softmax`` of the clean logits without their last position.
+    """
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return float((clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum())
+    return (clean_logp.exp() * (clean_logp - logp)).sum(-1)
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float:
@@ -331,7 +334,7 @@ def ce_eval_many(model: nn.Module, tokenizer: Any, texts: Iterable[str], saes: d
                 if clean_logp is None:
                     clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 else:
-                    kl[mode] += _kl_sum(clean_logp, logits)
+                    kl[mode] += float(next_token_kl(clean_logp, logits).double().sum())
                 del logits
             del clean_logp
             stats["tokens"] += ids.numel()
