@@ -18,7 +18,8 @@ names them.
 
     python benchmarks/fidelity.py --acts /work/data/smollm2-l15 --eval-acts /work/data/smollm2-l15-eval \\
         --model /path/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --text-list /work/data/eval_files.txt --train-text-list /work/data/train_files.txt
+        --text-list /work/data/eval_abs.txt --train-text-list /work/data/train_abs.txt \\
+        [--dense-from /work/data/dense-n4608-k32-1m]    # reuse a dense SAE trained by an earlier run
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ def main() -> None:
     p.add_argument("--mask", default="topd", choices=["expander", "topd", "search"], help="convert/distill mask")
     p.add_argument("--dense-tokens", type=int, default=1_000_000)
     p.add_argument("--native-tokens", type=int, default=1_000_000)
-    p.add_argument("--retrain-tokens", type=int, default=2_000_000)
+    p.add_argument("--retrain-tokens", type=int, default=3_000_000)
     p.add_argument("--distill-tokens", type=int, default=500_000)
     p.add_argument("--finetune-ds", default="7", help="d values whose native and retrained SAEs get a KL fine-tune")
-    p.add_argument("--finetune-tokens", type=int, default=204_800)
+    p.add_argument("--finetune-tokens", type=int, default=307_200)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--held-out", type=int, default=8192)
     p.add_argument("--ce-tokens", type=int, default=16_384)

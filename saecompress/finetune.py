@@ -49,7 +49,7 @@ from .train import fvu_loss, save_model, training_forward
 class FinetuneConfig:
     """Settings of one KL fine-tuning run."""
 
-    tokens: int = 100_000  # LM tokens (contexts × context length)
+    tokens: int = 300_000  # LM tokens (contexts × context length)
     context: int = 256
     batch: int = 4  # contexts per step
     lr: float = 1e-3

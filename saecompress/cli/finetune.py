@@ -38,7 +38,7 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
     \b
     Use text the SAE will not be evaluated on, e.g.:
       saecompress finetune sae.safetensors --model lm.gguf --text train-docs/ --layer 15 \\
-          --tokens 150000 --out sae-ft.safetensors
+          --tokens 300000 --out sae-ft.safetensors
     """
     cfg = FinetuneConfig(tokens=tokens, context=context, batch=batch, lr=lr, recon_coef=recon_coef,
                          drop_first=not keep_first, outlier_factor=outlier_factor or None)
