@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from saecompress.activations import open_activations
+from saecompress.cli.acts import read_texts
 from saecompress.compact import save_compact
 from saecompress.convert import convert
 from saecompress.distill import latent_agreement
@@ -49,7 +50,7 @@ def _texts(list_file: str, shuffle_seed: int | None = None):
     files = [Path(line.strip()) for line in Path(list_file).read_text().splitlines() if line.strip()]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(files)
-    return (f.read_text(errors="replace") for f in files)
+    return read_texts(files)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SaeCompressError
-from .lm import _batches, _hooked, hookpoint, keep_mask, next_token_kl, site_module
+from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
 from .models import ExpanderSAE, SparseAutoencoder, layer_norm
 from .sparse_ops import MaskLayout
 from .train import fvu_loss, save_model, training_forward
@@ -168,8 +168,8 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     history: list[tuple[float, float]] = []
     bar = tqdm(total=steps * cfg.batch * cfg.context, unit="tok", unit_scale=True, desc="finetune",
                disable=not progress, dynamic_ncols=True)
-    with _hooked(module, splice):
-        for step, ids in enumerate(_batches(tokenizer, texts, cfg.context, cfg.batch)):
+    with hooked(module, splice):
+        for step, ids in enumerate(context_batches(tokenizer, texts, cfg.context, cfg.batch)):
             if step >= steps:
                 break
             ids = ids.to(model.device)

@@ -107,7 +107,7 @@ class _Stop(Exception):
 
 
 @contextlib.contextmanager
-def _hooked(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+def hooked(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Run ``edit(activation)`` on the module's output; a returned tensor replaces the activation."""
 
     def hook(_module, _inputs, output):
@@ -132,7 +132,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, layer: int, site: str) ->
         box.append(act.detach().float())
         raise _Stop
 
-    with torch.no_grad(), _hooked(site_module(model, layer, site), grab), contextlib.suppress(_Stop):
+    with torch.no_grad(), hooked(site_module(model, layer, site), grab), contextlib.suppress(_Stop):
         model(input_ids=input_ids.to(model.device), use_cache=False)
     return box[0].cpu()
 
@@ -184,7 +184,8 @@ def _pieces(text: str) -> Iterator[str]:
         start = end
 
 
-def _batches(tokenizer: Any, texts: Iterable[str], context: int, batch: int) -> Iterator[torch.Tensor]:
+def context_batches(tokenizer: Any, texts: Iterable[str], context: int, batch: int) -> Iterator[torch.Tensor]:
+    """``[batch, context]`` token-id tensors from :func:`token_contexts` (the last one may be shorter)."""
     rows: list[torch.Tensor] = []
     for row in token_contexts(tokenizer, texts, context):
         rows.append(row)
@@ -214,7 +215,7 @@ def harvest(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, 
     bar = tqdm(total=tokens, unit="tok", desc=f"acts {hookpoint(layer, site)}", disable=not progress)
     try:
         written = 0
-        for ids in _batches(tokenizer, texts, context, batch):
+        for ids in context_batches(tokenizer, texts, context, batch):
             acts = capture(model, ids, layer, site)
             keep, first, massive = keep_mask(acts, drop_first=drop_first, outlier_factor=outlier_factor)
             rows = acts[keep][: tokens - written]
@@ -277,7 +278,7 @@ def ce_eval_many(model: nn.Module, tokenizer: Any, texts: Iterable[str], saes: d
     module = site_module(model, layer, site)
     n_ctx = -(-tokens // context)
     batches: list[torch.Tensor] = []
-    for ids in _batches(tokenizer, texts, context, batch):
+    for ids in context_batches(tokenizer, texts, context, batch):
         batches.append(ids[: n_ctx - sum(len(b) for b in batches)])
         if sum(len(b) for b in batches) >= n_ctx:
             break
@@ -323,7 +324,7 @@ def ce_eval_many(model: nn.Module, tokenizer: Any, texts: Iterable[str], saes: d
             new = sae(act.to(next(sae.parameters()).dtype)).to(act.dtype)
         return torch.where(state["keep"].unsqueeze(-1), new, act)
 
-    with _hooked(module, edit):
+    with hooked(module, edit):
         for ids in tqdm(batches, desc="ce eval", unit="batch", disable=not progress, leave=False):
             ids = ids.to(model.device)
             clean_logp = None

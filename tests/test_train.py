@@ -229,7 +229,6 @@ def test_distillation_keeps_latent_identities(tmp_path):
 
 def test_distillation_on_teacher_chosen_supports(planted, tmp_path):
     from saecompress.convert import topd_indices
-    from saecompress.models import TopKSAE
 
     path, _, _ = planted
     torch.manual_seed(4)
