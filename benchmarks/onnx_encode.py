@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +25,7 @@ from common import print_table
 
 from saecompress.exporters.onnx import EncodeLayout, build_onnx
 from saecompress.models import ExpanderSAE
+from saecompress.timing import interleaved
 
 FORMULATIONS = {
     "grouped chunk=256 G=16 + 1-row branch (default)": EncodeLayout(),
@@ -46,21 +46,6 @@ def session(model, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def interleaved(engines: dict[str, callable], rounds: int, budget: float) -> dict[str, list[float]]:
-    """Per-engine seconds per call, one sample per round, engines alternating within a round."""
-    for fn in engines.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(rounds):
-        for name, fn in engines.items():
-            reps = max(1, int(budget / statistics.median(times[name]))) if times[name] else 1
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - start) / reps)
-    return times
 
 
 def main_table(sizes, batches, k, threads, rounds, budget, m) -> None:

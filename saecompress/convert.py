@@ -178,7 +178,8 @@ def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str
     return report
 
 
-def _source_bytes(path: Path) -> int:
+def source_bytes(path: Path) -> int:
+    """Bytes of a source SAE: the file, or the files directly in its folder."""
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -212,7 +213,7 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
                if value is not None and key not in ("convert_seconds", "file_bytes")}
     save_compact(sparse, out, dtype=dtype, metadata={**sparse.metadata, "convert": metrics})
     report.file_bytes = out.stat().st_size
-    report.source_bytes = _source_bytes(Path(native.provenance["path"]))
+    report.source_bytes = source_bytes(Path(native.provenance["path"]))
     report.compression_ratio = report.source_bytes / report.file_bytes
     return report
 

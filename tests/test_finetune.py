@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from test_lm import HIDDEN, save_tiny, texts
+from tinylm import HIDDEN, save_tiny, texts
 
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, read_compact_metadata, save_compact

@@ -12,6 +12,7 @@ from ..errors import SaeCompressError
 
 # name -> one-line help. Each command lives in saecompress/cli/<name>.py as a click command <name>.
 COMMANDS = {
+    "demo": "Run the main job end to end: convert, evaluate, export, monitor, compare (offline default).",
     "info": "Show what a compact file holds and how much it saves.",
     "convert": "Convert a dense TopK SAE (SAELens, sparsify, OpenAI, dictionary_learning, paper) to expander form.",
     "acts": "Harvest activations from a transformers model over text files.",

