@@ -471,6 +471,8 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
               teacher if isinstance(teacher, (str, os.PathLike)) else None]
     check_outputs([out], inputs, kind="file" if cfg.d is not None else "folder")
     check_outputs([ckpt], inputs, kind="file")
+    if resume and not ckpt.is_file():
+        raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
     source = acts if isinstance(acts, ActivationSource) else open_activations(acts)
     if source.num_rows == 0:
         raise SaeCompressError(f"{source.path}: holds no activation rows; harvest some with `saecompress acts`")
@@ -487,8 +489,6 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     total_steps = max(1, cfg.tokens // cfg.batch_size)
     trainer = Trainer(sae, cfg, total_steps, teacher)
     if resume:
-        if not ckpt.is_file():
-            raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
         mean, scale = _data_stats(train_src, sae)
