@@ -199,9 +199,11 @@ def context_batches(tokenizer: Any, texts: Iterable[str], context: int, batch: i
 
 def check_harvest(out: str | os.PathLike, tokens: int, *, overwrite: bool = False,
                   inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """What :func:`harvest` refuses before reading any text: ``tokens < 1``, and an ``out`` folder
-    that holds files (unless ``overwrite``), holds or lies inside one of ``inputs``, or cannot be
-    written. Call it before loading the model."""
+    """What :func:`harvest` refuses before reading any text; call it before loading the model.
+
+    ``tokens < 1``, and an ``out`` folder that holds files (unless ``overwrite``), holds or lies
+    inside one of ``inputs``, or cannot be written.
+    """
     if tokens <= 0:
         raise SaeCompressError(f"--tokens must be positive, got {tokens}")
     check_outputs([out], inputs, kind="folder")

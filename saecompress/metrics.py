@@ -10,7 +10,8 @@ Definitions (SAELens / SAEBench):
 - mse: mean squared error per element, ``E‖x − x̂‖² / m``.
 
 All sums are accumulated in float64, so streaming over batches gives the same numbers as one
-pass over the whole window.
+pass over the whole window. A window without variance (every row the same) is refused: its FVU
+is undefined.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class FidelityAccumulator:
         mean = self.sum_x / self.rows
         variance = self.sum_sq / self.rows - float((mean * mean).sum())
         err = self.sum_err / self.rows
-        if not variance > 0:
+        if not variance > 1e-12 * self.sum_sq / self.rows:  # zero up to rounding
             raise SaeCompressError(f"every activation row is the same (zero variance over {self.rows} rows), so "
                                    "FVU is undefined; evaluate on real activations (more rows)")
         ev = 1.0 - err / variance
@@ -133,4 +134,4 @@ def evaluate(sae: SparseAutoencoder, source: ActivationSource, *, batch_size: in
     try:
         return acc.result()
     except SaeCompressError as err:
-        raise SaeCompressError(f"{source.path}: {err}") from None
+        raise SaeCompressError(f"{source.path or 'activations'}: {err}") from None
