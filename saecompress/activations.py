@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, output_errors
+from ._json import dumps
 from .compact import write_safetensors
 from .errors import SaeCompressError
 
@@ -299,6 +300,13 @@ def open_activations(path: str | os.PathLike) -> ActivationSource:
     return ActivationSource([_open_shard(f) for f in files], path=p)
 
 
+def check_shard_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an ``out_dir`` that already holds files unless ``overwrite`` (it is then replaced whole)."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise SaeCompressError(f"{out}: already exists and is not empty; choose another --out or remove it")
+
+
 class ShardWriter:
     """Write ``[rows, m]`` activations as safetensors shards into a directory, atomically.
 
@@ -312,14 +320,14 @@ class ShardWriter:
         if dtype not in _TORCH_DTYPES:
             raise SaeCompressError(f"activation dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not (self.out_dir.is_dir() and not any(self.out_dir.iterdir())) and not overwrite:
-            raise SaeCompressError(f"{self.out_dir}: already exists and is not empty; choose another --out or remove it")
+        check_shard_folder(self.out_dir, overwrite)
         self.m = m
         self.dtype = dtype
         self.shard_rows = shard_rows
         self.overwrite = overwrite
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        with output_errors(self.out_dir):
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
         self.shards: list[dict[str, Any]] = []
@@ -347,7 +355,8 @@ class ShardWriter:
         self._pending = [rest] if len(rest) else []
         self._pending_rows = len(rest)
         name = f"shard-{len(self.shards):05d}.safetensors"
-        write_safetensors(self._tmp / name, {"activations": shard}, {})
+        with output_errors(self.out_dir):
+            write_safetensors(self._tmp / name, {"activations": shard}, {})
         self.shards.append({"file": name, "rows": int(shard.shape[0])})
         self.num_rows += int(shard.shape[0])
 
@@ -357,16 +366,16 @@ class ShardWriter:
             self._flush(self._pending_rows)
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "m": self.m, "num_rows": self.num_rows,
                     "dtype": self.dtype, **(metadata or {}), "shards": self.shards}
-        with atomic_path(self._tmp / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self._tmp, self.out_dir)
+        with output_errors(self.out_dir):
+            (self._tmp / MANIFEST).write_text(dumps(manifest, indent=2) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
+            old = None
+            if self.out_dir.exists():
+                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+                os.replace(self.out_dir, old)
+            os.replace(self._tmp, self.out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out_dir

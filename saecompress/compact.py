@@ -21,9 +21,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ._io import atomic_path
+from ._json import dumps
 from .errors import SaeCompressError
 from .mask import MASK_ALGORITHM, expander_mask, indices_sha256
 from .models import ACTIVATIONS, ENCODERS, ExpanderSAE
+from .provenance import shareable
 
 FORMAT_NAME = "saecompress.expander"
 FORMAT_VERSION = 1
@@ -76,7 +78,7 @@ def compact_tensors(sae: ExpanderSAE, dtype: str) -> dict[str, torch.Tensor]:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def compact_metadata(sae: ExpanderSAE, dtype: str, user: dict | None = None) -> dict[str, str]:
@@ -88,7 +90,7 @@ def compact_metadata(sae: ExpanderSAE, dtype: str, user: dict | None = None) -> 
         "normalize_input": "true" if sae.normalize_input else "false",
         "mask": "explicit" if sae.mask_seed is None else "seed",
         "indices_sha256": indices_sha256(sae.indices.cpu().numpy()),
-        "dtype": dtype, "source": _json(sae.provenance), "user": _json(user or {}),
+        "dtype": dtype, "source": _json(shareable(sae.provenance)), "user": _json(user or {}),
     }
     if sae.mask_seed is not None:
         meta["mask_algorithm"] = sae.mask_algorithm or MASK_ALGORITHM
@@ -137,6 +139,18 @@ def save_compact(sae: ExpanderSAE, path: str | os.PathLike, dtype: str | None = 
     user = sae.metadata if metadata is None else metadata
     write_safetensors(path, compact_tensors(sae, dtype), compact_metadata(sae, dtype, user))
     return Path(path)
+
+
+def shareable_copy(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Copy the compact file ``path`` to ``out`` with a shareable ``source`` (files written before
+    sources were recorded without local paths); tensors and other metadata are copied unchanged."""
+    path = Path(path)
+    raw = _read_header(path)
+    meta = parse_compact_metadata(path, raw)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    write_safetensors(out, tensors, {**raw, "source": _json(shareable(meta["source"]))})
+    return Path(out)
 
 
 # --------------------------------------------------------------------------- reading

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compact import STORAGE_DTYPES, dense_values, learned_values, load_compact, save_compact
+from ._io import check_outputs, output_errors
 from .errors import SaeCompressError
 from .formats import list_hookpoints, read_sae
 from .mask import expander_mask
@@ -229,13 +230,16 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     Without ``hookpoint``, a source holding many hookpoints converts all of them into the folder
     ``out`` (one ``<hookpoint>.safetensors`` each, ``/`` written as ``__``); otherwise ``out`` is
     one file. ``d``/``mask`` default to 7/``expander``; an Expander-SAE paper checkpoint given with
-    neither is imported exactly. ``acts`` adds FVU/L0/dead metrics (single SAE only). Nothing is
-    written unless every conversion succeeds.
+    neither is imported exactly. ``acts`` adds FVU/L0/dead metrics (single SAE only). ``out`` is
+    checked before any work (it must not be, hold or lie inside ``src`` or ``acts``: see
+    ``_io.check_outputs``); an existing file of the same name is replaced. Nothing is written
+    unless every conversion succeeds.
     """
     if dtype not in STORAGE_DTYPES:
         raise SaeCompressError(f"unknown --dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     if mask is not None and mask not in MASKS:
         raise SaeCompressError(f"unknown --mask {mask!r}; use one of {', '.join(MASKS)}")
+    check_outputs([out], [src, acts])
     local, hookpoint = resolve(src, hookpoint)
     out = Path(out)
     options = dict(d=d, mask=mask, seed=seed, search_seeds=search_seeds, encoder=encoder, dtype=dtype, k=k,
@@ -251,14 +255,16 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
         )
     if out.exists() and not out.is_dir():
         raise SaeCompressError(f"{out}: {local} holds {len(hookpoints)} hookpoints, so OUT must be a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with output_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        reports = [_convert_one(local, staging / _output_name(hp), hp, acts=None, **options)
-                   for hp in tqdm(hookpoints, desc="convert", unit="sae", disable=not progress)]
-        out.mkdir(exist_ok=True)
-        for hp in hookpoints:
-            os.replace(staging / _output_name(hp), out / _output_name(hp))
+        with output_errors(out):  # names OUT, never the staging folder
+            reports = [_convert_one(local, staging / _output_name(hp), hp, acts=None, **options)
+                       for hp in tqdm(hookpoints, desc="convert", unit="sae", disable=not progress)]
+            out.mkdir(exist_ok=True)
+            for hp in hookpoints:
+                os.replace(staging / _output_name(hp), out / _output_name(hp))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return reports

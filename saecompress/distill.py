@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .activations import ActivationSource
+from .errors import SaeCompressError
 from .models import ExpanderSAE, SparseAutoencoder, TopKSAE
 from .sparse_ops import SparseForward
 
@@ -58,7 +59,8 @@ def latent_agreement(teacher: SparseAutoencoder, student: SparseAutoencoder, sou
     """
     n = teacher.n
     if student.n != n:
-        raise ValueError(f"teacher has {n} latents but student has {student.n}")
+        raise SaeCompressError(f"the teacher has {n} latents but the student has {student.n}; latent agreement "
+                               "compares latent i of each, so give a student converted from this teacher")
     if max_rows is not None:
         source = source.select(0, min(max_rows, source.num_rows))
     sums = torch.zeros(5, n, dtype=torch.float64)  # t, s, t², s², t·s

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import check_outputs
 from .errors import SaeCompressError
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
 from .models import ExpanderSAE, SparseAutoencoder, layer_norm
@@ -65,8 +66,10 @@ class FinetuneConfig:
                 raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.context < 2:
             raise SaeCompressError(f"context must be at least 2 tokens, got {self.context}")
-        if not self.lr > 0 or self.recon_coef < 0:
-            raise SaeCompressError("lr must be positive and recon_coef at least 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SaeCompressError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.recon_coef) and self.recon_coef >= 0):
+            raise SaeCompressError(f"--recon-coef must be a number of at least 0, got {self.recon_coef}")
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise SaeCompressError(f"dead_tokens must be at least 1, got {self.dead_tokens}")
 
@@ -153,10 +156,12 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
 
     ``stats``: the settings, steps, tokens and the mean KL / FVU of the first and last tenth of
     the steps. With ``out`` the model is written there (compact file, or SAELens folder for a
-    dense SAE), atomically, with the stats in its metadata.
+    dense SAE), atomically, with the stats in its metadata; it is checked before training starts.
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
+    if out is not None:
+        check_outputs([out], kind="file" if isinstance(sae, ExpanderSAE) else "folder")
     module = site_module(model, layer, site)
     model.requires_grad_(False)
     sae.train().requires_grad_(True)

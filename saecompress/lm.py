@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import ShardWriter
+from ._io import check_outputs
+from .activations import ShardWriter, check_shard_folder
 from .errors import SaeCompressError
 from .models import SparseAutoencoder
 
@@ -196,6 +197,19 @@ def context_batches(tokenizer: Any, texts: Iterable[str], context: int, batch: i
         yield torch.stack(rows)
 
 
+def check_harvest(out: str | os.PathLike, tokens: int, *, overwrite: bool = False,
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """What :func:`harvest` refuses before reading any text; call it before loading the model.
+
+    ``tokens < 1``, and an ``out`` folder that holds files (unless ``overwrite``), holds or lies
+    inside one of ``inputs``, or cannot be written.
+    """
+    if tokens <= 0:
+        raise SaeCompressError(f"--tokens must be positive, got {tokens}")
+    check_outputs([out], inputs, kind="folder")
+    check_shard_folder(out, overwrite)
+
+
 def harvest(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, site: str = "resid", *,
             tokens: int, out: str | os.PathLike, context: int = 256, batch: int = 8,
             drop_first: bool = True, outlier_factor: float | None = 10.0, dtype: str = "float32",
@@ -207,8 +221,7 @@ def harvest(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, 
     texts run out first, fewer rows are written (``num_rows`` in the returned manifest says how
     many). Returns the manifest.
     """
-    if tokens <= 0:
-        raise SaeCompressError(f"--tokens must be positive, got {tokens}")
+    check_harvest(out, tokens, overwrite=overwrite)
     site_module(model, layer, site)  # validate before reading any text
     stats = {"tokens_seen": 0, "dropped_first": 0, "dropped_massive": 0}
     writer: ShardWriter | None = None

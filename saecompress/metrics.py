@@ -10,7 +10,8 @@ Definitions (SAELens / SAEBench):
 - mse: mean squared error per element, ``E‖x − x̂‖² / m``.
 
 All sums are accumulated in float64, so streaming over batches gives the same numbers as one
-pass over the whole window.
+pass over the whole window. A window without variance (every row the same) is refused: its FVU
+is undefined.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class FidelityAccumulator:
         mean = self.sum_x / self.rows
         variance = self.sum_sq / self.rows - float((mean * mean).sum())
         err = self.sum_err / self.rows
-        ev = 1.0 - err / variance if variance > 0 else float("nan")
+        if not variance > 1e-12 * self.sum_sq / self.rows:  # zero up to rounding
+            raise SaeCompressError(f"every activation row is the same (zero variance over {self.rows} rows), so "
+                                   "FVU is undefined; evaluate on real activations (more rows)")
+        ev = 1.0 - err / variance
         out: dict[str, Any] = {"fvu": 1.0 - ev, "explained_variance": ev, "mse": err / self.sum_x.numel(),
                                "cosine": self.sum_cos / self.rows, "num_rows": self.rows}
         if self.code_rows:
@@ -127,4 +131,7 @@ def evaluate(sae: SparseAutoencoder, source: ActivationSource, *, batch_size: in
         acc.update(x, x_hat, values, indices)
         bar.update(x.shape[0])
     bar.close()
-    return acc.result()
+    try:
+        return acc.result()
+    except SaeCompressError as err:
+        raise SaeCompressError(f"{source.path or 'activations'}: {err}") from None

@@ -15,9 +15,10 @@ latents (see ``Trainer._reaim_dead``). AuxK alone cannot: under Adam its gradien
 latent is scale-free, so it only nudges the direction while the top-k threshold, set by the
 growing encoders of the alive latents, runs away (63% dead on SmolLM2 residuals at d=7).
 
-Checkpoints: ``OUT`` (a valid compact file at every checkpoint) and ``OUT.ckpt`` (model +
-optimizer + counters, for ``resume``), both written atomically; Ctrl-C writes both before
-exiting. Runs are deterministic on CPU for a given seed, and a resumed run continues bit-exactly.
+Checkpoints: ``OUT.ckpt`` (model + optimizer + counters, for ``resume``), written atomically
+every ``checkpoint_every`` steps, on Ctrl-C and at the end; ``OUT`` itself is written only by a
+run that completes, so an interrupted run never leaves a partly trained model there. Runs are
+deterministic on CPU for a given seed, and a resumed run continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_path
+from ._io import atomic_path, check_outputs, output_errors
+from ._json import dumps
 from .activations import ActivationSource, open_activations
 from .compact import save_compact
 from .errors import SaeCompressError
 from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, layer_norm, select_topk
+from .provenance import shareable
 from .sparse_ops import MaskLayout, SparseForward, sparse_forward
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -89,6 +92,12 @@ class TrainConfig:
             raise SaeCompressError(f"d must be at least 1, got {self.d}")
         if self.reaim_every < 0:
             raise SaeCompressError(f"reaim_every must be 0 (never) or more, got {self.reaim_every}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise SaeCompressError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
 
     def num_latents(self, m: int) -> int | None:
         return self.n if self.n is not None else (self.expansion * m if self.expansion else None)
@@ -315,18 +324,19 @@ def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = 
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with output_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     cfg = {"architecture": "topk", "k": sae.k, "d_in": sae.m, "d_sae": sae.n,
            "normalize_activations": "layer_norm" if sae.normalize_input else "none",
            "apply_b_dec_to_input": True, "dtype": "float32",
-           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in sae.provenance.items()
+           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in shareable(sae.provenance).items()
                                                           if isinstance(v, (str, int, float))}}}
     tensors = {name: getattr(sae, name).detach().float().contiguous()
                for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
     with atomic_path(folder / "sae_weights.safetensors") as tmp:
         save_file(tensors, str(tmp))
     with atomic_path(folder / "cfg.json") as tmp:
-        tmp.write_text(json.dumps(cfg, indent=2))
+        tmp.write_text(dumps(cfg, indent=2))
     return folder
 
 
@@ -366,6 +376,9 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
                                "use activations from the SAE's model and hookpoint")
     if cfg.d is not None and not isinstance(sae, ExpanderSAE):
         raise SaeCompressError(f"{init}: is a dense SAE; pass it as --teacher to convert and distil it")
+    if teacher is not None and sae.n != teacher.n:
+        raise SaeCompressError(f"{init}: has {sae.n} latents but the teacher has {teacher.n}; distillation matches "
+                               "latent i to the teacher's latent i, so start from a conversion of that teacher")
     if cfg.k is not None:
         if not 1 <= cfg.k <= sae.n:
             raise SaeCompressError(f"--k {cfg.k} must be between 1 and the number of latents {sae.n}")
@@ -400,6 +413,9 @@ def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch
         x = layer_norm(x)[0]
     mean = x.mean(0)
     spread = float((x - mean).pow(2).sum(1).mean())
+    if not spread > 0:
+        raise SaeCompressError(f"{source.path}: every activation row is the same (zero variance); "
+                               "train on real activations")
     scale = 1.0 if sae.normalize_input or spread <= 0 else math.sqrt(sae.m / spread)
     return mean.to(sae.b_dec.dtype), scale
 
@@ -444,11 +460,22 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     ones (``cfg.d is None``). With ``teacher`` (a dense source or ``TopKSAE``) the run is a
     distillation: the student starts from ``convert(teacher, d)`` (or ``init``) and is pulled
     towards the teacher's latents. ``stop_after`` ends the run early after that many steps
-    (a checkpoint is written, as on Ctrl-C). The returned metrics are measured on the last
-    ``held_out_rows`` rows of ``acts``, which training never sees.
+    (only the checkpoint is written, as on Ctrl-C). The returned metrics are measured on the last
+    ``held_out_rows`` rows of ``acts``, which training never sees. ``out`` and its checkpoint are
+    checked before anything else (see ``_io.check_outputs``); ``out`` is replaced when the run completes.
     """
     cfg.check()
+    out = Path(out)
+    ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
+    inputs = [acts.path if isinstance(acts, ActivationSource) else acts, init,
+              teacher if isinstance(teacher, (str, os.PathLike)) else None]
+    check_outputs([out], inputs, kind="file" if cfg.d is not None else "folder")
+    check_outputs([ckpt], inputs, kind="file")
+    if resume and not ckpt.is_file():
+        raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
     source = acts if isinstance(acts, ActivationSource) else open_activations(acts)
+    if source.num_rows == 0:
+        raise SaeCompressError(f"{source.path}: holds no activation rows; harvest some with `saecompress acts`")
     held_rows = min(cfg.held_out_rows, source.num_rows // 10)
     train_src, held_src = source.split(held_rows) if held_rows > 0 else (source, None)
     if isinstance(teacher, (str, os.PathLike)):
@@ -459,13 +486,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     sae = _initial_model(cfg, source.m, teacher, init)
-    out = Path(out)
-    ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
     total_steps = max(1, cfg.tokens // cfg.batch_size)
     trainer = Trainer(sae, cfg, total_steps, teacher)
     if resume:
-        if not ckpt.is_file():
-            raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
         mean, scale = _data_stats(train_src, sae)
@@ -477,10 +500,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
         if init is None and teacher is None and getattr(sae, "enc_values", None) is not None:
             _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
 
-    def checkpoint(user: dict) -> None:
+    def checkpoint() -> None:
         with atomic_path(ckpt) as tmp:
             torch.save(trainer.state_dict(), tmp)
-        save_model(trainer.export(), out, user)
 
     if progress and total_steps * cfg.batch_size > train_src.num_rows:
         tqdm.write(f"note: {total_steps * cfg.batch_size:,} training tokens repeat the {train_src.num_rows:,} "
@@ -500,23 +522,21 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}",
                                 l0=f"{stats['l0']:.1f}", dead=f"{stats['dead']:.3f}", refresh=False)
             if interrupted:
-                checkpoint({"training": {"step": trainer.step, "interrupted": True}})
+                checkpoint()
                 bar.close()
-                tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt}; "
-                           "rerun with --resume to continue", file=sys.stderr)
+                tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt} ({out} is written "
+                           "only when a run completes); rerun with --resume to continue", file=sys.stderr)
                 raise KeyboardInterrupt
             if trainer.step % cfg.checkpoint_every == 0 and trainer.step < total_steps:
-                checkpoint({"training": {"step": trainer.step, "tokens": trainer.step * cfg.batch_size}})
+                checkpoint()
     bar.close()
+    checkpoint()  # the last state: --resume continues a stopped run and only rewrites OUT after a complete one
     sae = trainer.export()
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
-        checkpoint(metrics)
     else:
         save_model(sae, out, metrics)
-        with atomic_path(ckpt) as tmp:  # keep the final state: a later --resume is a no-op
-            torch.save(trainer.state_dict(), tmp)
     return sae, metrics
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import glob
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
+from .._json import dumps
 from ..errors import SaeCompressError
-from ..lm import SITES, harvest, load_model
+from ..lm import SITES, check_harvest, harvest, load_model
 
 
 def text_files(paths: tuple[str, ...]) -> list[Path]:
@@ -82,6 +82,7 @@ def acts(model_path: str, gguf_file: str | None, texts: tuple[str, ...], context
     if not texts:
         raise SaeCompressError("give at least one --text FILE or folder to harvest from")
     files = text_files(texts)
+    check_harvest(out, tokens, overwrite=overwrite, inputs=[model_path, gguf_file, *files])
     start = time.perf_counter()
     model, tokenizer = load_model(model_path, gguf_file)
     manifest = harvest(model, tokenizer, read_texts(files), layer, site, tokens=tokens, out=out, context=context,
@@ -89,7 +90,7 @@ def acts(model_path: str, gguf_file: str | None, texts: tuple[str, ...], context
                        shard_rows=shard_rows, overwrite=overwrite, progress=not as_json,
                        metadata={"model": model_path, "gguf_file": gguf_file, "texts": [str(f) for f in files]})
     if as_json:
-        click.echo(json.dumps(manifest))
+        click.echo(dumps(manifest))
         return
     dropped = manifest["dropped_first"] + manifest["dropped_massive"]
     if manifest["num_rows"] < tokens:

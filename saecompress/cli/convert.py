@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from .._json import dumps
 from ..compact import STORAGE_DTYPES
 from ..convert import DEFAULT_D, MASKS, convert_path
 
@@ -53,7 +52,7 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
                            progress=not as_json)
     if as_json:
         rows = [r.to_dict() for r in reports]
-        click.echo(json.dumps(rows[0] if len(rows) == 1 else {"out": out, "hookpoints": rows}))
+        click.echo(dumps(rows[0] if len(rows) == 1 else {"out": out, "hookpoints": rows}))
         return
     for r in reports:
         line = (f"{r.hookpoint or src}: {r.source_format} m={r.m} n={r.n} k={r.k} -> d={r.d} ({r.mask}), "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import click
 
+from .._json import dumps
 from ..activations import open_activations
 from ..errors import SaeCompressError
 from ..lm import SITES, ce_eval, load_model
@@ -62,7 +62,7 @@ def eval(src: str, acts_path: str, hookpoint: str | None, max_rows: int | None, 
                               tokens=ce_tokens, context=context, batch=batch, drop_first=not keep_first,
                               outlier_factor=outlier_factor or None, progress=not as_json))
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(dumps(report))
         return
     rows = [(key, report[key]) for key in _TABLE if key in report]
     width = max(len(key) for key, _ in rows)

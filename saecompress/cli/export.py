@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from .._json import dumps
 from ..exporters.onnx import DTYPES, GRAPHS, export_onnx
 
 
@@ -34,5 +33,5 @@ def export(src: str, out: str, graph: str, dtype: str, dense_output: bool, seq: 
     Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Prints a JSON summary.
     """
     path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
-    click.echo(json.dumps({"path": str(path), "graph": graph, "dtype": dtype, "dense_output": dense_output,
-                           "seq": seq, "opset": opset, "file_bytes": path.stat().st_size}))
+    click.echo(dumps({"path": str(path), "graph": graph, "dtype": dtype, "dense_output": dense_output,
+                      "seq": seq, "opset": opset, "file_bytes": path.stat().st_size}))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from .._io import check_outputs
+from .._json import dumps
 from ..errors import SaeCompressError
 from ..finetune import FinetuneConfig
 from ..finetune import finetune as run_finetune
@@ -46,12 +46,13 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
     if not texts:
         raise SaeCompressError("give at least one --text FILE or folder to fine-tune on")
     files = text_files(texts)
+    check_outputs([out], [src, model_path, gguf_file, *files])
     sae = load(src, hookpoint=hookpoint)
     model, tokenizer = load_model(model_path, gguf_file)
     _, stats = run_finetune(sae, model, tokenizer, read_texts(files), layer, site, cfg, out=out, progress=not as_json)
     run = stats["finetune"]
     if as_json:
-        click.echo(json.dumps(stats))
+        click.echo(dumps(stats))
         return
     click.echo(f"wrote {out}: {run['tokens_seen']:,} tokens in {run['steps']} steps; KL {run['kl_first']:.4f} -> "
                f"{run['kl_last']:.4f}, FVU {run['fvu_first']:.4f} -> {run['fvu_last']:.4f} (first/last tenth of steps); "

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from .._json import dumps
 from ..compact import dense_values, learned_values, load_compact, read_compact_metadata
 from ..errors import SaeCompressError
 from ..sources import find_compact, resolve
@@ -58,7 +57,7 @@ def info(src: str, as_json: bool) -> None:
     """
     facts = describe(src)
     if as_json:
-        click.echo(json.dumps(facts))
+        click.echo(dumps(facts))
         return
     mask = (f"{facts['mask_algorithm']} seed {facts['mask_seed']}" if facts["mask"] == "seed"
             else "explicit indices")
@@ -76,7 +75,7 @@ def info(src: str, as_json: bool) -> None:
     if facts["source"]:
         rows.append(("source", ", ".join(f"{k}={v}" for k, v in facts["source"].items())))
     if facts["user"]:
-        rows.append(("metadata", json.dumps(facts["user"])))
+        rows.append(("metadata", dumps(facts["user"])))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -45,11 +46,28 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _quit_on_closed_pipe()
         except (SaeCompressError, OSError) as err:
             if ctx.meta.get("saecompress.debug"):
                 raise
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+
+
+SIGPIPE_STATUS = 141  # what a shell reports for a Unix tool killed by SIGPIPE (128 + 13)
+
+
+def _quit_on_closed_pipe() -> None:
+    """The reader of stdout went away (``saecompress monitor … | head -1``): stop quietly, like Unix tools.
+
+    Exits with status 141. stdout is pointed at /dev/null first, so the interpreter's final flush
+    of what is still buffered cannot fail and print "Exception ignored … BrokenPipeError".
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(SIGPIPE_STATUS)
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -74,3 +92,7 @@ def cli() -> None:
 
 def main() -> None:
     cli(prog_name="saecompress")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 import numpy as np
 
+from .._json import dumps
 from ..errors import SaeCompressError
 from ..runtime import Monitor, read_activation_arrays
 
@@ -28,7 +28,7 @@ def parse_watch(text: str) -> dict[int, float]:
 
 def _emit(record: dict, jsonl: bool) -> None:
     if jsonl:
-        click.echo(json.dumps(record))
+        click.echo(dumps(record))
     elif "feature" in record:
         click.echo(f"row {record['row']}: feature {record['feature']} = {record['value']:.4g}")
     else:
@@ -81,7 +81,7 @@ def monitor(model: str, source: str, watch: str | None, top: int, jsonl: bool, b
                 _emit({"row": offset + row,
                        "features": [[int(indices[row, i]), float(values[row, i])] for i in order]}, jsonl)
         for row in mon.skipped_rows:
-            click.echo(json.dumps({"row": offset + int(row), "skipped": "NaN or Inf in the activations"}),
+            click.echo(dumps({"row": offset + int(row), "skipped": "NaN or Inf in the activations"}),
                        err=True)
         skipped += len(mon.skipped_rows)
         offset += int(np.prod(array.shape[:-1]))

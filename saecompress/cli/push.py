@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from .._json import dumps
 
 
 @click.command()
@@ -33,4 +33,4 @@ def push(file_or_dir: str, repo_id: str, path_in_repo: str | None, revision: str
 
     result = push_to_hub(file_or_dir, repo_id, path_in_repo=path_in_repo, revision=revision, private=private,
                          endpoint=endpoint, token=token, message=message, with_onnx=with_onnx)
-    click.echo(json.dumps(result.to_dict()))
+    click.echo(dumps(result.to_dict()))

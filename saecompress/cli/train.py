@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from .._json import dumps
 from ..train import TrainConfig
 from ..train import train as run_training
 
@@ -77,7 +76,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
     _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True)
     if as_json:
-        click.echo(json.dumps(metrics))
+        click.echo(dumps(metrics))
         return
     held = metrics.get("held_out", {})
     line = f"wrote {out}: {metrics['training']['tokens']:,} tokens"

@@ -17,7 +17,6 @@ as standard ``MatMul`` + ``TopK``, with the same inputs and outputs.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -26,10 +25,12 @@ import onnx
 import torch
 from onnx import ModelProto, TensorProto, helper
 
-from .._io import atomic_path
+from .._io import atomic_path, check_outputs
+from .._json import dumps
 from ..compact import quantize_int8
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
+from ..provenance import shareable
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout,
                              expander_decode_function, expander_encode_function, layer_norm_function)
 from .onnx_graph import GraphBuilder
@@ -49,8 +50,10 @@ def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: s
 
     ``dtype`` is the dtype of the graph's float inputs/outputs and of the float32 weights it
     stores (float16 halves the file; arithmetic stays float32). Inputs are ``[batch, m]``, or
-    ``[batch, seq, m]`` with ``seq=True`` (both axes dynamic). Written atomically.
+    ``[batch, seq, m]`` with ``seq=True`` (both axes dynamic). ``path`` is checked first (it must not
+    be or lie inside the source: see ``_io.check_outputs``) and replaced if it exists; written atomically.
     """
+    check_outputs([path], [sae] if isinstance(sae, (str, os.PathLike)) else [], kind="file")
     model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
     with atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
@@ -244,7 +247,7 @@ class _Exporter:
         meta = {"graph": graph, "kind": "expander" if self.expander else "dense", "m": sae.m,
                 "n": sae.n, "k": sae.k, "activation": sae.activation,
                 "normalize_input": str(sae.normalize_input).lower(), "dtype": self.dtype,
-                "dense_output": str(dense_output).lower(), "source": json.dumps(sae.provenance, sort_keys=True)}
+                "dense_output": str(dense_output).lower(), "source": dumps(shareable(sae.provenance), sort_keys=True)}
         if self.expander:
             meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": sae.storage_dtype,
                      "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}

@@ -6,14 +6,13 @@ the same card and re-pushing unchanged files changes nothing.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..compact import dense_values
+from ..provenance import shareable, source_label
 
 TAGS = ("sparse-autoencoder", "expander-sae", "mechanistic-interpretability", "saecompress")
-_CACHE_PATH = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})(/.*)?$")
 
 
 @dataclass(frozen=True)
@@ -51,15 +50,6 @@ def metrics(meta: dict[str, Any]) -> dict[str, float]:
     found = user.get("metrics") if isinstance(user.get("metrics"), dict) else user
     return {k: v for k, v in sorted(found.items())
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def source_location(path: str) -> str:
-    """A shareable name for a source path: its ``hf://`` URI when it lies in a hub cache, else its name."""
-    match = _CACHE_PATH.search(path.replace("\\", "/"))
-    if match:
-        owner, name, sha, rest = match.groups()
-        return f"hf://{owner}/{name}{rest or ''}@{sha[:12]}"
-    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -110,9 +100,10 @@ def render_card(repo_id: str, entries: list[CardEntry], onnx_paths: list[str] = 
         body += ["", "## Source SAEs", ""]
         srows = []
         for e in sources:
-            src = dict(e.meta["source"])
-            location = source_location(str(src.pop("path", ""))) if "path" in src else ""
-            skip = {"library", "model_name"} | ({"hookpoint"} if src.get("hookpoint") == e.hookpoint else set())
+            src = shareable(e.meta["source"])
+            location = source_label(src)
+            skip = ({"library", "model_name", "repo_id", "revision", "file"}
+                    | ({"hookpoint"} if src.get("hookpoint") == e.hookpoint else set()))
             details = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(src.items())
                                 if k not in skip and not isinstance(v, (dict, list)))
             srows.append([f"`{e.hookpoint or '.'}`", _fmt(src.get("library", "")), _fmt(src.get("model_name", "")),

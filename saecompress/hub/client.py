@@ -100,6 +100,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
     """Turn ``huggingface_hub``/network failures into one-line ``SaeCompressError``s naming repo and revision."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        HFValidationError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
@@ -113,6 +114,8 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
         yield
     except SaeCompressError:
         raise
+    except HFValidationError as err:
+        raise SaeCompressError(f"{repo_id}@{rev}: {_first_line(err)}") from None
     except RevisionNotFoundError:
         raise SaeCompressError(f"revision {rev!r} not found in {repo_id} on {where}; give an existing branch, "
                                "tag or commit sha after '@'") from None

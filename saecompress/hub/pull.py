@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
+from .._io import check_outputs
 from ..compact import is_compact_file, load_compact, read_compact_metadata
 from ..errors import SaeCompressError
 from .client import content_ids, hub_errors, is_offline, make_api, transport_errors
@@ -131,8 +132,12 @@ def pull(ref: str, *, out: str | os.PathLike | None = None, endpoint: str | None
     Files go into the Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE``), or into the
     folder ``out``. Every file is checked against the Hub's sha256 and every compact file is fully
     loaded once (format, shapes, finite values, mask index hash). Returns the local file paths.
+    ``out`` is checked first (a writable folder outside the Hugging Face cache); files already in it
+    are replaced by the pulled ones of the same name.
     """
     uri = parse_hf_uri(ref if ref.startswith("hf://") else f"hf://{ref}")
+    if out is not None:
+        check_outputs([out], kind="folder")
     _, files = _download(uri, _patterns(uri.hookpoint, None), endpoint=endpoint, token=token,
                          cache_dir=cache_dir, out=out)
     for file in files:

@@ -8,10 +8,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..compact import parse_compact_metadata, is_compact_file, read_compact_metadata
+from ..compact import is_compact_file, parse_compact_metadata, read_compact_metadata, shareable_copy
 from ..errors import SaeCompressError
+from ..provenance import shareable
 from .card import CardEntry, render_card
 from .client import content_ids, hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
+from .uri import check_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,14 @@ def collect(path: Path, path_in_repo: str | None = None) -> list[_Local]:
     return list(locals_.values())
 
 
+def _without_local_paths(local: _Local, folder: Path) -> _Local:
+    """``local``, or a copy in ``folder`` whose metadata holds no local path (files from older versions)."""
+    if local.meta["source"] == shareable(local.meta["source"]):
+        return local
+    copy = shareable_copy(local.path, folder / (local.hookpoint.replace("/", "__") or "root") / COMPACT_NAME)
+    return _Local(local.hookpoint, copy, read_compact_metadata(copy))
+
+
 def _unchanged(local: Path, entry) -> bool:
     """True when the repo already holds ``local``'s content at that path (``entry``: its listing, or None)."""
     if entry is None:
@@ -143,6 +153,7 @@ def push(path: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = No
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.hf_api import RepoFile
 
+    check_repo_id(repo_id)
     locals_ = collect(Path(path), path_in_repo)
     branch = revision or "main"
     api = make_api(endpoint, token)
@@ -154,6 +165,7 @@ def push(path: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = No
         tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=head, recursive=True) if isinstance(f, RepoFile)}
 
     with tempfile.TemporaryDirectory(prefix="saecompress-push-") as tmp:
+        locals_ = [_without_local_paths(lp, Path(tmp) / "shareable") for lp in locals_]
         files = [(lp.path, f"{lp.folder}{COMPACT_NAME}") for lp in locals_]
         if with_onnx:
             files += [(_export_onnx(lp, Path(tmp)), f"{lp.folder}{ONNX_NAME}") for lp in locals_]

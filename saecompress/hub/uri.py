@@ -23,6 +23,22 @@ class HfUri:
                 + (f"@{self.revision}" if self.revision else ""))
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a valid ``owner/name`` (huggingface_hub's rules), else ``SaeCompressError``."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise SaeCompressError(f"{repo_id!r} is not a Hub repo id; write owner/name with letters, digits, '-', '_' "
+                               "or '.' (not at either end, no '--' or '..'), e.g. alice/my-sae-expander")
+    return repo_id
+
+
 def parse_hf_uri(uri: str) -> HfUri:
     """Parse ``hf://owner/repo[/hookpoint...][@revision]`` (the ``hf://`` prefix is optional).
 
