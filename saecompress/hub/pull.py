@@ -49,6 +49,13 @@ def _cached_files(root: Path, patterns: list[str] | None) -> list[Path]:
     return [root / n for n in sorted(names)]
 
 
+class _NoMatchNote(logging.Filter):
+    """Drops huggingface_hub's "No files matched" warning: ``_download`` raises a clearer error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files matched")
+
+
 def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, token: str | None,
               cache_dir: str | os.PathLike | None, out: str | os.PathLike | None) -> tuple[Path, list[Path]]:
     """Download the files of ``ref`` matching ``patterns``; return the snapshot root and the files.
@@ -57,14 +64,25 @@ def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, t
     (``HF_HUB_OFFLINE``, or the Hub unreachable with the snapshot cached), the cache is used as
     is: its files were checked when they were pulled.
     """
+    rev = ref.revision or "main"
+    api = make_api(endpoint, token)
+    kwargs = dict(allow_patterns=patterns, endpoint=api.endpoint, token=token, cache_dir=cache_dir)
+    quiet, hf_log = _NoMatchNote(), logging.getLogger("huggingface_hub._snapshot_download")
+    hf_log.addFilter(quiet)
+    try:
+        return _fetch(ref, patterns, rev, api, kwargs, out)
+    finally:
+        hf_log.removeFilter(quiet)
+
+
+def _fetch(ref: HfUri, patterns: list[str] | None, rev: str, api, kwargs: dict,
+           out: str | os.PathLike | None) -> tuple[Path, list[Path]]:
+    """``_download``'s work, with the client made and huggingface_hub's logging set."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
 
-    rev = ref.revision or "main"
-    api = make_api(endpoint, token)
-    kwargs = dict(allow_patterns=patterns, endpoint=api.endpoint, token=token, cache_dir=cache_dir)
-    with hub_errors(ref.repo_id, rev, endpoint, path=ref.hookpoint):
+    with hub_errors(ref.repo_id, rev, api.endpoint, path=ref.hookpoint):
         if is_offline():
             root = Path(snapshot_download(ref.repo_id, revision=rev, local_dir=out, **kwargs))
             return root, _cached_files(root, patterns)
