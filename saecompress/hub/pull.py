@@ -49,11 +49,20 @@ def _cached_files(root: Path, patterns: list[str] | None) -> list[Path]:
     return [root / n for n in sorted(names)]
 
 
-class _NoMatchNote(logging.Filter):
-    """Drops huggingface_hub's "No files matched" warning: ``_download`` raises a clearer error itself."""
+def _wanted(api, ref: HfUri, rev: str, sha: str, patterns: list[str] | None) -> tuple[dict, list[str]]:
+    """The repo's files at commit ``sha`` and the names ``patterns`` select; none is an error."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No files matched")
+    tree = {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True)
+            if isinstance(f, RepoFile)}
+    wanted = sorted(filter_repo_objects(list(tree), allow_patterns=patterns))
+    if not wanted:
+        folders = sorted({p.split("/")[0] for p in tree if "/" in p})
+        what = f"no hookpoint {ref.hookpoint!r}" if ref.hookpoint else "no SAE files"
+        raise SaeCompressError(f"{ref.repo_id}@{rev} has {what} (hookpoint folders: "
+                               f"{', '.join(folders) or 'none'}); pick one as hf://{ref.repo_id}/<hookpoint>")
+    return tree, wanted
 
 
 def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, token: str | None,
@@ -62,27 +71,15 @@ def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, t
 
     Online, every file is checked against the Hub's listing at the resolved commit. Offline
     (``HF_HUB_OFFLINE``, or the Hub unreachable with the snapshot cached), the cache is used as
-    is: its files were checked when they were pulled.
+    is: its files were checked when they were pulled. What ``patterns`` select is checked before
+    anything is downloaded.
     """
+    from huggingface_hub import snapshot_download
+
     rev = ref.revision or "main"
     api = make_api(endpoint, token)
     kwargs = dict(allow_patterns=patterns, endpoint=api.endpoint, token=token, cache_dir=cache_dir)
-    quiet, hf_log = _NoMatchNote(), logging.getLogger("huggingface_hub._snapshot_download")
-    hf_log.addFilter(quiet)
-    try:
-        return _fetch(ref, patterns, rev, api, kwargs, out)
-    finally:
-        hf_log.removeFilter(quiet)
-
-
-def _fetch(ref: HfUri, patterns: list[str] | None, rev: str, api, kwargs: dict,
-           out: str | os.PathLike | None) -> tuple[Path, list[Path]]:
-    """``_download``'s work, with the client made and huggingface_hub's logging set."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import filter_repo_objects
-
-    with hub_errors(ref.repo_id, rev, api.endpoint, path=ref.hookpoint):
+    with hub_errors(ref.repo_id, rev, endpoint, path=ref.hookpoint):
         if is_offline():
             root = Path(snapshot_download(ref.repo_id, revision=rev, local_dir=out, **kwargs))
             return root, _cached_files(root, patterns)
@@ -96,18 +93,12 @@ def _fetch(ref: HfUri, patterns: list[str] | None, rev: str, api, kwargs: dict,
             files = _cached_files(root, patterns)
             log.warning("cannot reach %s (%s); using the cached snapshot of %s", api.endpoint, err, ref)
             return root, files
+        tree, wanted = _wanted(api, ref, rev, sha, patterns)  # before downloading: nothing matched is an error
         if out is None:  # the cache: snapshot_download also records the branch/tag -> commit ref
             root = Path(snapshot_download(ref.repo_id, revision=rev, **kwargs))
-            sha = root.name  # the commit it resolved (the branch may have moved since repo_info)
-        tree = {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True)
-                if isinstance(f, RepoFile)}
-        wanted = sorted(filter_repo_objects(list(tree), allow_patterns=patterns))
-        if not wanted:
-            folders = sorted({p.split("/")[0] for p in tree if "/" in p})
-            what = f"no hookpoint {ref.hookpoint!r}" if ref.hookpoint else "no SAE files"
-            raise SaeCompressError(f"{ref.repo_id}@{rev} has {what} (hookpoint folders: "
-                                   f"{', '.join(folders) or 'none'}); pick one as hf://{ref.repo_id}/<hookpoint>")
-        if out is not None:
+            if root.name != sha:  # the branch moved since repo_info: check what was downloaded
+                tree, wanted = _wanted(api, ref, rev, root.name, patterns)
+        else:
             root = Path(snapshot_download(ref.repo_id, revision=sha, local_dir=out, **kwargs))
     for name in wanted:
         _verify(root / name, tree[name], ref)
