@@ -50,9 +50,9 @@ def main() -> None:
     dense_bytes = 4 * dense_values(m, n)
     print(f"convert: m={m} n={n} d={args.d} k={args.k}, {args.threads} threads, median of {args.repeats}; "
           f"dense float32 = {dense_bytes / 2**20:.1f} MiB")
-    cases = [("expander", {}), ("topd", {"mask": "topd"}),
-             (f"search N={args.search_seeds}", {"mask": "search", "search_seeds": args.search_seeds}),
-             ("expander untied", {"encoder": "untied"})]
+    cases = [("expander", {"mask": "expander", "encoder": "tied"}), ("topd", {"mask": "topd", "encoder": "tied"}),
+             (f"search N={args.search_seeds}", {"mask": "search", "search_seeds": args.search_seeds, "encoder": "tied"}),
+             ("topd untied (default)", {"mask": "topd", "encoder": "untied"})]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, kwargs in cases:

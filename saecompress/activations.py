@@ -2,7 +2,8 @@
 
 A source is a ``.npy`` file, a ``.safetensors`` file (tensor ``activations``, or its only tensor),
 or a directory of such shards (optionally with the ``manifest.json`` that ``saecompress acts``
-writes). Every shard is memory-mapped; batches are read on demand and converted to float32, so
+writes). Every command reads activations through ``open_activations``: an array ``[m]`` is one row,
+``[N, m]`` N rows, and ``[B, T, m]`` (any leading axes) is flattened to ``[B·T, m]`` rows. Every shard is memory-mapped; batches are read on demand and converted to float32, so
 a dataset never has to fit in memory.
 
 Rows holding NaN or inf are rejected (``SaeCompressError`` naming the file and the row) when the
@@ -105,8 +106,8 @@ def _open_safetensors(path: Path) -> _Shard:
     shape = tuple(info["shape"])
     begin, end = info["data_offsets"]
     offset = 8 + header_len + begin
-    if len(shape) < 2:
-        raise SaeCompressError(f"{path}: tensor '{name}' has shape {list(shape)}; activations must be [N, m]")
+    if len(shape) < 1:
+        raise SaeCompressError(f"{path}: tensor '{name}' is a scalar; activations must be [..., m]")
     if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
         raise SaeCompressError(f"{path}: tensor '{name}' byte range does not match its shape; re-create the file")
     if offset + (end - begin) > size:
@@ -119,10 +120,10 @@ def _open_safetensors(path: Path) -> _Shard:
 
 
 def open_activation_array(path: str | os.PathLike) -> _Shard:
-    """A memory-mapped float array ``[..., m]`` from a ``.npy`` or ``.safetensors`` file.
+    """A memory-mapped float array from a ``.npy`` or ``.safetensors`` file, as ``[rows, m]``.
 
-    A safetensors file must hold a tensor ``activations`` or exactly one tensor. Training sources
-    (``open_activations``) further require ``[N, m]``; the monitor accepts any leading axes.
+    A safetensors file must hold a tensor ``activations`` or exactly one tensor. ``[m]`` is one
+    row; leading axes of ``[..., m]`` are flattened.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,15 +134,11 @@ def open_activation_array(path: str | os.PathLike) -> _Shard:
         shard = _open_safetensors(path)
     else:
         raise SaeCompressError(f"{path}: unknown activation file type; use .npy or .safetensors shards")
-    if shard.array.ndim < 2:
-        raise SaeCompressError(f"{path}: array has shape {list(shard.array.shape)}; activations must be [..., m]")
-    return shard
-
-
-def _open_shard(path: Path) -> _Shard:
-    shard = open_activation_array(path)
-    if shard.array.ndim != 2:
-        raise SaeCompressError(f"{path}: array has shape {list(shard.array.shape)}; activations must be [N, m]")
+    shape = shard.array.shape
+    if len(shape) < 1 or shape[-1] < 1:
+        raise SaeCompressError(f"{path}: array has shape {list(shape)}; activations must be [..., m] with m >= 1")
+    if len(shape) != 2:
+        shard = _Shard(path, shard.array.reshape(-1, shape[-1]), shard.bf16)
     return shard
 
 
@@ -196,8 +193,11 @@ class ActivationSource:
         return self.select(0, cut), self.select(cut, self.num_rows)
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of this view as one float32 ``[stop - start, m]`` tensor."""
+    def read(self, start: int, stop: int, *, finite: bool = True) -> torch.Tensor:
+        """Rows ``[start, stop)`` of this view as one float32 ``[stop - start, m]`` tensor.
+
+        NaN/inf rows raise unless ``finite=False`` (the monitor reports and skips them itself).
+        """
         if not 0 <= start <= stop <= self.num_rows:
             raise SaeCompressError(f"row range [{start}, {stop}) is outside 0..{self.num_rows} of {self.path}")
         a, b = self.start + start, self.start + stop
@@ -207,7 +207,8 @@ class ActivationSource:
             lo = int(self._offsets[i])
             hi = min(b, int(self._offsets[i + 1]))
             if hi > a:
-                parts.append(self._shards[i].read(a - lo, hi - lo))
+                shard = self._shards[i]
+                parts.append(shard.read(a - lo, hi - lo) if finite else shard.read_raw(a - lo, hi - lo))
                 a = hi
             i += 1
         if not parts:
@@ -275,7 +276,7 @@ def open_activations(path: str | os.PathLike) -> ActivationSource:
     if not p.exists():
         raise SaeCompressError(f"{p}: no such activation file or directory")
     if p.is_file():
-        return ActivationSource([_open_shard(p)], path=p)
+        return ActivationSource([open_activation_array(p)], path=p)
     manifest_path = p / MANIFEST
     if manifest_path.exists():
         try:
@@ -286,7 +287,7 @@ def open_activations(path: str | os.PathLike) -> ActivationSource:
         missing = [f for f in files if not (p / f).is_file()]
         if missing:
             raise SaeCompressError(f"{p}: shard {missing[0]} listed in manifest.json is missing; re-run `saecompress acts`")
-        shards = [_open_shard(p / f) for f in files]
+        shards = [open_activation_array(p / f) for f in files]
         for entry, shard in zip(manifest["shards"], shards):
             if "rows" in entry and entry["rows"] != shard.rows:
                 raise SaeCompressError(
@@ -297,7 +298,7 @@ def open_activations(path: str | os.PathLike) -> ActivationSource:
             raise SaeCompressError(f"{manifest_path}: says m={manifest['m']} but the shards have m={source.m}")
         return source
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _SHARD_SUFFIXES and not f.name.startswith("."))
-    return ActivationSource([_open_shard(f) for f in files], path=p)
+    return ActivationSource([open_activation_array(f) for f in files], path=p)
 
 
 def check_shard_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:

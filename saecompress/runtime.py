@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .activations import open_activation_array
+from .activations import open_activations
 from .errors import SaeCompressError
 
 CUDA = "CUDAExecutionProvider"
@@ -49,7 +49,7 @@ def choose_providers(requested: list[str] | None = None, available: list[str] | 
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def _load_model_bytes(model) -> bytes:
+def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
     """Serialized ONNX for ``model``: an .onnx file's bytes, or an in-memory autoencoder export."""
     from .exporters.onnx import build_onnx
 
@@ -57,8 +57,11 @@ def _load_model_bytes(model) -> bytes:
         path = Path(model)
         if not path.is_file():
             raise SaeCompressError(f"{path}: no such ONNX file")
+        if hookpoint:
+            raise SaeCompressError(f"{path}: an ONNX file holds one SAE; --hookpoint selects one of a multi-SAE "
+                                   "source (drop it)")
         return path.read_bytes()
-    return build_onnx(model, "autoencoder").SerializeToString()
+    return build_onnx(model, "autoencoder", hookpoint=hookpoint, hub=hub).SerializeToString()
 
 
 class Monitor:
@@ -66,10 +69,11 @@ class Monitor:
 
     ``batch_size`` rows go to onnxruntime per call; ``threads`` sets intra-op threads (default:
     onnxruntime's choice); ``providers`` forces execution providers (default: CUDA if usable, else CPU).
+    ``hookpoint`` and ``hub`` (a ``sources.HubAccess``) pick the SAE of a source, as for ``saecompress.load``.
     """
 
     def __init__(self, model, providers: list[str] | None = None, batch_size: int = 512,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, hookpoint: str | None = None, hub=None) -> None:
         import onnxruntime as ort
 
         from .exporters.onnx import read_onnx_metadata
@@ -77,7 +81,7 @@ class Monitor:
         if batch_size < 1:
             raise SaeCompressError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
-        data = _load_model_bytes(model)
+        data = _load_model_bytes(model, hookpoint, hub)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
@@ -202,17 +206,18 @@ def _wide(dtype: np.dtype) -> np.dtype:
 
 
 def read_activation_arrays(source: str | os.PathLike, stdin=None, chunk_rows: int = 65536):
-    """Yield ``[rows, ..., m]`` float arrays from a ``.npy``/``.safetensors`` file (memory-mapped, in
-    chunks), or from a stream of ``.npy`` arrays (``source == "-"``: read ``stdin``, a binary stream, until EOF).
+    """Yield float arrays ``[..., m]``: ``[rows, m]`` chunks of any activation source
+    ``open_activations`` reads (memory-mapped), or the arrays of a stream of ``.npy`` arrays
+    (``source == "-"``: read ``stdin``, a binary stream, until EOF).
 
     Unlike training readers this keeps NaN/Inf rows: the monitor reports and skips them.
     """
     if str(source) == "-":
         yield from _npy_stream(stdin)
         return
-    shard = open_activation_array(source)
-    for start in range(0, max(shard.rows, 1), chunk_rows):
-        yield shard.read_raw(start, start + chunk_rows).numpy()
+    acts = open_activations(source)
+    for start in range(0, acts.num_rows, chunk_rows):
+        yield acts.read(start, min(start + chunk_rows, acts.num_rows), finite=False).numpy()
 
 
 def _npy_stream(stream):

@@ -63,7 +63,7 @@ class TrainConfig:
     activation: str | None = None  # default: signed_topk (expander), topk_relu (dense)
     encoder: str = "untied"
     mask_seed: int = 0
-    mask: str = "expander"  # with a teacher: convert's mask strategy (expander | topd | search)
+    mask: str | None = None  # convert's mask strategy with a teacher (default topd); fresh SAEs: expander
     tokens: int = 2_000_000
     batch_size: int = 1024
     lr: float | None = None  # default 3e-3 / sqrt(n / 2**14) (expander), 2e-4 / sqrt(n / 2**14) (dense)
@@ -75,7 +75,7 @@ class TrainConfig:
     auxk_coef: float = 1 / 32
     dead_tokens: int | None = None  # default min(32 * n / k, tokens // 10): 32x a latent's mean firing interval
     distill_coef: float = 1.0
-    held_out_rows: int = 8192
+    held_out_rows: int | None = None  # default min(8192, a tenth of the rows); 0: none
     checkpoint_every: int = 500  # steps
     reaim_every: int = 5  # steps between re-aiming dead expander latents (0: never)
     seed: int = 0
@@ -98,6 +98,20 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
+        if self.held_out_rows is not None and self.held_out_rows < 0:
+            raise SaeCompressError(f"held-out rows must be 0 (none) or more, got {self.held_out_rows}")
+        if self.tokens < self.batch_size:
+            raise SaeCompressError(f"--tokens {self.tokens} is less than one batch of {self.batch_size}; train at "
+                                   "least one batch, or lower --batch")
+
+    def held_out(self, rows: int) -> int:
+        """Rows kept out of training out of ``rows``: as asked, or by default min(8192, rows / 10)."""
+        if self.held_out_rows is None:
+            return min(8192, rows // 10)
+        if self.held_out_rows >= rows:
+            raise SaeCompressError(f"--held-out {self.held_out_rows} leaves no training rows of the {rows} in "
+                                   f"--acts; hold out fewer (e.g. {rows // 10})")
+        return self.held_out_rows
 
     def num_latents(self, m: int) -> int | None:
         return self.n if self.n is not None else (self.expansion * m if self.expansion else None)
@@ -348,18 +362,18 @@ def save_model(sae, out: Path, user: dict) -> None:
         save_dense(sae, out, user)
 
 
-def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None):
+def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None, hub=None):
     """The model training starts from: ``init`` file, ``convert(teacher)``, or a fresh one."""
     if init is not None:
         from .sources import load
-        sae = load(init)
+        sae = load(init, hub=hub)
     elif teacher is not None:
         if cfg.d is None:
             raise SaeCompressError("distillation trains an expander student: give --d with --teacher")
-        from .convert import convert
-        sae = convert(teacher, cfg.d, mask=cfg.mask, seed=cfg.mask_seed, encoder=cfg.encoder)
+        from .convert import DEFAULT_MASK, convert
+        sae = convert(teacher, cfg.d, mask=cfg.mask or DEFAULT_MASK, seed=cfg.mask_seed, encoder=cfg.encoder)
     else:
-        if cfg.mask != "expander":
+        if cfg.mask not in (None, "expander"):
             raise SaeCompressError(f"--mask {cfg.mask} picks each latent's dims from a dense SAE: give it as "
                                    "--teacher (a fresh SAE uses the seeded expander mask)")
         n = cfg.num_latents(m)
@@ -453,7 +467,7 @@ def _deferred_sigint() -> Iterator[list]:
 
 def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cfg: TrainConfig, *,
           teacher: str | TopKSAE | None = None, init: str | None = None, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> tuple[ExpanderSAE | TopKSAE, dict]:
+          progress: bool = True, stop_after: int | None = None, hub=None) -> tuple[ExpanderSAE | TopKSAE, dict]:
     """Train on the activations ``acts`` and write the model to ``out``; returns ``(sae, metrics)``.
 
     ``out`` is a compact ``.safetensors`` file for expander SAEs and a SAELens folder for dense
@@ -461,8 +475,10 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     distillation: the student starts from ``convert(teacher, d)`` (or ``init``) and is pulled
     towards the teacher's latents. ``stop_after`` ends the run early after that many steps
     (only the checkpoint is written, as on Ctrl-C). The returned metrics are measured on the last
-    ``held_out_rows`` rows of ``acts``, which training never sees. ``out`` and its checkpoint are
-    checked before anything else (see ``_io.check_outputs``); ``out`` is replaced when the run completes.
+    held-out rows of ``acts`` (``cfg.held_out``), which training never sees; training runs whole
+    batches, ``tokens // batch_size`` of them. ``hub`` (a ``sources.HubAccess``) says where ``hf://``
+    teacher / init sources come from. ``out`` and its checkpoint
+    are checked before anything else (see ``_io.check_outputs``); ``out`` is replaced when the run completes.
     """
     cfg.check()
     out = Path(out)
@@ -476,17 +492,17 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     source = acts if isinstance(acts, ActivationSource) else open_activations(acts)
     if source.num_rows == 0:
         raise SaeCompressError(f"{source.path}: holds no activation rows; harvest some with `saecompress acts`")
-    held_rows = min(cfg.held_out_rows, source.num_rows // 10)
+    held_rows = cfg.held_out(source.num_rows)
     train_src, held_src = source.split(held_rows) if held_rows > 0 else (source, None)
     if isinstance(teacher, (str, os.PathLike)):
         from .sources import load
-        teacher = load(teacher)
+        teacher = load(teacher, hub=hub)
     if teacher is not None and not isinstance(teacher, TopKSAE):
         raise SaeCompressError("the distillation teacher must be a dense TopK SAE")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    sae = _initial_model(cfg, source.m, teacher, init)
-    total_steps = max(1, cfg.tokens // cfg.batch_size)
+    sae = _initial_model(cfg, source.m, teacher, init, hub)
+    total_steps = cfg.tokens // cfg.batch_size
     trainer = Trainer(sae, cfg, total_steps, teacher)
     if resume:
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
@@ -504,6 +520,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
         with atomic_path(ckpt) as tmp:
             torch.save(trainer.state_dict(), tmp)
 
+    if progress and cfg.tokens % cfg.batch_size:
+        tqdm.write(f"note: training {total_steps * cfg.batch_size:,} of the {cfg.tokens:,} tokens asked: whole "
+                   f"batches of {cfg.batch_size:,}", file=sys.stderr)
     if progress and total_steps * cfg.batch_size > train_src.num_rows:
         tqdm.write(f"note: {total_steps * cfg.batch_size:,} training tokens repeat the {train_src.num_rows:,} "
                    f"training rows {total_steps * cfg.batch_size / train_src.num_rows:.1f}x; revived latents "

@@ -156,9 +156,9 @@ def test_bad_files(tmp_path):
     with pytest.raises(SaeCompressError, match="trunc.npy"):
         open_activations(tmp_path / "trunc.npy")
 
-    np.save(tmp_path / "rank3.npy", np.ones((2, 3, 4), np.float32))
-    with pytest.raises(SaeCompressError, match=r"\[N, m\]"):
-        open_activations(tmp_path / "rank3.npy")
+    np.save(tmp_path / "scalar.npy", np.float32(1.0))
+    with pytest.raises(SaeCompressError, match=r"\[\.\.\., m\]"):
+        open_activations(tmp_path / "scalar.npy")
 
     np.save(tmp_path / "ints.npy", np.ones((4, 4), np.int32))
     with pytest.raises(SaeCompressError, match="not floating point"):

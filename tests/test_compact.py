@@ -135,7 +135,7 @@ def test_info_cli_reports_sizes(tmp_path):
     path = save_compact(random_sae(m=2048, n=4096, d=7, k=32), tmp_path / "s.safetensors")
     result = CliRunner().invoke(cli, ["info", str(path), "--json"])
     assert result.exit_code == 0, result.output
-    facts = json.loads(result.output)
+    [facts] = json.loads(result.output)["hookpoints"]
     for key in ("m", "n", "d", "k", "activation", "dtype", "mask_seed", "file_bytes", "learned_values",
                 "dense_values", "compression_ratio"):
         assert key in facts

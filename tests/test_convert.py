@@ -42,14 +42,13 @@ def run(*args: str):
 
 # ----------------------------------------------------------------------------- projection
 
-def test_expander_projection_keeps_mask_entries_and_row_norms():
+def test_expander_projection_keeps_mask_entries():
     dense, w = dense_sae()
-    sae = convert(dense, D, seed=3)
+    sae = convert(dense, D, mask="expander", seed=3, encoder="tied")
     idx = torch.from_numpy(expander_mask(M, N, D, 3))
     assert sae.mask_seed == 3 and torch.equal(sae.indices, idx)
-    kept = w["W_dec"].gather(1, idx)
-    want = kept * (w["W_dec"].norm(dim=1) / kept.norm(dim=1))[:, None]
-    assert torch.allclose(sae.values.double(), want, rtol=1e-5, atol=1e-6)
+    # s = 1 minimises |s·P(w) − w|: the decoder keeps the dense entries, unscaled
+    assert torch.allclose(sae.values.double(), w["W_dec"].gather(1, idx), rtol=1e-5, atol=1e-6)
     assert sae.enc_values is None and sae.encoder == "tied"
     assert torch.equal(sae.b_enc, dense.b_enc) and torch.equal(sae.b_dec, dense.b_dec)
     assert (sae.activation, sae.k) == (dense.activation, dense.k)
@@ -62,12 +61,13 @@ def test_conversion_is_deterministic(tmp_path):
         a = save_compact(convert(dense, D, mask=mask, search_seeds=5), tmp_path / f"{mask}-a.safetensors")
         b = save_compact(convert(dense, D, mask=mask, search_seeds=5), tmp_path / f"{mask}-b.safetensors")
         assert a.read_bytes() == b.read_bytes()
-    assert not torch.equal(convert(dense, D, seed=0).indices, convert(dense, D, seed=1).indices)
+    assert not torch.equal(convert(dense, D, mask="expander", seed=0).indices,
+                           convert(dense, D, mask="expander", seed=1).indices)
 
 
 def test_topd_and_search_keep_at_least_the_expander_energy():
     dense, w = dense_sae(2)
-    expander = convert(dense, D, seed=10)
+    expander = convert(dense, D, mask="expander", seed=10)
     topd = convert(dense, D, mask="topd")
     search = convert(dense, D, mask="search", seed=10, search_seeds=16)
     e_exp, e_topd, e_search = (kept_energy(dense, s.indices) for s in (expander, topd, search))
@@ -92,12 +92,14 @@ def test_untied_keeps_encoder_entries_and_full_degree_is_lossless():
 def test_storage_bound_and_ratio(tmp_path):
     dense, _ = dense_sae(4)
     for dtype in ("float32", "float16", "int8"):
-        path = save_compact(convert(dense, D), tmp_path / f"e-{dtype}.safetensors", dtype=dtype)
+        path = save_compact(convert(dense, D, mask="expander", encoder="tied"), tmp_path / f"e-{dtype}.safetensors",
+                            dtype=dtype)
         assert path.stat().st_size <= compact_size_bound(N, M, D, dtype)
-    path = save_compact(convert(dense, D, mask="topd"), tmp_path / "topd.safetensors")
+    path = save_compact(convert(dense, D, mask="topd", encoder="tied"), tmp_path / "topd.safetensors")
     assert path.stat().st_size <= compact_size_bound(N, M, D, "float32") + 2 * N * D  # int16 indices
     out = tmp_path / "new" / "folder" / "out.safetensors"
-    [report] = convert_path(write_saelens(tmp_path / "sae", weights(4, M, N), K), out, d=D, progress=False)
+    [report] = convert_path(write_saelens(tmp_path / "sae", weights(4, M, N), K), out, d=D, mask="expander",
+                            encoder="tied", progress=False)
     assert report.storage_ratio == pytest.approx((2 * M * N + M + N) / (N * D + N + M))
     assert report.compression_ratio > 5 and report.file_bytes == out.stat().st_size
 
@@ -121,12 +123,12 @@ def test_cli_converts_saelens_with_activation_metrics(tmp_path):
     out = tmp_path / "out.safetensors"
     result = run(src, out, "--d", D, "--json", "--acts", tmp_path / "acts.npy", "--dtype", "float16")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    [report] = json.loads(result.stdout)["hookpoints"]
     for key in ("source_format", "m", "n", "d", "k", "activation", "mask", "kept_energy", "file_bytes",
                 "source_bytes", "compression_ratio", "fvu_source", "fvu", "l0", "dead_fraction"):
         assert report[key] is not None, key
     got = (report["source_format"], report["m"], report["n"], report["d"], report["mask"])
-    assert got == ("saelens", M, N, D, "expander")
+    assert got == ("saelens", M, N, D, "topd")
     x = acts.float().double()
     err = (x - saelens_forward(x, w, K)).pow(2).sum()
     want_fvu = float(err / (x - x.mean(0)).pow(2).sum())
@@ -148,7 +150,7 @@ def test_paper_checkpoint_converts_losslessly(tmp_path):
     out = tmp_path / "paper.safetensors"
     result = run(path, out, "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    [report] = json.loads(result.stdout)["hookpoints"]
     assert (report["mask"], report["d"], report["k"], report["kept_energy"]) == ("imported", 3, 5, pytest.approx(1.0))
     sae = load_compact(out)
     assert sae.mask_seed is None and read_compact_metadata(out)["mask"] == "explicit"

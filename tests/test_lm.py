@@ -180,7 +180,7 @@ def test_cli_acts_and_eval(tmp_path):
     result = runner.invoke(cli, ["eval", str(tmp_path / "sae.safetensors"), "--acts", str(out), "--model", str(folder),
                                  "--text", str(text), "--ce-tokens", "64", "--context", "32", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    [report] = json.loads(result.stdout)["hookpoints"]
     for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_zero", "ce_spliced",
                 "ce_recovered", "ce_recovered_mean_ablation"):
         assert isinstance(report[key], float), key

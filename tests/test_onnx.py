@@ -265,7 +265,7 @@ def test_export_cli(tmp_path):
     result = CliRunner().invoke(cli, ["export", str(src), str(out), "--graph", "autoencoder",
                                       "--dtype", "float16", "--dense-output"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    [summary] = json.loads(result.output)["hookpoints"]
     assert summary["file_bytes"] == out.stat().st_size
     names = [o.name for o in session(onnx.load(out)).get_outputs()]
     assert names == ["reconstruction", "top_indices", "top_values", "codes"]

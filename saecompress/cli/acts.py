@@ -45,10 +45,10 @@ def text_options(func):
         click.option("--text", "texts", multiple=True,
                      help="Text file, folder of text files, or quoted glob such as 'docs/**/*.txt' (repeatable); "
                           "read in order, documents joined by EOS."),
-        click.option("--context", type=int, default=256, show_default=True, help="Tokens per context (BOS included)."),
+        click.option("--context", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per context (BOS included)."),
         click.option("--keep-first", is_flag=True,
                      help="Keep position 0 of each context (excluded by default: the attention-sink token)."),
-        click.option("--outlier-factor", type=float, default=10.0, show_default=True,
+        click.option("--outlier-factor", type=click.FloatRange(min=0), default=10.0, show_default=True,
                      help="Exclude tokens whose activation norm exceeds this multiple of the batch median "
                           "(massive activations; acts does not write them, eval keeps their clean value); "
                           "0 keeps them."),
@@ -62,15 +62,15 @@ def text_options(func):
 @click.option("--model", "model_path", required=True,
               help="transformers causal LM: local folder, hub id, or a .gguf file.")
 @text_options
-@click.option("--layer", type=int, required=True, help="Decoder block index (0-based).")
+@click.option("--layer", type=click.IntRange(min=0), required=True, help="Decoder block index (0-based).")
 @click.option("--site", type=click.Choice(SITES), default="resid", show_default=True,
               help="resid: output of block LAYER (SAELens blocks.L.hook_resid_post = hidden_states[L+1]); "
                    "mlp_out / attn_out: output of the block's MLP / attention module.")
-@click.option("--tokens", type=int, required=True, help="Activation rows to write (kept tokens).")
-@click.option("--batch", type=int, default=8, show_default=True, help="Contexts per forward pass.")
+@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Activation rows to write (kept tokens).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Contexts per forward pass.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="Storage dtype of the shards.")
-@click.option("--shard-rows", type=int, default=65536, show_default=True, help="Rows per shard file.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows per shard file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (shard-*.safetensors + manifest.json); written atomically.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")

@@ -6,7 +6,8 @@ import click
 
 from .._json import dumps
 from ..compact import STORAGE_DTYPES
-from ..convert import DEFAULT_D, MASKS, convert_path
+from ..convert import DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, convert_path
+from .options import hub_options
 
 
 @click.command("convert")
@@ -15,49 +16,62 @@ from ..convert import DEFAULT_D, MASKS, convert_path
 @click.option("--hookpoint", default=None,
               help="Which SAE of a multi-SAE source (e.g. layers.10, or a SAELens SAE id folder). "
                    "Omit to convert every hookpoint into the folder OUT.")
-@click.option("--d", "d", type=int, default=None,
+@click.option("--d", "d", type=click.IntRange(min=1), default=None,
               help=f"Nonzeros kept per latent. Default {DEFAULT_D}; an Expander-SAE paper checkpoint "
                    "keeps its own d (exact import).")
 @click.option("--mask", type=click.Choice(MASKS), default=None,
-              help="expander: seeded expander mask, only the seed is stored (default). topd: each latent's d "
-                   "largest-|w| decoder entries, stored as explicit indices. search: try --search-seeds "
-                   "expander seeds and keep the one that keeps the most decoder energy.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Expander mask seed (with --mask search: the first seed tried).")
-@click.option("--search-seeds", type=int, default=64, show_default=True,
-              help="Seeds tried by --mask search.")
-@click.option("--encoder", type=click.Choice(["tied", "untied"]), default="tied", show_default=True,
-              help="tied: the encoder uses the decoder's values. untied: keep the dense encoder's entries "
-                   "on the same support (twice the values).")
+              help=f"Default {DEFAULT_MASK}. topd: each latent's d largest-|w| decoder entries, stored as "
+                   "explicit indices (keeps the most). expander: seeded expander mask, only the seed is "
+                   "stored. search: try --search-seeds expander seeds and keep the one that keeps the most "
+                   "decoder energy.")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Expander mask seed, with --mask expander or search (the first seed tried) [default: 0].")
+@click.option("--search-seeds", type=click.IntRange(min=1), default=None,
+              help="Seeds tried by --mask search [default: 64].")
+@click.option("--encoder", type=click.Choice(["tied", "untied"]), default=None,
+              help=f"Default {DEFAULT_ENCODER}. untied: keep the dense encoder's entries on the same support "
+                   "(twice the values, much better fidelity). tied: the encoder uses the decoder's values.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float32", show_default=True,
               help="Storage dtype of the values (int8: symmetric per-latent scales).")
+@hub_options
 @click.option("--acts", type=click.Path(exists=True), default=None,
-              help="Activations [N, m] (.npy, .safetensors or a shard folder): report FVU, L0 and dead "
-                   "fraction of the source and of the result.")
-@click.option("--max-rows", type=int, default=None, help="Evaluate on at most this many rows of --acts.")
-@click.option("--k", "k", type=int, default=None,
-              help="TopK k, for Expander-SAE paper checkpoints whose file name does not carry _k<k>_.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str | None, seed: int,
-            search_seeds: int, encoder: str, dtype: str, acts: str | None, max_rows: int | None,
-            k: int | None, as_json: bool) -> None:
+              help="Activations (.npy, .safetensors or a shard folder): fit the reconstruction scale and "
+                   "output bias to them by least squares (the codes do not change; the fit never does worse "
+                   "than predicting their mean), then report FVU, L0 and dead fraction of source and result "
+                   "on the same rows.")
+@click.option("--no-calibrate", is_flag=True, help="With --acts: only measure, do not fit.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None,
+              help="Use at most this many rows of --acts.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=None,
+              help="TopK k, for Expander-SAE paper checkpoints whose file name does not carry _k<k>_ "
+                   "(other layouts store k).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object {"out": OUT, "hookpoints": [report, ...]} instead of text.')
+def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str | None, seed: int | None,
+            search_seeds: int | None, encoder: str | None, dtype: str, hub, acts: str | None, no_calibrate: bool,
+            max_rows: int | None, k: int | None, as_json: bool) -> None:
     """Convert the dense TopK SAE at SRC into a compact Expander SAE file OUT.
 
     SRC: a SAELens, sparsify, dictionary_learning or openai/sparse_autoencoder SAE, an Expander-SAE
     paper checkpoint, a folder holding many of them, or hf://owner/repo[/hookpoint][@revision].
     OUT: a .safetensors file, or a folder (one file per hookpoint) when converting many.
+
+    The defaults (--mask topd --encoder untied) keep the most of the dense SAE, but at small d a
+    converted SAE usually still needs `saecompress train --init OUT` and `saecompress finetune`
+    before use: the report says so (measure with --acts).
     """
     reports = convert_path(src, out, hookpoint=hookpoint, d=d, mask=mask, seed=seed, search_seeds=search_seeds,
-                           encoder=encoder, dtype=dtype, acts=acts, k=k, max_rows=max_rows,
-                           progress=not as_json)
+                           encoder=encoder, dtype=dtype, acts=acts, calibrate_on_acts=not no_calibrate, k=k,
+                           max_rows=max_rows, hub=hub, progress=not as_json)
     if as_json:
-        rows = [r.to_dict() for r in reports]
-        click.echo(dumps(rows[0] if len(rows) == 1 else {"out": out, "hookpoints": rows}))
+        click.echo(dumps({"out": out, "hookpoints": [r.to_dict() for r in reports]}))
         return
     for r in reports:
-        line = (f"{r.hookpoint or src}: {r.source_format} m={r.m} n={r.n} k={r.k} -> d={r.d} ({r.mask}), "
-                f"kept energy {r.kept_energy:.3f}, {r.file_bytes:,} bytes ({r.compression_ratio:.1f}x smaller)")
+        line = (f"{r.hookpoint or src}: {r.source_format} m={r.m} n={r.n} k={r.k} -> d={r.d} ({r.mask}, "
+                f"{r.encoder} encoder), kept energy {r.kept_energy:.3f}, {r.file_bytes:,} bytes "
+                f"({r.compression_ratio:.1f}x smaller)")
         if r.fvu is not None:
             line += (f"; FVU {r.fvu_source:.4f} -> {r.fvu:.4f}, L0 {r.l0:.1f}, "
                      f"dead {r.dead_fraction_source:.1%} -> {r.dead_fraction:.1%}")
         click.echo(line)
+        click.echo(f"  {'needs training: ' if r.needs_training else ''}{r.advice}")

@@ -13,6 +13,7 @@ from ..lm import SITES, ce_eval, load_model
 from ..metrics import evaluate
 from ..sources import load
 from .acts import read_texts, text_files, text_options
+from .options import hub_options
 
 _TABLE = ("fvu", "explained_variance", "cosine", "mse", "l0", "dead_fraction", "num_rows",
           "ce_clean", "ce_zero", "ce_mean", "ce_spliced", "ce_recovered", "ce_recovered_mean_ablation",
@@ -24,18 +25,21 @@ _TABLE = ("fvu", "explained_variance", "cosine", "mse", "l0", "dead_fraction", "
 @click.option("--acts", "acts_path", required=True, type=click.Path(exists=True),
               help="Activations [N, m]: .npy, .safetensors, or a folder written by `saecompress acts`.")
 @click.option("--hookpoint", default=None, help="Which SAE of a multi-SAE source.")
-@click.option("--max-rows", type=int, default=None, help="Evaluate on at most this many rows of --acts.")
-@click.option("--batch-size", type=int, default=4096, show_default=True, help="Activation rows per batch.")
+@hub_options
+@click.option("--max-rows", type=click.IntRange(min=1), default=None,
+              help="Evaluate on at most this many rows of --acts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Activation rows per batch.")
 @click.option("--model", "model_path", default=None,
               help="Causal LM (folder, hub id or .gguf) for CE-loss recovered; needs --text.")
 @text_options
-@click.option("--layer", type=int, default=None, help="Block index of the hooked site (default: from --acts manifest).")
+@click.option("--layer", type=click.IntRange(min=0), default=None, help="Block index of the hooked site (default: from --acts manifest).")
 @click.option("--site", type=click.Choice(SITES), default=None,
               help="Hooked site (default: from --acts manifest, else resid).")
-@click.option("--ce-tokens", type=int, default=8192, show_default=True, help="Tokens of --text for the CE evaluation.")
-@click.option("--batch", type=int, default=4, show_default=True, help="Contexts per forward pass in the CE evaluation.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval(src: str, acts_path: str, hookpoint: str | None, max_rows: int | None, batch_size: int,
+@click.option("--ce-tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="Tokens of --text for the CE evaluation.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Contexts per forward pass in the CE evaluation.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object {"hookpoints": [report]} instead of a table.')
+def eval(src: str, acts_path: str, hookpoint: str | None, hub, max_rows: int | None, batch_size: int,
          model_path: str | None, gguf_file: str | None, texts: tuple[str, ...], context: int, keep_first: bool,
          outlier_factor: float, layer: int | None, site: str | None, ce_tokens: int, batch: int,
          as_json: bool) -> None:
@@ -47,7 +51,7 @@ def eval(src: str, acts_path: str, hookpoint: str | None, max_rows: int | None, 
     if bool(model_path) != bool(texts):
         raise SaeCompressError("CE-loss recovered needs both --model and --text FILE (the text to compute CE on)")
     source = open_activations(acts_path)
-    sae = load(src, hookpoint)
+    sae = load(src, hookpoint, hub=hub)
     if sae.m != source.m:
         raise SaeCompressError(f"{src} has hidden size m={sae.m} but {acts_path} holds m={source.m} activations; "
                                "evaluate it on activations from its own model and hookpoint")
@@ -62,7 +66,7 @@ def eval(src: str, acts_path: str, hookpoint: str | None, max_rows: int | None, 
                               tokens=ce_tokens, context=context, batch=batch, drop_first=not keep_first,
                               outlier_factor=outlier_factor or None, progress=not as_json))
     if as_json:
-        click.echo(dumps(report))
+        click.echo(dumps({"hookpoints": [{"hookpoint": sae.provenance.get("hookpoint"), **report}]}))
         return
     rows = [(key, report[key]) for key in _TABLE if key in report]
     width = max(len(key) for key, _ in rows)

@@ -6,11 +6,14 @@ import click
 
 from .._json import dumps
 from ..exporters.onnx import DTYPES, GRAPHS, export_onnx
+from .options import hub_options
 
 
 @click.command("export")
 @click.argument("src")
 @click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--hookpoint", default=None, help="Which SAE of a multi-SAE source.")
+@hub_options
 @click.option("--graph", type=click.Choice(GRAPHS), default="encode", show_default=True,
               help="encode: activations -> top_indices, top_values. decode: top_indices, top_values -> "
                    "reconstruction. autoencoder: activations -> reconstruction, top_indices, top_values.")
@@ -24,14 +27,18 @@ from ..exporters.onnx import DTYPES, GRAPHS, export_onnx
               help="Inputs [batch, seq, m] instead of [batch, m] (both axes dynamic).")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset (18..21; IR version 10). onnxruntime >= 1.16 reads opset 18.")
-def export(src: str, out: str, graph: str, dtype: str, dense_output: bool, seq: bool, opset: int) -> None:
+def export(src: str, out: str, hookpoint: str | None, hub, graph: str, dtype: str, dense_output: bool, seq: bool,
+           opset: int) -> None:
     """Export the SAE SRC (compact file, dense SAE folder/file, or hf://owner/repo[/hookpoint][@rev])
     to the ONNX file OUT.
 
     Expander SAEs use the custom-domain ops ai.saecompress::ExpanderEncode / ExpanderDecode, stored
     as ONNX model-local functions of standard ops: stock onnxruntime runs the file, no plugin needed.
-    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Prints a JSON summary.
+    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Prints one JSON object
+    {"hookpoints": [summary]}, the schema of convert/info/eval --json.
     """
-    path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
-    click.echo(dumps({"path": str(path), "graph": graph, "dtype": dtype, "dense_output": dense_output,
-                      "seq": seq, "opset": opset, "file_bytes": path.stat().st_size}))
+    path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
+                       hookpoint=hookpoint, hub=hub)
+    click.echo(dumps({"hookpoints": [{"hookpoint": hookpoint, "path": str(path), "graph": graph, "dtype": dtype,
+                                           "dense_output": dense_output, "seq": seq, "opset": opset,
+                                           "file_bytes": path.stat().st_size}]}))

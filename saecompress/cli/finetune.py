@@ -12,6 +12,7 @@ from ..finetune import finetune as run_finetune
 from ..lm import SITES, load_model
 from ..sources import load
 from .acts import read_texts, text_files, text_options
+from .options import hub_options
 
 _DEFAULTS = FinetuneConfig()
 
@@ -20,19 +21,20 @@ _DEFAULTS = FinetuneConfig()
 @click.argument("src")
 @click.option("--model", "model_path", required=True, help="The SAE's causal LM: local folder, hub id, or a .gguf file.")
 @text_options
-@click.option("--layer", type=int, required=True, help="Decoder block index of the SAE's hookpoint (0-based).")
+@click.option("--layer", type=click.IntRange(min=0), required=True, help="Decoder block index of the SAE's hookpoint (0-based).")
 @click.option("--site", type=click.Choice(SITES), default="resid", show_default=True, help="Hooked site (as for `acts`).")
 @click.option("--hookpoint", default=None, help="Which SAE of a multi-SAE source.")
-@click.option("--tokens", type=int, default=_DEFAULTS.tokens, show_default=True, help="LM tokens to fine-tune on.")
-@click.option("--batch", type=int, default=_DEFAULTS.batch, show_default=True, help="Contexts per step.")
+@hub_options
+@click.option("--tokens", type=click.IntRange(min=1), default=_DEFAULTS.tokens, show_default=True, help="LM tokens to fine-tune on.")
+@click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True, help="Contexts per step.")
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--recon-coef", type=float, default=_DEFAULTS.recon_coef, show_default=True,
               help="Weight of the reconstruction FVU next to the KL term (0: KL only).")
 @click.option("--out", required=True, type=click.Path(dir_okay=True),
               help="Output: compact .safetensors (expander SAE) or SAELens folder (dense SAE); written atomically.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's statistics as one JSON object.")
-def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_factor, layer, site, hookpoint, tokens,
-             batch, lr, recon_coef, out, as_json) -> None:
+def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_factor, layer, site, hookpoint, hub,
+             tokens, batch, lr, recon_coef, out, as_json) -> None:
     """Fine-tune SRC so the LM spliced with it predicts like the clean LM (KL + reconstruction).
 
     \b
@@ -47,7 +49,7 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
         raise SaeCompressError("give at least one --text FILE or folder to fine-tune on")
     files = text_files(texts)
     check_outputs([out], [src, model_path, gguf_file, *files])
-    sae = load(src, hookpoint=hookpoint)
+    sae = load(src, hookpoint=hookpoint, hub=hub)
     model, tokenizer = load_model(model_path, gguf_file)
     _, stats = run_finetune(sae, model, tokenizer, read_texts(files), layer, site, cfg, out=out, progress=not as_json)
     run = stats["finetune"]

@@ -7,24 +7,27 @@ import click
 from .._json import dumps
 from ..compact import dense_values, learned_values, load_compact, read_compact_metadata
 from ..errors import SaeCompressError
-from ..sources import find_compact, resolve
+from ..sources import HubAccess, compact_files, resolve, what_is
+from .options import hub_options
 
 
-def describe(src: str) -> dict:
-    """The facts ``info`` prints for a compact file (local path or ``hf://`` URI)."""
-    path, hookpoint = resolve(src)
-    compact = find_compact(path, hookpoint)
-    if compact is None and path.is_file():
-        compact = path  # read_compact_metadata says precisely what is wrong with it
-    if compact is None:
-        raise SaeCompressError(f"{src}: not a compact saecompress file; "
-                               "convert a dense SAE first with `saecompress convert`")
+def describe(src: str, hub: HubAccess | None = None) -> list[dict]:
+    """The facts ``info`` prints for each compact file ``src`` names (a file, a folder of them, or ``hf://``)."""
+    path, hookpoint = resolve(src, hub=hub)
+    files = compact_files(path, hookpoint)
+    if not files:
+        raise SaeCompressError(f"{src}: {what_is(path / hookpoint if hookpoint else path)} "
+                               "(`info` shows compact SAE files)")
+    return [_facts(file) for file in files]
+
+
+def _facts(compact) -> dict:
     load_compact(compact)  # full check: tensors vs metadata, finite values, mask hash
     meta = read_compact_metadata(compact)
     file_bytes = compact.stat().st_size
     dense = dense_values(meta["m"], meta["n"])
     return {
-        "path": str(compact),
+        "hookpoint": meta["source"].get("hookpoint"), "path": str(compact),
         "m": meta["m"], "n": meta["n"], "d": meta["d"], "k": meta["k"],
         "activation": meta["activation"], "encoder": meta["encoder"],
         "normalize_input": meta["normalize_input"], "dtype": meta["dtype"],
@@ -48,17 +51,27 @@ def _human_bytes(size: int) -> str:
 
 @click.command()
 @click.argument("src")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def info(src: str, as_json: bool) -> None:
-    """Show sizes and settings of the compact file SRC (a path or hf://owner/repo[/hookpoint][@rev]).
+@hub_options
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object {"hookpoints": [facts, ...]} instead of a table.')
+def info(src: str, hub: HubAccess, as_json: bool) -> None:
+    """Show sizes and settings of the compact file SRC (a path, a folder of compact files, or
+    hf://owner/repo[/hookpoint][@rev]).
 
     The compression ratio compares the file with an equivalent dense TopK SAE stored in float32
     (2·m·n + m + n values).
     """
-    facts = describe(src)
+    all_facts = describe(src, hub)
     if as_json:
-        click.echo(dumps(facts))
+        click.echo(dumps({"hookpoints": all_facts}))
         return
+    for i, facts in enumerate(all_facts):
+        if i:
+            click.echo("")
+        _print_table(facts)
+
+
+def _print_table(facts: dict) -> None:
     mask = (f"{facts['mask_algorithm']} seed {facts['mask_seed']}" if facts["mask"] == "seed"
             else "explicit indices")
     rows = [

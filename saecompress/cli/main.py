@@ -36,8 +36,10 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module = importlib.import_module(f"saecompress.cli.{name}")
-        return getattr(module, name)
+        command = getattr(importlib.import_module(f"saecompress.cli.{name}"), name)
+        if not any(param.name == "debug" for param in command.params):
+            command.params.append(_debug_option())  # `saecompress CMD ... --debug` works too
+        return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
@@ -51,6 +53,7 @@ class LazyGroup(click.Group):
         except (SaeCompressError, OSError) as err:
             if ctx.meta.get("saecompress.debug"):
                 raise
+            _close_progress_bars()
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
 
@@ -70,14 +73,26 @@ def _quit_on_closed_pipe() -> None:
     sys.exit(SIGPIPE_STATUS)
 
 
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still drawing, so the error line starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    ctx.meta["saecompress.debug"] = value
+    if value:  # the group's and the command's --debug share ctx.meta; either one turns it on
+        ctx.meta["saecompress.debug"] = True
+
+
+def _debug_option() -> click.Option:
+    return click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+                        help="Show full tracebacks instead of one-line errors.")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="saecompress")
-@click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
-              help="Show full tracebacks instead of one-line errors.")
 def cli() -> None:
     """Compress sparse autoencoders to Expander SAEs and ship them to production.
 
@@ -88,6 +103,9 @@ def cli() -> None:
       saecompress export out.safetensors out.onnx              # onnxruntime graph
       saecompress monitor out.onnx --input acts.npy --top 5    # features per row
     """
+
+
+cli.params.append(_debug_option())
 
 
 def main() -> None:

@@ -10,17 +10,23 @@ import numpy as np
 from .._json import dumps
 from ..errors import SaeCompressError
 from ..runtime import Monitor, read_activation_arrays
+from .options import hub_options
 
 
 def parse_watch(text: str) -> dict[int, float]:
-    """``"123:0.5,456:1.0"`` → ``{123: 0.5, 456: 1.0}``."""
-    watch = {}
+    """``"123:0.5,456:1.0"`` → ``{123: 0.5, 456: 1.0}``; both parts of each pair are required, once per feature."""
+    watch: dict[int, float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         feature, sep, threshold = item.partition(":")
         try:
-            watch[int(feature)] = float(threshold) if sep else 0.0
+            key, value = int(feature), float(threshold)
         except ValueError:
-            raise SaeCompressError(f"--watch item {item!r} is not FEATURE:THRESHOLD (e.g. 123:0.5)") from None
+            hint = f" (no threshold: write e.g. {feature}:0.5)" if not sep else ""
+            raise SaeCompressError(f"--watch item {item!r} is not FEATURE:THRESHOLD{hint}") from None
+        if key in watch:
+            raise SaeCompressError(f"--watch names feature {key} twice ({key}:{watch[key]:g} and {item}); "
+                                   "give each feature one threshold")
+        watch[key] = value
     if not watch:
         raise SaeCompressError("--watch is empty; give FEATURE:THRESHOLD pairs, e.g. 123:0.5,456:1.0")
     return watch
@@ -37,12 +43,17 @@ def _emit(record: dict, jsonl: bool) -> None:
 
 @click.command("monitor")
 @click.argument("model")
+@click.option("--hookpoint", default=None, help="Which SAE of a multi-SAE source.")
+@hub_options
 @click.option("--input", "source", required=True,
-              help="Activations [..., m]: a .npy or .safetensors file (tensor 'activations' or the only "
-                   "one), or '-' to read a stream of .npy arrays from stdin (numpy.save each batch).")
+              help="Activations [m], [N, m] or [..., m] (leading axes flattened): a .npy or .safetensors "
+                   "file (tensor 'activations' or the only one), a shard folder from `saecompress acts`, "
+                   "or '-' to read a stream of .npy arrays from stdin (numpy.save each batch).")
 @click.option("--watch", default=None,
-              help="Alert on features: FEATURE:THRESHOLD pairs, comma-separated (e.g. 123:0.5,456:1.0). "
-                   "Prints one line per alert. Without it, prints each row's top features.")
+              help="Alert on features: FEATURE:THRESHOLD pairs, comma-separated (e.g. 123:0.5,456:1.0); "
+                   "a feature alerts when active with a value >= its threshold. Every feature needs a "
+                   "threshold and appears once. Prints one line per alert. Without --watch, prints each "
+                   "row's top features.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Features printed per row (without --watch; at most k).")
 @click.option("--jsonl", is_flag=True, help="Print JSON lines ({row, feature, value} or {row, features}).")
@@ -53,17 +64,19 @@ def _emit(record: dict, jsonl: bool) -> None:
 @click.option("--provider", default=None,
               help="Force an execution provider (e.g. CUDAExecutionProvider). Default: CUDA when "
                    "onnxruntime-gpu is installed and a GPU is usable, else CPU.")
-def monitor(model: str, source: str, watch: str | None, top: int, jsonl: bool, batch_size: int,
-            threads: int | None, provider: str | None) -> None:
+def monitor(model: str, hookpoint: str | None, hub, source: str, watch: str | None, top: int, jsonl: bool,
+            batch_size: int, threads: int | None, provider: str | None) -> None:
     """Encode activations with the SAE MODEL (an exported .onnx file, a compact file, a dense SAE
     or hf://owner/repo[/hookpoint][@rev]) on onnxruntime.
 
     Rows are numbered across the whole input (flattened leading axes). Rows holding NaN/Inf are
     skipped and reported on stderr; the provider in use is reported on stderr at start.
     """
-    mon = Monitor(model, providers=[provider] if provider else None, batch_size=batch_size, threads=threads)
-    if watch:
-        mon.watch(parse_watch(watch))
+    thresholds = parse_watch(watch) if watch is not None else None
+    mon = Monitor(model, providers=[provider] if provider else None, batch_size=batch_size, threads=threads,
+                  hookpoint=hookpoint, hub=hub)
+    if thresholds is not None:
+        mon.watch(thresholds)
     click.echo(f"monitor: {mon.graph} graph, m={mon.m}, n={mon.n}, k={mon.k}, provider {mon.provider}", err=True)
     offset = skipped = 0
     stdin = sys.stdin.buffer if source == "-" else None

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
+from .options import hub_options
+
 
 @click.command()
 @click.argument("ref", metavar="REPO_ID[/HOOKPOINT][@REVISION]")
 @click.option("--out", metavar="DIR", default=None, type=click.Path(file_okay=False),
               help="Download into DIR instead of the Hugging Face cache ($HF_HUB_CACHE).")
-@click.option("--endpoint", metavar="URL", default=None, help="Hub URL. Default: $HF_ENDPOINT or https://huggingface.co.")
-@click.option("--token", metavar="T", default=None, help="Access token for private repos. Default: $HF_TOKEN or the saved login.")
-def pull(ref: str, out: str | None, endpoint: str | None, token: str | None) -> None:
+@hub_options
+def pull(ref: str, out: str | None, hub) -> None:
     """Download REPO_ID (owner/name), or one HOOKPOINT folder of it, at REVISION (branch, tag or commit sha).
 
     Only the hookpoint's files are fetched when one is given. Every file is checked against the
@@ -20,5 +21,5 @@ def pull(ref: str, out: str | None, endpoint: str | None, token: str | None) -> 
     """
     from ..hub import pull as pull_from_hub
 
-    for path in pull_from_hub(ref, out=out, endpoint=endpoint, token=token):
+    for path in pull_from_hub(ref, out=out, endpoint=hub.endpoint, token=hub.token):
         click.echo(str(path))

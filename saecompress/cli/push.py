@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .._json import dumps
+from .options import hub_options
 
 
 @click.command()
@@ -15,12 +16,11 @@ from .._json import dumps
                    "repo root); for a folder, a prefix for its hookpoint folders.")
 @click.option("--revision", metavar="BRANCH", default=None, help="Branch to commit to (created if missing). Default: main.")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
-@click.option("--endpoint", metavar="URL", default=None, help="Hub URL. Default: $HF_ENDPOINT or https://huggingface.co.")
-@click.option("--token", metavar="T", default=None, help="Access token with write access. Default: $HF_TOKEN or the saved login.")
+@hub_options
 @click.option("--message", "-m", metavar="M", default=None, help="Commit message. Default: 'saecompress push: <hookpoints>'.")
 @click.option("--with-onnx", is_flag=True, help="Also upload an ONNX export of each encoder as <hookpoint>/encode.onnx.")
 def push(file_or_dir: str, repo_id: str, path_in_repo: str | None, revision: str | None, private: bool,
-         endpoint: str | None, token: str | None, message: str | None, with_onnx: bool) -> None:
+         hub, message: str | None, with_onnx: bool) -> None:
     """Upload a compact file, or a folder of them, to the model repo REPO_ID (owner/name).
 
     Each compact file goes to <hookpoint>/expander.safetensors (one subfolder per hookpoint, like
@@ -32,5 +32,5 @@ def push(file_or_dir: str, repo_id: str, path_in_repo: str | None, revision: str
     from ..hub import push as push_to_hub
 
     result = push_to_hub(file_or_dir, repo_id, path_in_repo=path_in_repo, revision=revision, private=private,
-                         endpoint=endpoint, token=token, message=message, with_onnx=with_onnx)
+                         endpoint=hub.endpoint, token=hub.token, message=message, with_onnx=with_onnx)
     click.echo(dumps(result.to_dict()))

@@ -7,6 +7,7 @@ import click
 from .._json import dumps
 from ..train import TrainConfig
 from ..train import train as run_training
+from .options import hub_options
 
 _DEFAULTS = TrainConfig()
 
@@ -18,18 +19,19 @@ _DEFAULTS = TrainConfig()
 @click.option("--out", required=True, type=click.Path(),
               help="Output compact .safetensors file (with --dense: a SAELens folder). A checkpoint "
                    "OUT.ckpt is written beside it.")
-@click.option("--d", "d", type=int, default=7, show_default=True, help="Nonzeros per latent (mask degree).")
+@click.option("--d", "d", type=click.IntRange(min=1), default=7, show_default=True, help="Nonzeros per latent (mask degree).")
 @click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (ignores --d).")
-@click.option("--k", "k", type=int, default=None,
+@click.option("--k", "k", type=click.IntRange(min=1), default=None,
               help="Active latents per token [default: 32, or the --teacher/--init SAE's k].")
-@click.option("--n", "n", type=int, default=None, help="Number of latents.")
-@click.option("--expansion", type=int, default=None, help="Number of latents as a multiple of m (instead of --n).")
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of latents.")
+@click.option("--expansion", type=click.IntRange(min=1), default=None, help="Number of latents as a multiple of m (instead of --n).")
 @click.option("--teacher", default=None,
               help="Dense SAE source (any layout, or hf://...) to distil from: the student starts as "
                    "convert(teacher, d) and keeps each latent close to the teacher's same-index latent.")
 @click.option("--init", default=None, help="Start from this SAE (compact file) instead of a fresh or converted one.")
-@click.option("--tokens", type=int, default=_DEFAULTS.tokens, show_default=True, help="Training tokens.")
-@click.option("--batch", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Tokens per step.")
+@click.option("--tokens", type=click.IntRange(min=1), default=_DEFAULTS.tokens, show_default=True,
+              help="Training tokens (whole batches: a remainder is dropped, with a note).")
+@click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True, help="Tokens per step.")
 @click.option("--lr", type=float, default=None,
               help="Adam learning rate [default: 3e-3 / sqrt(n / 16384) for expanders, "
                    "2e-4 / sqrt(n / 16384) with --dense].")
@@ -38,31 +40,34 @@ _DEFAULTS = TrainConfig()
 @click.option("--encoder", type=click.Choice(["tied", "untied"]), default="untied", show_default=True,
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
-@click.option("--mask-seed", type=int, default=0, show_default=True, help="Seed of the expander mask.")
-@click.option("--mask", type=click.Choice(["expander", "topd", "search"]), default="expander", show_default=True,
-              help="With --teacher: how the student's dims are chosen, as in `convert` (topd: each latent's d "
-                   "largest teacher decoder entries, stored explicitly; keeps far more of the teacher).")
-@click.option("--auxk-coef", type=float, default=_DEFAULTS.auxk_coef, show_default=True,
+@click.option("--mask-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the expander mask.")
+@click.option("--mask", type=click.Choice(["expander", "topd", "search"]), default=None,
+              help="With --teacher: how the student's dims are chosen, as in `convert` [default: topd, each "
+                   "latent's d largest teacher decoder entries, stored explicitly; keeps far more of the "
+                   "teacher]. A fresh SAE always uses the seeded expander mask.")
+@click.option("--auxk-coef", type=click.FloatRange(min=0), default=_DEFAULTS.auxk_coef, show_default=True,
               help="Weight of the AuxK loss on dead latents.")
-@click.option("--k-aux", type=int, default=None, help="Dead latents used by AuxK [default: m / 2].")
-@click.option("--dead-tokens", type=int, default=None,
+@click.option("--k-aux", type=click.IntRange(min=0), default=None, help="Dead latents used by AuxK [default: m / 2].")
+@click.option("--dead-tokens", type=click.IntRange(min=1), default=None,
               help="A latent is dead after this many tokens without firing "
                    "[default: min(32 * n / k, tokens / 10)].")
-@click.option("--reaim-every", type=int, default=_DEFAULTS.reaim_every, show_default=True,
+@click.option("--reaim-every", type=click.IntRange(min=0), default=_DEFAULTS.reaim_every, show_default=True,
               help="Steps between reviving dead latents of a native expander run on the rows they "
                    "nearly fire on, decoder aimed at the residual (0: never; not when distilling).")
-@click.option("--distill-coef", type=float, default=_DEFAULTS.distill_coef, show_default=True,
+@click.option("--distill-coef", type=click.FloatRange(min=0), default=_DEFAULTS.distill_coef, show_default=True,
               help="Weight of the latent-matching term (with --teacher).")
-@click.option("--held-out", type=int, default=_DEFAULTS.held_out_rows, show_default=True,
-              help="Rows at the end of --acts kept out of training, for the final metrics.")
-@click.option("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every, show_default=True,
+@click.option("--held-out", type=click.IntRange(min=0), default=None,
+              help="Rows at the end of --acts kept out of training, for the final metrics (0: none) "
+                   "[default: 8192, at most a tenth of the rows].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every, show_default=True,
               help="Steps between checkpoints.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and data order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of initialisation and data order.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
+@hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr, activation, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
-          resume, as_json) -> None:
+          resume, hub, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
 
     \b
@@ -74,7 +79,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
-    _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True)
+    _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True, hub=hub)
     if as_json:
         click.echo(dumps(metrics))
         return

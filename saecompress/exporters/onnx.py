@@ -45,28 +45,33 @@ _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: str = "float32",
-                dense_output: bool = False, opset: int = 18, seq: bool = False) -> Path:
+                dense_output: bool = False, opset: int = 18, seq: bool = False, hookpoint: str | None = None,
+                hub=None) -> Path:
     """Write ``sae`` (a model, or any source ``saecompress.load`` accepts) as an ONNX file.
 
     ``dtype`` is the dtype of the graph's float inputs/outputs and of the float32 weights it
     stores (float16 halves the file; arithmetic stays float32). Inputs are ``[batch, m]``, or
-    ``[batch, seq, m]`` with ``seq=True`` (both axes dynamic). ``path`` is checked first (it must not
-    be or lie inside the source: see ``_io.check_outputs``) and replaced if it exists; written atomically.
+    ``[batch, seq, m]`` with ``seq=True`` (both axes dynamic). ``hookpoint`` and ``hub`` (a
+    ``sources.HubAccess``) are passed to ``saecompress.load`` for a source. ``path`` is checked first
+    (it must not be or lie inside the source: see ``_io.check_outputs``) and replaced if it exists;
+    written atomically.
     """
     check_outputs([path], [sae] if isinstance(sae, (str, os.PathLike)) else [], kind="file")
-    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
+    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
+                       hookpoint=hookpoint, hub=hub)
     with atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
     return Path(path)
 
 
 def build_onnx(sae, graph: str = "encode", *, dtype: str = "float32", dense_output: bool = False,
-               opset: int = 18, seq: bool = False, layout: EncodeLayout = EncodeLayout()) -> ModelProto:
+               opset: int = 18, seq: bool = False, layout: EncodeLayout = EncodeLayout(),
+               hookpoint: str | None = None, hub=None) -> ModelProto:
     """The ONNX model ``export_onnx`` writes (in memory). ``layout`` picks the encode formulation."""
     if not isinstance(sae, (ExpanderSAE, TopKSAE)):
         from ..sources import load
 
-        sae = load(sae)
+        sae = load(sae, hookpoint, hub=hub)
     if graph not in GRAPHS:
         raise SaeCompressError(f"unknown graph {graph!r}; use one of {', '.join(GRAPHS)}")
     if dtype not in DTYPES:

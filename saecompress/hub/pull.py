@@ -50,17 +50,32 @@ def _cached_files(root: Path, patterns: list[str] | None) -> list[Path]:
     return [root / n for n in sorted(names)]
 
 
+def _wanted(api, ref: HfUri, rev: str, sha: str, patterns: list[str] | None) -> tuple[dict, list[str]]:
+    """The repo's files at commit ``sha`` and the names ``patterns`` select; none is an error."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
+    tree = {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True)
+            if isinstance(f, RepoFile)}
+    wanted = sorted(filter_repo_objects(list(tree), allow_patterns=patterns))
+    if not wanted:
+        folders = sorted({p.split("/")[0] for p in tree if "/" in p})
+        what = f"no hookpoint {ref.hookpoint!r}" if ref.hookpoint else "no SAE files"
+        raise SaeCompressError(f"{ref.repo_id}@{rev} has {what} (hookpoint folders: "
+                               f"{', '.join(folders) or 'none'}); pick one as hf://{ref.repo_id}/<hookpoint>")
+    return tree, wanted
+
+
 def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, token: str | None,
               cache_dir: str | os.PathLike | None, out: str | os.PathLike | None) -> tuple[Path, list[Path]]:
     """Download the files of ``ref`` matching ``patterns``; return the snapshot root and the files.
 
     Online, every file is checked against the Hub's listing at the resolved commit. Offline
     (``HF_HUB_OFFLINE``, or the Hub unreachable with the snapshot cached), the cache is used as
-    is: its files were checked when they were pulled.
+    is: its files were checked when they were pulled. What ``patterns`` select is checked before
+    anything is downloaded.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import filter_repo_objects
 
     rev = ref.revision or "main"
     api = make_api(endpoint, token)
@@ -79,18 +94,12 @@ def _download(ref: HfUri, patterns: list[str] | None, *, endpoint: str | None, t
             files = _cached_files(root, patterns)
             log.warning("cannot reach %s (%s); using the cached snapshot of %s", api.endpoint, err, ref)
             return root, files
+        tree, wanted = _wanted(api, ref, rev, sha, patterns)  # before downloading: nothing matched is an error
         if out is None:  # the cache: snapshot_download also records the branch/tag -> commit ref
             root = Path(snapshot_download(ref.repo_id, revision=rev, **kwargs))
-            sha = root.name  # the commit it resolved (the branch may have moved since repo_info)
-        tree = {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True)
-                if isinstance(f, RepoFile)}
-        wanted = sorted(filter_repo_objects(list(tree), allow_patterns=patterns))
-        if not wanted:
-            folders = sorted({p.split("/")[0] for p in tree if "/" in p})
-            what = f"no hookpoint {ref.hookpoint!r}" if ref.hookpoint else "no SAE files"
-            raise SaeCompressError(f"{ref.repo_id}@{rev} has {what} (hookpoint folders: "
-                                   f"{', '.join(folders) or 'none'}); pick one as hf://{ref.repo_id}/<hookpoint>")
-        if out is not None:
+            if root.name != sha:  # the branch moved since repo_info: check what was downloaded
+                tree, wanted = _wanted(api, ref, rev, root.name, patterns)
+        else:
             root = Path(snapshot_download(ref.repo_id, revision=sha, local_dir=out, **kwargs))
     for name in wanted:
         _verify(root / name, tree[name], ref)
