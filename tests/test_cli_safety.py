@@ -117,7 +117,7 @@ def test_acts_checks_its_output_and_tokens_before_loading_the_model(tmp_path):
     texts.mkdir()
     (texts / "a.txt").write_text("some text " * 50)
     base = ["acts", "--model", tmp_path / "empty-model", "--text", texts, "--layer", "0"]
-    assert "--tokens must be positive" in error_line(*base, "--tokens", 0, "--out", tmp_path / "acts")
+    assert "'--tokens': 0 is not in the range" in error_line(*base, "--tokens", 0, "--out", tmp_path / "acts")
     (tmp_path / "full" / "x").mkdir(parents=True)
     assert "not empty" in error_line(*base, "--tokens", 10, "--out", tmp_path / "full")
     assert "holds the input" in error_line(*base, "--tokens", 10, "--out", texts, "--overwrite")

@@ -50,6 +50,11 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError:
             _quit_on_closed_pipe()
+        except click.UsageError as err:  # a bad option value: one error line too, not click's usage block
+            if ctx.meta.get("saecompress.debug") or err.ctx is None or err.ctx.parent is None:
+                raise
+            click.echo(f"error: {err.format_message()} (see `{err.ctx.command_path} --help`)", err=True)
+            sys.exit(2)
         except (SaeCompressError, OSError) as err:
             if ctx.meta.get("saecompress.debug"):
                 raise
