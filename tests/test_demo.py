@@ -82,6 +82,15 @@ def test_demo_refuses_a_model_without_its_sae(setup):
     assert "give --sae too" in result.output
 
 
+def test_demo_refuses_a_work_folder_inside_its_inputs(setup):
+    root, model, text = setup
+    result = CliRunner().invoke(cli, ["demo", "--model", str(model), "--sae", str(root / "sae"),
+                                      "--work", str(root / "sae" / "work")])
+    assert result.exit_code == 2
+    assert "lies inside the input folder" in result.output
+    assert not (root / "sae" / "work").exists()
+
+
 def test_shipped_sae_is_a_dense_topk_sae_for_smollm2():
     sae = load(DEFAULT_SAE)
     assert isinstance(sae, TopKSAE)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .._io import check_outputs
 from ..convert import source_bytes
 from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoReport, default_model,
                     default_texts, needs_more_steps, run_demo)
@@ -65,18 +66,14 @@ def demo(model_path, gguf_file, sae_src, texts, layer, site, d, eval_tokens, ce_
     if sae_src is None and layer not in (None, DEFAULT_LAYER):
         raise SaeCompressError(f"the shipped SAE reads layer {DEFAULT_LAYER}; give --sae for layer {layer}")
     work = work or _default_work()
-    if work.exists() and not work.is_dir():
-        raise SaeCompressError(f"--work {work} is a file; give a folder")
-    work.mkdir(parents=True, exist_ok=True)
-    if not os.access(work, os.W_OK):
-        raise SaeCompressError(f"--work {work} is not writable; give another folder")
+    check_outputs([work], [sae_src or DEFAULT_SAE, model_path, gguf_file, *texts], kind="folder")
 
     say = (lambda message: click.echo(message, err=True))
     sae_path, hookpoint = resolve(sae_src or DEFAULT_SAE)
     dense = load(sae_path, hookpoint)
     held_out = list(read_texts(text_files(texts))) if texts else [default_texts()[1]]
     model_src, gguf = (model_path, gguf_file) if model_path else default_model()
-    say(f"loading the LM {Path(str(model_src)).name if not model_path else model_src} ...")
+    say(f"loading the LM {gguf or model_src} ...")
     model, tokenizer = load_model(model_src, gguf)
     cfg = DemoConfig(layer=DEFAULT_LAYER if layer is None else layer, site=site, d=d, eval_tokens=eval_tokens,
                      ce_tokens=ce_tokens, context=context)
