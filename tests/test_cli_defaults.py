@@ -92,6 +92,23 @@ def test_convert_default_beats_the_mean_where_the_old_default_did_not(trained, t
     assert "Default topd" in run("convert", "--help").stdout and "Default untied" in run("convert", "--help").stdout
 
 
+REAL_ACTS = Path(__file__).parent / "fixtures" / "smollm2-l15-new-testament-512.safetensors"
+
+
+def test_convert_default_on_a_real_sae_beats_the_mean_on_real_activations(tmp_path):
+    """The shipped SmolLM2 layer-15 SAE (trained on the Old Testament) against 512 New Testament rows."""
+    from saecompress.demo import DEFAULT_SAE
+
+    out = tmp_path / "real.safetensors"
+    assert run("convert", DEFAULT_SAE, out).exit_code == 0
+    result = run("eval", out, "--acts", REAL_ACTS, "--json")
+    assert result.exit_code == 0, result.output
+    [report] = json.loads(result.stdout)["hookpoints"]
+    assert report["fvu"] < 1
+    dense = json.loads(run("eval", DEFAULT_SAE, "--acts", REAL_ACTS, "--json").stdout)["hookpoints"][0]
+    assert dense["fvu"] < report["fvu"]
+
+
 def test_convert_with_acts_fits_the_scale_and_never_does_worse_than_the_mean(trained, tmp_path):
     root, dense = trained
     out = tmp_path / "tied.safetensors"
