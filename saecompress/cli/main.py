@@ -103,6 +103,7 @@ def cli() -> None:
 
     \b
     Typical flow:
+      saecompress demo                                         # all of it, offline, on a shipped default
       saecompress convert ./my-sae out.safetensors --d 7     # dense TopK SAE -> expander
       saecompress info out.safetensors                         # sizes and settings
       saecompress export out.safetensors out.onnx              # onnxruntime graph
