@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from ._io import atomic_path
 from ._json import dumps
-from .errors import SaeCompressError
+from .errors import SaeCompressError, first_line
 from .mask import MASK_ALGORITHM, expander_mask, indices_sha256
 from .models import ACTIVATIONS, ENCODERS, ExpanderSAE
 from .provenance import shareable
@@ -141,6 +141,17 @@ def save_compact(sae: ExpanderSAE, path: str | os.PathLike, dtype: str | None = 
     return Path(path)
 
 
+def with_metrics(user: dict, metrics: dict | None) -> dict:
+    """``user`` metadata whose ``metrics`` record (docs/FORMAT.md) is the numbers in ``metrics``:
+    fidelity of the model as stored, on held-out activations. ``None`` drops the record (the model
+    changed and was not measured again)."""
+    out = {key: value for key, value in user.items() if key != "metrics"}
+    if metrics:
+        out["metrics"] = {key: value for key, value in metrics.items()
+                          if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return out
+
+
 def shareable_copy(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Copy the compact file ``path`` to ``out`` with a shareable ``source`` (files written before
     sources were recorded without local paths); tensors and other metadata are copied unchanged."""
@@ -176,13 +187,8 @@ def _read_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise _fail(path, f"not a readable safetensors file ({_first_line(err)})",
+        raise _fail(path, f"not a readable safetensors file ({first_line(err)})",
                     "the file may be truncated or corrupt: re-download or re-create it") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def is_compact_file(path: str | os.PathLike) -> bool:
@@ -218,7 +224,7 @@ def parse_compact_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         meta["source"] = json.loads(raw.get("source", "{}"))
         meta["user"] = json.loads(raw.get("user", "{}"))
     except (KeyError, ValueError) as err:
-        raise _fail(path, f"malformed metadata ({_first_line(err)})", "the file is damaged; re-create it") from None
+        raise _fail(path, f"malformed metadata ({first_line(err)})", "the file is damaged; re-create it") from None
     meta["normalize_input"] = raw["normalize_input"] == "true"
     checks = [
         (meta["activation"] in ACTIVATIONS, f"unknown activation {meta['activation']!r}"),
@@ -274,7 +280,7 @@ def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
                 tensors[name] = f.get_tensor(name)
             return tensors
     except (SafetensorError, OSError, ValueError) as err:
-        raise _fail(path, f"could not read tensors ({_first_line(err)})",
+        raise _fail(path, f"could not read tensors ({first_line(err)})",
                     "the file may be truncated or corrupt: re-download or re-create it") from None
 
 
@@ -345,4 +351,4 @@ def learned_values(m: int, n: int, d: int, encoder: str) -> int:
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STORAGE_DTYPES", "save_compact", "load_compact",
            "read_compact_metadata", "parse_compact_metadata", "is_compact_file", "write_safetensors", "quantize_int8",
-           "compact_size_bound", "dense_values", "learned_values"]
+           "compact_size_bound", "dense_values", "learned_values", "with_metrics"]

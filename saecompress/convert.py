@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationSource, open_activations
-from .compact import STORAGE_DTYPES, dense_values, learned_values, load_compact, save_compact
+from .compact import STORAGE_DTYPES, dense_values, learned_values, load_compact, save_compact, with_metrics
 from ._io import check_outputs, output_errors
 from .errors import SaeCompressError
 from .formats import list_hookpoints, read_sae
@@ -292,7 +292,8 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
                                dtype=dtype, seconds=seconds, acts=acts, batch_size=batch_size, max_rows=max_rows)
     metrics = {key: value for key, value in report.to_dict().items()
                if value is not None and key not in ("convert_seconds", "file_bytes", "advice")}
-    save_compact(sparse, out, dtype=dtype, metadata={**sparse.metadata, "convert": metrics})
+    measured = {key: metrics[key] for key in ("fvu", "l0", "dead_fraction", "num_rows") if key in metrics}
+    save_compact(sparse, out, dtype=dtype, metadata=with_metrics({**sparse.metadata, "convert": metrics}, measured))
     report.file_bytes = out.stat().st_size
     report.source_bytes = source_bytes(Path(native.provenance["path"]))
     report.compression_ratio = report.source_bytes / report.file_bytes

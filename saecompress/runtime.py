@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from .activations import open_activations
-from .errors import SaeCompressError
+from .errors import SaeCompressError, first_line
+from .models import ExpanderSAE, TopKSAE
+from .sources import load
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -61,7 +63,9 @@ def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
             raise SaeCompressError(f"{path}: an ONNX file holds one SAE; --hookpoint selects one of a multi-SAE "
                                    "source (drop it)")
         return path.read_bytes()
-    return build_onnx(model, "autoencoder", hookpoint=hookpoint, hub=hub).SerializeToString()
+    if not isinstance(model, (ExpanderSAE, TopKSAE)):
+        model = load(model, hookpoint, hub=hub)
+    return build_onnx(model, "autoencoder").SerializeToString()
 
 
 class Monitor:
@@ -91,7 +95,7 @@ class Monitor:
             self.session = ort.InferenceSession(data, options, providers=wanted)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise SaeCompressError(f"{model}: onnxruntime cannot load this model "
-                                   f"({str(err).splitlines()[0][:200]}); re-export it with `saecompress export`") from None
+                                   f"({first_line(err)[:200]}); re-export it with `saecompress export`") from None
         self.provider = self.session.get_providers()[0]
         if providers and self.provider != providers[0]:
             raise SaeCompressError(f"{providers[0]} was requested but onnxruntime runs on {self.provider} "

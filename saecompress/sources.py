@@ -25,7 +25,7 @@ def resolve(src: str | os.PathLike, hookpoint: str | None = None,
     and its hookpoint."""
     text = str(src)
     if text.startswith("hf://"):
-        from .hub import resolve_hf_source
+        from .hub.pull import resolve_hf_source
 
         hub = hub or HubAccess()
         path, uri_hookpoint = resolve_hf_source(text, endpoint=hub.endpoint, token=hub.token)

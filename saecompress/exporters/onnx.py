@@ -31,6 +31,7 @@ from ..compact import quantize_int8
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
 from ..provenance import shareable
+from ..sources import load
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout,
                              expander_decode_function, expander_encode_function, layer_norm_function)
 from .onnx_graph import GraphBuilder
@@ -57,21 +58,21 @@ def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: s
     written atomically.
     """
     check_outputs([path], [sae] if isinstance(sae, (str, os.PathLike)) else [], kind="file")
-    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
-                       hookpoint=hookpoint, hub=hub)
+    if not isinstance(sae, (ExpanderSAE, TopKSAE)):
+        sae = load(sae, hookpoint, hub=hub)
+    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
     with atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
     return Path(path)
 
 
-def build_onnx(sae, graph: str = "encode", *, dtype: str = "float32", dense_output: bool = False,
-               opset: int = 18, seq: bool = False, layout: EncodeLayout = EncodeLayout(),
-               hookpoint: str | None = None, hub=None) -> ModelProto:
+def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str = "float32",
+               dense_output: bool = False, opset: int = 18, seq: bool = False,
+               layout: EncodeLayout = EncodeLayout()) -> ModelProto:
     """The ONNX model ``export_onnx`` writes (in memory). ``layout`` picks the encode formulation."""
     if not isinstance(sae, (ExpanderSAE, TopKSAE)):
-        from ..sources import load
-
-        sae = load(sae, hookpoint, hub=hub)
+        raise SaeCompressError(f"build_onnx takes an ExpanderSAE or TopKSAE, not {type(sae).__name__}; "
+                               "load a source with saecompress.load first")
     if graph not in GRAPHS:
         raise SaeCompressError(f"unknown graph {graph!r}; use one of {', '.join(GRAPHS)}")
     if dtype not in DTYPES:

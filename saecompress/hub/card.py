@@ -45,11 +45,10 @@ def _size(n: int) -> str:
 
 
 def metrics(meta: dict[str, Any]) -> dict[str, float]:
-    """Fidelity metrics from a file's ``user`` metadata: ``user["metrics"]`` or its top-level numbers."""
-    user = meta.get("user") or {}
-    found = user.get("metrics") if isinstance(user.get("metrics"), dict) else user
-    return {k: v for k, v in sorted(found.items())
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The fidelity numbers of a file's ``user["metrics"]`` record (docs/FORMAT.md)."""
+    found = (meta.get("user") or {}).get("metrics")
+    return {k: v for k, v in sorted(found.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)} \
+        if isinstance(found, dict) else {}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

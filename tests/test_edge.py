@@ -1,0 +1,154 @@
+"""The core/edge split: an acyclic import graph, no reaching into private names, one metrics record."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import constants, hf_hub_download
+from hub_server import HubServer
+
+import saecompress
+from saecompress.cli.main import cli
+from saecompress.compact import read_compact_metadata
+from saecompress.errors import SaeCompressError, first_line
+
+PACKAGE = Path(saecompress.__file__).parent
+REAL_ACTS = Path(__file__).parent / "fixtures" / "smollm2-l15-new-testament-512.safetensors"
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (packages by their own name)."""
+    found = {}
+    for file in PACKAGE.rglob("*.py"):
+        parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
+    return found
+
+
+def imports(name: str, file: Path, known: dict[str, Path]) -> list[tuple[str, list[str]]]:
+    """``(module, imported names)`` of every import in ``file``, module- or function-level, inside the package."""
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            base = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            names = [alias.name for alias in node.names]
+            found += [(f"{base}.{n}", []) for n in names if f"{base}.{n}" in known]
+            found.append((base, [n for n in names if f"{base}.{n}" not in known]))
+    return [(module, names) for module, names in found if module in known]
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {module for module, _ in imports(name, file, known)} - {name} for name, file in known.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that ends where it starts), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [node, dep] if dep in path else [node, dep]
+            if dep not in state and (cycle := visit(dep, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [])):
+            return cycle
+    return None
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert {"saecompress.compact", "saecompress.sources"} <= graph["saecompress"], "the graph reader missed imports"
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) in (["a", "b", "c", "a"],)
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# Underscore modules that are package-wide helpers by design (the underscore keeps them out of the API).
+SHARED_HELPERS = {"saecompress._io", "saecompress._json", "saecompress._version"}
+
+
+def test_no_module_imports_another_modules_private_name():
+    """No ``from x import _name``; a private module only from its own package (or a shared helper)."""
+    known = modules()
+    reached = []
+    for name, file in known.items():
+        for module, names in imports(name, file, known):
+            reached += [f"{name} imports {module}.{n}" for n in names
+                        if module != name and n.startswith("_") and not n.startswith("__")]
+            private = module.rpartition(".")[2].startswith("_")
+            if private and module not in SHARED_HELPERS and module.rpartition(".")[0] not in (name, name.rpartition(".")[0]):
+                reached.append(f"{name} imports {module}")
+    assert not reached, "\n".join(reached)
+
+
+def test_first_line_of_an_error():
+    assert first_line(ValueError("\n  bad header  \nmore")) == "bad header"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(OSError()) == "OSError"
+
+
+def test_monitor_reports_an_onnxruntime_error_with_an_empty_message(tmp_path, monkeypatch):
+    """onnxruntime may raise with an empty message: one SaeCompressError naming the type, not an IndexError."""
+    import onnxruntime
+
+    from saecompress.runtime import Monitor
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("")
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not onnx")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(SaeCompressError, match=r"onnxruntime cannot load this model \(RuntimeError\)"):
+        Monitor(model)
+
+
+def test_the_model_card_shows_the_metrics_convert_writes(tmp_path, monkeypatch):
+    """A file made by `convert --acts` carries one `metrics` record, and its pushed model card shows it."""
+    from saecompress.demo import DEFAULT_SAE
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    out = tmp_path / "sae.safetensors"
+    runner = CliRunner()
+    done = runner.invoke(cli, ["convert", str(DEFAULT_SAE), str(out), "--acts", str(REAL_ACTS), "--json"])
+    assert done.exit_code == 0, done.output
+    [report] = json.loads(done.stdout)["hookpoints"]
+    record = read_compact_metadata(out)["user"]["metrics"]
+    assert record["fvu"] == report["fvu"] and record["l0"] == report["l0"] and record["num_rows"] == 512
+    with HubServer(tmp_path / "server") as server:
+        pushed = runner.invoke(cli, ["push", str(out), "alice/converted", "--endpoint", server.url])
+        assert pushed.exit_code == 0, pushed.output
+        card = Path(hf_hub_download("alice/converted", "README.md", endpoint=server.url)).read_text()
+    header = next(line for line in card.splitlines() if line.startswith("| hookpoint | file"))
+    row = next(line for line in card.splitlines() if "expander.safetensors" in line and line.startswith("| `"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert float(cells["fvu"]) == pytest.approx(report["fvu"], rel=1e-3)
+    assert float(cells["l0"]) == pytest.approx(report["l0"], rel=1e-3)
+    assert np.isfinite(float(cells["dead_fraction"]))
