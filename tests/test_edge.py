@@ -152,3 +152,102 @@ def test_the_model_card_shows_the_metrics_convert_writes(tmp_path, monkeypatch):
     assert float(cells["fvu"]) == pytest.approx(report["fvu"], rel=1e-3)
     assert float(cells["l0"]) == pytest.approx(report["l0"], rel=1e-3)
     assert np.isfinite(float(cells["dead_fraction"]))
+
+
+def random_expander(m: int = 16, n: int = 64, d: int = 4, *, untied: bool = True):
+    import torch
+
+    from saecompress.models import ExpanderSAE
+
+    torch.manual_seed(0)
+    sae = ExpanderSAE(m, n, d, k=4, seed=3, encoder="untied" if untied else "tied")
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    return sae
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_stored_copy_is_what_a_file_gives_back(tmp_path, dtype):
+    """Fidelity at the stored precision is measured in memory, bit-identical to a save and reload."""
+    import torch
+
+    from saecompress.compact import load_compact, save_compact, stored_copy
+
+    sae = random_expander()
+    copy = stored_copy(sae, dtype)
+    loaded = load_compact(save_compact(sae, tmp_path / "s.safetensors", dtype=dtype))
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], value), name
+    assert (dtype == "float32") == torch.equal(copy.values, sae.values)
+
+
+def test_atomic_directory(tmp_path):
+    from saecompress._io import AtomicDirectory
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), AtomicDirectory(out) as staging:
+        (staging / "a").write_text("partial")
+        raise RuntimeError("stop")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with AtomicDirectory(out) as staging:
+        (staging / "a").write_text("1")
+        assert not out.exists()
+    assert (out / "a").read_text() == "1" and (out.stat().st_mode & 0o777) == 0o777 & ~current_umask()
+    (out / "keep").write_text("mine")
+    with AtomicDirectory(out, merge=True) as staging:
+        (staging / "a").write_text("2")
+    assert (out / "a").read_text() == "2" and (out / "keep").read_text() == "mine"
+    with AtomicDirectory(out) as staging:
+        (staging / "b").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_choices_and_sizes_have_one_spelling():
+    from saecompress.errors import check_choice
+    from saecompress.units import human_bytes
+
+    check_choice("mask", "topd", ("expander", "topd"))
+    with pytest.raises(SaeCompressError, match=r"^unknown mask 'x'; use one of expander, topd$"):
+        check_choice("mask", "x", ("expander", "topd"))
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 2**20, 3 * 2**40)] == \
+        ["0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3072.0 GiB"]
+
+
+def test_compression_ratio_means_one_thing(tmp_path):
+    """convert's report, info and the model card compare the file with the dense float32 SAE;
+    ``source_ratio`` compares it with the source's bytes."""
+    from saecompress.compact import dense_values
+    from saecompress.convert import convert_path
+    from saecompress.demo import DEFAULT_SAE
+    from saecompress.info import describe
+
+    out = tmp_path / "sae.safetensors"
+    [report] = convert_path(DEFAULT_SAE, out, progress=False)
+    [facts] = describe(out)
+    size = out.stat().st_size
+    assert report.compression_ratio == pytest.approx(4 * dense_values(report.m, report.n) / size)
+    assert facts["compression_ratio"] == pytest.approx(report.compression_ratio, abs=0.01)
+    assert report.source_ratio == pytest.approx(report.source_bytes / size)
+
+
+def test_text_input_has_a_library_home(tmp_path):
+    from saecompress.texts import read_texts, text_files
+
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_bytes(b"first \xff")
+    (tmp_path / ".hidden").write_text("no")
+    files = text_files([str(tmp_path)])
+    assert [f.name for f in files] == ["a.txt", "b.txt"]
+    assert list(read_texts(files)) == ["first \ufffd", "second"]
+    with pytest.raises(SaeCompressError, match="no such text file"):
+        text_files([str(tmp_path / "missing.txt")])

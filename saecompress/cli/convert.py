@@ -69,7 +69,7 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
     for r in reports:
         line = (f"{r.hookpoint or src}: {r.source_format} m={r.m} n={r.n} k={r.k} -> d={r.d} ({r.mask}, "
                 f"{r.encoder} encoder), kept energy {r.kept_energy:.3f}, {r.file_bytes:,} bytes "
-                f"({r.compression_ratio:.1f}x smaller)")
+                f"({r.source_ratio:.1f}x smaller than the source)")
         if r.fvu is not None:
             line += (f"; FVU {r.fvu_source:.4f} -> {r.fvu:.4f}, L0 {r.l0:.1f}, "
                      f"dead {r.dead_fraction_source:.1%} -> {r.dead_fraction:.1%}")

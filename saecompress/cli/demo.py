@@ -16,7 +16,7 @@ from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoRe
 from ..errors import SaeCompressError
 from ..lm import SITES, load_model
 from ..sources import load, resolve
-from .acts import read_texts, text_files
+from ..texts import read_texts, text_files
 
 _DEFAULTS = DemoConfig()
 

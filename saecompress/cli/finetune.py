@@ -11,7 +11,8 @@ from ..finetune import FinetuneConfig
 from ..finetune import finetune as run_finetune
 from ..lm import SITES, load_model
 from ..sources import load
-from .acts import read_texts, text_files, text_options
+from ..texts import read_texts, text_files
+from .acts import text_options
 from .options import hub_options
 
 _DEFAULTS = FinetuneConfig()
