@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 _SHARD_SUFFIXES = (".safetensors", ".npy")
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_DTYPES = tuple(_TORCH_DTYPES)  # storage dtypes of activation shards
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, m: int, *, dtype: str = "float32",
                  shard_rows: int = 65536, overwrite: bool = False):
-        check_choice("activation dtype", dtype, sorted(_TORCH_DTYPES))
+        check_choice("activation dtype", dtype, SHARD_DTYPES)
         self.out_dir = Path(out_dir)
         check_shard_folder(self.out_dir, overwrite)
         self.m = m

@@ -251,3 +251,23 @@ def test_text_input_has_a_library_home(tmp_path):
     assert list(read_texts(files)) == ["first \ufffd", "second"]
     with pytest.raises(SaeCompressError, match="no such text file"):
         text_files([str(tmp_path / "missing.txt")])
+
+
+def test_batch_means_contexts_and_batch_size_rows(tmp_path):
+    """``--batch`` counts contexts wherever it is shown; rows per step are ``--batch-size`` (train keeps
+    ``--batch`` as a hidden older name and refuses both at once)."""
+    import re
+
+    from saecompress.activations import write_activations
+
+    runner = CliRunner()
+    for command in ("acts", "eval", "finetune", "train", "monitor"):
+        text = runner.invoke(cli, [command, "--help"], terminal_width=200).output
+        if "--batch " in text:
+            assert re.search(r"--batch INTEGER RANGE\s+Contexts", text), command
+    assert "--batch-size" in runner.invoke(cli, ["train", "--help"]).output
+    acts = write_activations(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32))
+    both = runner.invoke(cli, ["train", "--acts", str(acts), "--out", str(tmp_path / "o.safetensors"), "--n", "16",
+                               "--batch", "8", "--batch-size", "16"])
+    assert both.exit_code == 2 and "--batch is the older name of --batch-size" in both.output
+    assert not (tmp_path / "o.safetensors").exists()

@@ -7,6 +7,7 @@ import time
 import click
 
 from .._json import dumps
+from ..activations import SHARD_DTYPES
 from ..errors import SaeCompressError
 from ..lm import SITES, check_harvest, harvest, load_model
 from ..texts import read_texts, text_files
@@ -43,7 +44,7 @@ def text_options(func):
                    "mlp_out / attn_out: output of the block's MLP / attention module.")
 @click.option("--tokens", type=click.IntRange(min=1), required=True, help="Activation rows to write (kept tokens).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Contexts per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@click.option("--dtype", type=click.Choice(SHARD_DTYPES), default="float32",
               show_default=True, help="Storage dtype of the shards.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows per shard file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
