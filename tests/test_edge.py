@@ -271,3 +271,25 @@ def test_batch_means_contexts_and_batch_size_rows(tmp_path):
                                "--batch", "8", "--batch-size", "16"])
     assert both.exit_code == 2 and "--batch is the older name of --batch-size" in both.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_train_writes_the_metrics_record_the_card_reads(tmp_path):
+    from saecompress.activations import write_activations
+    from saecompress.hub.card import metrics
+    from saecompress.train import TrainConfig, train
+
+    rows = np.random.default_rng(1).normal(size=(600, 8)).astype(np.float32)
+    acts = write_activations(tmp_path / "a.npy", rows)
+    out = tmp_path / "sae.safetensors"
+    _, result = train(acts, out, TrainConfig(d=3, n=16, k=2, tokens=512, batch_size=128, held_out_rows=88),
+                      progress=False)
+    meta = read_compact_metadata(out)
+    assert meta["user"]["metrics"]["fvu"] == result["held_out"]["fvu"]
+    assert metrics(meta) == {k: v for k, v in sorted(result["held_out"].items())}
+
+
+def test_the_onnx_builder_takes_models_only(tmp_path):
+    from saecompress.exporters.onnx import build_onnx
+
+    with pytest.raises(SaeCompressError, match="takes an ExpanderSAE or TopKSAE"):
+        build_onnx(str(tmp_path / "sae.safetensors"))
