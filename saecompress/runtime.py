@@ -20,6 +20,7 @@ import numpy as np
 
 from .activations import open_activations
 from .errors import SaeCompressError, first_line
+from .exporters.onnx import build_onnx, read_onnx_metadata
 from .models import ExpanderSAE, TopKSAE
 from .sources import load
 
@@ -53,8 +54,6 @@ def choose_providers(requested: list[str] | None = None, available: list[str] | 
 
 def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
     """Serialized ONNX for ``model``: an .onnx file's bytes, or an in-memory autoencoder export."""
-    from .exporters.onnx import build_onnx
-
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
         path = Path(model)
         if not path.is_file():
@@ -79,8 +78,6 @@ class Monitor:
     def __init__(self, model, providers: list[str] | None = None, batch_size: int = 512,
                  threads: int | None = None, hookpoint: str | None = None, hub=None) -> None:
         import onnxruntime as ort
-
-        from .exporters.onnx import read_onnx_metadata
 
         if batch_size < 1:
             raise SaeCompressError(f"batch_size must be >= 1, got {batch_size}")

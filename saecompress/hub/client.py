@@ -7,6 +7,7 @@ import importlib
 import os
 from collections.abc import Iterator
 
+from .._version import __version__
 from ..errors import SaeCompressError, first_line
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -22,8 +23,6 @@ def hub_endpoint(endpoint: str | None) -> str:
 def make_api(endpoint: str | None, token: str | None):
     """An ``HfApi`` for ``endpoint`` (default: ``HF_ENDPOINT``) and ``token`` (default: ``HF_TOKEN``/login)."""
     from huggingface_hub import HfApi
-
-    from .._version import __version__
 
     return HfApi(endpoint=hub_endpoint(endpoint), token=token, library_name="saecompress",
                  library_version=__version__)
