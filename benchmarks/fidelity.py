@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from saecompress.activations import open_activations
-from saecompress.cli.acts import read_texts
+from saecompress.texts import read_texts
 from saecompress.compact import save_compact
 from saecompress.convert import convert
 from saecompress.distill import latent_agreement

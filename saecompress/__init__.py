@@ -6,8 +6,8 @@ source (compact file, dense SAE folder in a known layout, ``hf://owner/repo[/hoo
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 
+from ._version import __version__
 from .compact import load_compact, read_compact_metadata, save_compact
 from .convert import convert, convert_path
 from .errors import SaeCompressError
@@ -15,11 +15,6 @@ from .mask import MASK_ALGORITHM, expander_mask
 from .models import ExpanderSAE, TopKSAE
 from .sources import load
 from .train import TrainConfig, train
-
-try:
-    __version__ = version("saecompress")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
 
 # Imported on first use: they pull in onnx, onnxruntime, huggingface_hub or transformers.
 _LAZY = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -72,6 +73,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+class AtomicDirectory:
+    """A hidden temporary folder beside ``target`` (``path``) that becomes ``target`` on ``commit()``.
+
+    ``commit`` replaces ``target`` whole, or with ``merge`` moves each entry into an existing
+    ``target`` (replacing entries of the same name, keeping the others); ``discard`` removes the
+    temporary folder. As a context manager: commit when the block succeeds, else discard. Write
+    errors name ``target``, never the temporary folder.
+    """
+
+    def __init__(self, target: str | os.PathLike, *, merge: bool = False):
+        self.target = Path(target)
+        self.merge = merge
+        with output_errors(self.target):
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
+            os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual mode
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def commit(self) -> Path:
+        """Move the temporary folder's content into place; returns ``target``."""
+        old = None
+        try:
+            with output_errors(self.target):
+                if self.merge and self.target.is_dir():
+                    for entry in sorted(self.path.iterdir()):
+                        os.replace(entry, self.target / entry.name)
+                    return self.target
+                if self.target.exists():
+                    old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+                    os.replace(self.target, old)
+                os.replace(self.path, self.target)
+        finally:
+            self.discard()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+    def discard(self) -> None:
+        """Remove the temporary folder and what it holds (nothing once committed)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _umask() -> int:

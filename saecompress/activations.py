@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_path, output_errors
+from ._io import AtomicDirectory, atomic_path, output_errors
 from ._json import dumps
 from .compact import write_safetensors
-from .errors import SaeCompressError
+from .errors import SaeCompressError, check_choice
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "saecompress-activations"
@@ -37,6 +35,7 @@ FORMAT_VERSION = 1
 _SHARD_SUFFIXES = (".safetensors", ".npy")
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_DTYPES = tuple(_TORCH_DTYPES)  # storage dtypes of activation shards
 
 
 @dataclass(frozen=True)
@@ -318,17 +317,15 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, m: int, *, dtype: str = "float32",
                  shard_rows: int = 65536, overwrite: bool = False):
-        if dtype not in _TORCH_DTYPES:
-            raise SaeCompressError(f"activation dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+        check_choice("activation dtype", dtype, SHARD_DTYPES)
         self.out_dir = Path(out_dir)
         check_shard_folder(self.out_dir, overwrite)
         self.m = m
         self.dtype = dtype
         self.shard_rows = shard_rows
         self.overwrite = overwrite
-        with output_errors(self.out_dir):
-            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        self._staging = AtomicDirectory(self.out_dir)
+        self._tmp = self._staging.path
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
         self.shards: list[dict[str, Any]] = []
@@ -369,21 +366,11 @@ class ShardWriter:
                     "dtype": self.dtype, **(metadata or {}), "shards": self.shards}
         with output_errors(self.out_dir):
             (self._tmp / MANIFEST).write_text(dumps(manifest, indent=2) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
-            old = None
-            if self.out_dir.exists():
-                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-                os.replace(self.out_dir, old)
-            os.replace(self._tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out_dir
+        return self._staging.commit()
 
     def discard(self) -> None:
         """Remove the partial output."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._staging.discard()
 
 
 def write_activations(path: str | os.PathLike, rows: torch.Tensor | np.ndarray) -> Path:

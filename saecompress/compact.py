@@ -11,6 +11,7 @@ model twice gives the same bytes, and written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -22,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from ._io import atomic_path
 from ._json import dumps
-from .errors import SaeCompressError
+from .errors import SaeCompressError, check_choice, first_line
 from .mask import MASK_ALGORITHM, expander_mask, indices_sha256
 from .models import ACTIVATIONS, ENCODERS, ExpanderSAE
 from .provenance import shareable
@@ -61,8 +62,9 @@ def _stored_values(name: str, values: torch.Tensor, dtype: str) -> dict[str, tor
     return {name: values.detach().to(_TORCH_DTYPES[dtype]).contiguous()}
 
 
-def _index_dtype(m: int) -> torch.dtype:
-    return torch.int16 if m <= 32767 else torch.int32
+def index_dtype(m: int) -> torch.dtype:
+    """The integer type of stored mask indices for model dim ``m``: int16 while it fits, else int32."""
+    return torch.int16 if m <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def compact_tensors(sae: ExpanderSAE, dtype: str) -> dict[str, torch.Tensor]:
@@ -73,7 +75,7 @@ def compact_tensors(sae: ExpanderSAE, dtype: str) -> dict[str, torch.Tensor]:
     tensors["b_enc"] = sae.b_enc.detach().float().contiguous()
     tensors["b_dec"] = sae.b_dec.detach().float().contiguous()
     if sae.mask_seed is None:
-        tensors["indices"] = sae.indices.to(_index_dtype(sae.m)).contiguous()
+        tensors["indices"] = sae.indices.to(index_dtype(sae.m)).contiguous()
     return tensors
 
 
@@ -133,12 +135,22 @@ def save_compact(sae: ExpanderSAE, path: str | os.PathLike, dtype: str | None = 
     to ``sae.metadata``.
     """
     dtype = dtype or sae.storage_dtype
-    if dtype not in STORAGE_DTYPES:
-        raise SaeCompressError(f"unknown storage dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+    check_choice("storage dtype", dtype, STORAGE_DTYPES)
     _check_finite(Path(path), {n: t for n, t in sae.state_dict().items() if t.is_floating_point()})
     user = sae.metadata if metadata is None else metadata
     write_safetensors(path, compact_tensors(sae, dtype), compact_metadata(sae, dtype, user))
     return Path(path)
+
+
+def with_metrics(user: dict, metrics: dict | None) -> dict:
+    """``user`` metadata whose ``metrics`` record (docs/FORMAT.md) is the numbers in ``metrics``:
+    fidelity of the model as stored, on held-out activations. ``None`` drops the record (the model
+    changed and was not measured again)."""
+    out = {key: value for key, value in user.items() if key != "metrics"}
+    if metrics:
+        out["metrics"] = {key: value for key, value in metrics.items()
+                          if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return out
 
 
 def shareable_copy(path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -176,13 +188,8 @@ def _read_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise _fail(path, f"not a readable safetensors file ({_first_line(err)})",
+        raise _fail(path, f"not a readable safetensors file ({first_line(err)})",
                     "the file may be truncated or corrupt: re-download or re-create it") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def is_compact_file(path: str | os.PathLike) -> bool:
@@ -218,7 +225,7 @@ def parse_compact_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         meta["source"] = json.loads(raw.get("source", "{}"))
         meta["user"] = json.loads(raw.get("user", "{}"))
     except (KeyError, ValueError) as err:
-        raise _fail(path, f"malformed metadata ({_first_line(err)})", "the file is damaged; re-create it") from None
+        raise _fail(path, f"malformed metadata ({first_line(err)})", "the file is damaged; re-create it") from None
     meta["normalize_input"] = raw["normalize_input"] == "true"
     checks = [
         (meta["activation"] in ACTIVATIONS, f"unknown activation {meta['activation']!r}"),
@@ -274,7 +281,7 @@ def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
                 tensors[name] = f.get_tensor(name)
             return tensors
     except (SafetensorError, OSError, ValueError) as err:
-        raise _fail(path, f"could not read tensors ({_first_line(err)})",
+        raise _fail(path, f"could not read tensors ({first_line(err)})",
                     "the file may be truncated or corrupt: re-download or re-create it") from None
 
 
@@ -326,6 +333,22 @@ def load_compact(path: str | os.PathLike) -> ExpanderSAE:
     return sae
 
 
+@torch.no_grad()
+def stored_copy(sae: ExpanderSAE, dtype: str) -> ExpanderSAE:
+    """A copy of ``sae`` holding the values a compact file of ``dtype`` stores (what ``load_compact`` gives back)."""
+    check_choice("storage dtype", dtype, STORAGE_DTYPES)
+    stored = copy.deepcopy(sae)
+    for name in ("values", "enc_values"):
+        if getattr(sae, name) is not None:
+            getattr(stored, name).copy_(_dequantized(_stored_values(name, getattr(sae, name), dtype), name))
+    return stored
+
+
+def compression_ratio(m: int, n: int, file_bytes: int) -> float:
+    """How many times smaller ``file_bytes`` is than the equivalent dense TopK SAE in float32."""
+    return 4 * dense_values(m, n) / max(file_bytes, 1)
+
+
 def compact_size_bound(n: int, m: int, d: int, dtype: str) -> int:
     """Upper bound on a seed-mask compact file's size: ``n·d·bytes(dtype) + 4·(n + m) + 64 KiB``."""
     itemsize = 1 if dtype == "int8" else torch.finfo(_TORCH_DTYPES[dtype]).bits // 8
@@ -345,4 +368,4 @@ def learned_values(m: int, n: int, d: int, encoder: str) -> int:
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STORAGE_DTYPES", "save_compact", "load_compact",
            "read_compact_metadata", "parse_compact_metadata", "is_compact_file", "write_safetensors", "quantize_int8",
-           "compact_size_bound", "dense_values", "learned_values"]
+           "compact_size_bound", "dense_values", "learned_values", "compression_ratio", "stored_copy", "with_metrics"]

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._io import check_outputs
+from .compact import with_metrics
 from .errors import SaeCompressError
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
 from .models import ExpanderSAE, SparseAutoencoder, layer_norm
@@ -210,5 +211,5 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
         previous = dict(getattr(sae, "metadata", {}))
         if "held_out" in previous:  # activation-space metrics of the model before this run
             previous["held_out_before_finetune"] = previous.pop("held_out")
-        save_model(sae, Path(out), {**previous, **stats})
+        save_model(sae, Path(out), with_metrics({**previous, **stats}, None))
     return sae, stats

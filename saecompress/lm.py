@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ._io import check_outputs
 from .activations import ShardWriter, check_shard_folder
-from .errors import SaeCompressError
+from .errors import SaeCompressError, first_line
 from .models import SparseAutoencoder
 
 SITES = ("resid", "mlp_out", "attn_out")
@@ -65,8 +65,7 @@ def load_model(path_or_id: str | os.PathLike, gguf_file: str | None = None, *,
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SaeCompressError(f"cannot load a causal LM from {path_or_id}: {first}") from None
+        raise SaeCompressError(f"cannot load a causal LM from {path_or_id}: {first_line(e)}") from None
     model.to(device).eval()
     return model, tokenizer
 

@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .activations import open_activations
-from .errors import SaeCompressError
+from .errors import SaeCompressError, first_line
+from .exporters.onnx import build_onnx, read_onnx_metadata
+from .models import ExpanderSAE, TopKSAE
+from .sources import load
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -51,8 +54,6 @@ def choose_providers(requested: list[str] | None = None, available: list[str] | 
 
 def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
     """Serialized ONNX for ``model``: an .onnx file's bytes, or an in-memory autoencoder export."""
-    from .exporters.onnx import build_onnx
-
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
         path = Path(model)
         if not path.is_file():
@@ -61,7 +62,9 @@ def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
             raise SaeCompressError(f"{path}: an ONNX file holds one SAE; --hookpoint selects one of a multi-SAE "
                                    "source (drop it)")
         return path.read_bytes()
-    return build_onnx(model, "autoencoder", hookpoint=hookpoint, hub=hub).SerializeToString()
+    if not isinstance(model, (ExpanderSAE, TopKSAE)):
+        model = load(model, hookpoint, hub=hub)
+    return build_onnx(model, "autoencoder").SerializeToString()
 
 
 class Monitor:
@@ -76,8 +79,6 @@ class Monitor:
                  threads: int | None = None, hookpoint: str | None = None, hub=None) -> None:
         import onnxruntime as ort
 
-        from .exporters.onnx import read_onnx_metadata
-
         if batch_size < 1:
             raise SaeCompressError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -91,7 +92,7 @@ class Monitor:
             self.session = ort.InferenceSession(data, options, providers=wanted)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise SaeCompressError(f"{model}: onnxruntime cannot load this model "
-                                   f"({str(err).splitlines()[0][:200]}); re-export it with `saecompress export`") from None
+                                   f"({first_line(err)[:200]}); re-export it with `saecompress export`") from None
         self.provider = self.session.get_providers()[0]
         if providers and self.provider != providers[0]:
             raise SaeCompressError(f"{providers[0]} was requested but onnxruntime runs on {self.provider} "

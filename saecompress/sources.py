@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .activations import open_activations
 from .compact import is_compact_file, load_compact
 from .errors import SaeCompressError
+from .formats import detect_format, read_sae
 from .models import ExpanderSAE, TopKSAE
 
 
@@ -25,7 +27,7 @@ def resolve(src: str | os.PathLike, hookpoint: str | None = None,
     and its hookpoint."""
     text = str(src)
     if text.startswith("hf://"):
-        from .hub import resolve_hf_source
+        from .hub.pull import resolve_hf_source
 
         hub = hub or HubAccess()
         path, uri_hookpoint = resolve_hf_source(text, endpoint=hub.endpoint, token=hub.token)
@@ -46,9 +48,6 @@ def compact_files(path: Path, hookpoint: str | None = None) -> list[Path]:
 
 def what_is(path: Path) -> str:
     """What a local file or folder that is not a compact file holds, and which command takes it."""
-    from .activations import open_activations
-    from .formats import detect_format
-
     if path.suffix.lower() == ".onnx":
         return f"an ONNX model; run it with `saecompress monitor {path} --input ACTS`"
     try:
@@ -80,6 +79,4 @@ def load(src: str | os.PathLike, hookpoint: str | None = None, *,
     compact = find_compact(path, hookpoint)
     if compact is not None:
         return load_compact(compact)
-    from .formats import read_sae
-
     return read_sae(path, hookpoint)

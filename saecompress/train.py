@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, check_outputs, output_errors
 from ._json import dumps
 from .activations import ActivationSource, open_activations
-from .compact import save_compact
+from .compact import save_compact, with_metrics
 from .errors import SaeCompressError
 from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, layer_norm, select_topk
@@ -555,7 +555,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
     else:
-        save_model(sae, out, metrics)
+        save_model(sae, out, with_metrics(metrics, metrics.get("held_out")))
     return sae, metrics
 
 

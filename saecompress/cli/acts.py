@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import glob
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import click
 
 from .._json import dumps
+from ..activations import SHARD_DTYPES
 from ..errors import SaeCompressError
 from ..lm import SITES, check_harvest, harvest, load_model
-
-
-def text_files(paths: tuple[str, ...]) -> list[Path]:
-    """The files named; directories expand to their files and glob patterns to matches (recursive, sorted)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists() and any(c in str(p) for c in "*?["):
-            files.extend(sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()))
-        elif p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise SaeCompressError(f"{p}: no such text file or directory")
-    if not files:
-        raise SaeCompressError(f"no text files found in {', '.join(paths)}")
-    return files
-
-
-def read_texts(files: list[Path]) -> Iterator[str]:
-    """Each file's text, read lazily (undecodable bytes replaced)."""
-    for f in files:
-        yield f.read_text(encoding="utf-8", errors="replace")
+from ..texts import read_texts, text_files
 
 
 def text_options(func):
@@ -68,7 +44,7 @@ def text_options(func):
                    "mlp_out / attn_out: output of the block's MLP / attention module.")
 @click.option("--tokens", type=click.IntRange(min=1), required=True, help="Activation rows to write (kept tokens).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Contexts per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@click.option("--dtype", type=click.Choice(SHARD_DTYPES), default="float32",
               show_default=True, help="Storage dtype of the shards.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows per shard file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),

@@ -7,6 +7,7 @@ import click
 from .._json import dumps
 from ..compact import STORAGE_DTYPES
 from ..convert import DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, convert_path
+from ..models import ENCODERS
 from .options import hub_options
 
 
@@ -28,7 +29,7 @@ from .options import hub_options
               help="Expander mask seed, with --mask expander or search (the first seed tried) [default: 0].")
 @click.option("--search-seeds", type=click.IntRange(min=1), default=None,
               help="Seeds tried by --mask search [default: 64].")
-@click.option("--encoder", type=click.Choice(["tied", "untied"]), default=None,
+@click.option("--encoder", type=click.Choice(ENCODERS), default=None,
               help=f"Default {DEFAULT_ENCODER}. untied: keep the dense encoder's entries on the same support "
                    "(twice the values, much better fidelity). tied: the encoder uses the decoder's values.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float32", show_default=True,
@@ -69,7 +70,7 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
     for r in reports:
         line = (f"{r.hookpoint or src}: {r.source_format} m={r.m} n={r.n} k={r.k} -> d={r.d} ({r.mask}, "
                 f"{r.encoder} encoder), kept energy {r.kept_energy:.3f}, {r.file_bytes:,} bytes "
-                f"({r.compression_ratio:.1f}x smaller)")
+                f"({r.source_ratio:.1f}x smaller than the source)")
         if r.fvu is not None:
             line += (f"; FVU {r.fvu_source:.4f} -> {r.fvu:.4f}, L0 {r.l0:.1f}, "
                      f"dead {r.dead_fraction_source:.1%} -> {r.dead_fraction:.1%}")

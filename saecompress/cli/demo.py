@@ -16,9 +16,9 @@ from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoRe
 from ..errors import SaeCompressError
 from ..lm import SITES, load_model
 from ..sources import load, resolve
-from .acts import read_texts, text_files
+from ..texts import read_texts, text_files
+from .options import config_option
 
-_DEFAULTS = DemoConfig()
 
 
 def _default_work() -> Path:
@@ -40,14 +40,14 @@ def _default_work() -> Path:
 @click.option("--layer", type=click.IntRange(min=0), default=None,
               help=f"Block whose output the SAE reads [default: {DEFAULT_LAYER} for the shipped SAE].")
 @click.option("--site", type=click.Choice(SITES), default="resid", show_default=True, help="Hooked site.")
-@click.option("--d", "d", type=click.IntRange(min=1), default=_DEFAULTS.d, show_default=True,
-              help="Nonzeros per latent of the expander.")
-@click.option("--eval-tokens", type=click.IntRange(min=1), default=_DEFAULTS.eval_tokens, show_default=True,
-              help="Held-out activation rows for FVU, L0 and dead latents.")
-@click.option("--ce-tokens", type=click.IntRange(min=2), default=_DEFAULTS.ce_tokens, show_default=True,
-              help="Held-out tokens for CE-loss recovered.")
-@click.option("--context", type=click.IntRange(min=2), default=_DEFAULTS.context, show_default=True,
-              help="Tokens per context.")
+@config_option(DemoConfig, "d", "--d", "d", type=click.IntRange(min=1),
+               help="Nonzeros per latent of the expander.")
+@config_option(DemoConfig, "eval_tokens", "--eval-tokens", type=click.IntRange(min=1),
+               help="Held-out activation rows for FVU, L0 and dead latents.")
+@config_option(DemoConfig, "ce_tokens", "--ce-tokens", type=click.IntRange(min=2),
+               help="Held-out tokens for CE-loss recovered.")
+@config_option(DemoConfig, "context", "--context", type=click.IntRange(min=2),
+               help="Tokens per context.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for outputs and cached activations [default: ~/.cache/saecompress/demo].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")

@@ -12,7 +12,8 @@ from ..errors import SaeCompressError
 from ..lm import SITES, ce_eval, load_model
 from ..metrics import evaluate
 from ..sources import load
-from .acts import read_texts, text_files, text_options
+from ..texts import read_texts, text_files
+from .acts import text_options
 from .options import hub_options
 
 _TABLE = ("fvu", "explained_variance", "cosine", "mse", "l0", "dead_fraction", "num_rows",

@@ -11,10 +11,9 @@ from ..finetune import FinetuneConfig
 from ..finetune import finetune as run_finetune
 from ..lm import SITES, load_model
 from ..sources import load
-from .acts import read_texts, text_files, text_options
-from .options import hub_options
-
-_DEFAULTS = FinetuneConfig()
+from ..texts import read_texts, text_files
+from .acts import text_options
+from .options import config_option, hub_options
 
 
 @click.command("finetune")
@@ -25,10 +24,10 @@ _DEFAULTS = FinetuneConfig()
 @click.option("--site", type=click.Choice(SITES), default="resid", show_default=True, help="Hooked site (as for `acts`).")
 @click.option("--hookpoint", default=None, help="Which SAE of a multi-SAE source.")
 @hub_options
-@click.option("--tokens", type=click.IntRange(min=1), default=_DEFAULTS.tokens, show_default=True, help="LM tokens to fine-tune on.")
-@click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True, help="Contexts per step.")
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Adam learning rate (cosine decay to 0).")
-@click.option("--recon-coef", type=float, default=_DEFAULTS.recon_coef, show_default=True,
+@config_option(FinetuneConfig, "tokens", "--tokens", type=click.IntRange(min=1), help="LM tokens to fine-tune on.")
+@config_option(FinetuneConfig, "batch", "--batch", type=click.IntRange(min=1), help="Contexts per step.")
+@config_option(FinetuneConfig, "lr", "--lr", type=float, help="Adam learning rate (cosine decay to 0).")
+@config_option(FinetuneConfig, "recon_coef", "--recon-coef", type=float,
               help="Weight of the reconstruction FVU next to the KL term (0: KL only).")
 @click.option("--out", required=True, type=click.Path(dir_okay=True),
               help="Output: compact .safetensors (expander SAE) or SAELens folder (dense SAE); written atomically.")

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SaeCompressError
 
 # name -> one-line help. Each command lives in saecompress/cli/<name>.py as a click command <name>.

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import click
 
 from ..sources import HubAccess
+
+
+def config_option(config: type, field: str, *names: str, **kwargs):
+    """A click option for the dataclass ``config``'s ``field``: its default (shown in ``--help``) is the field's."""
+    [spec] = [f for f in dataclasses.fields(config) if f.name == field]
+    return click.option(*names, default=spec.default, show_default=True, **kwargs)
 
 
 def hub_options(func):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import click
 
 from .._json import dumps
+from ..convert import MASKS
+from ..errors import SaeCompressError
+from ..models import ACTIVATIONS, ENCODERS
 from ..train import TrainConfig
 from ..train import train as run_training
-from .options import hub_options
+from .options import config_option, hub_options
 
-_DEFAULTS = TrainConfig()
 
 
 @click.command("train")
@@ -19,7 +21,7 @@ _DEFAULTS = TrainConfig()
 @click.option("--out", required=True, type=click.Path(),
               help="Output compact .safetensors file (with --dense: a SAELens folder). A checkpoint "
                    "OUT.ckpt is written beside it.")
-@click.option("--d", "d", type=click.IntRange(min=1), default=7, show_default=True, help="Nonzeros per latent (mask degree).")
+@config_option(TrainConfig, "d", "--d", "d", type=click.IntRange(min=1), help="Nonzeros per latent (mask degree).")
 @click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (ignores --d).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
               help="Active latents per token [default: 32, or the --teacher/--init SAE's k].")
@@ -29,43 +31,46 @@ _DEFAULTS = TrainConfig()
               help="Dense SAE source (any layout, or hf://...) to distil from: the student starts as "
                    "convert(teacher, d) and keeps each latent close to the teacher's same-index latent.")
 @click.option("--init", default=None, help="Start from this SAE (compact file) instead of a fresh or converted one.")
-@click.option("--tokens", type=click.IntRange(min=1), default=_DEFAULTS.tokens, show_default=True,
+@config_option(TrainConfig, "tokens", "--tokens", type=click.IntRange(min=1),
               help="Training tokens (whole batches: a remainder is dropped, with a note).")
-@click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True, help="Tokens per step.")
+@config_option(TrainConfig, "batch_size", "--batch-size", type=click.IntRange(min=1),
+               help="Activation rows (tokens) per step.")
+@click.option("--batch", "batch_alias", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Older name of --batch-size (--batch elsewhere counts contexts).")
 @click.option("--lr", type=float, default=None,
               help="Adam learning rate [default: 3e-3 / sqrt(n / 16384) for expanders, "
                    "2e-4 / sqrt(n / 16384) with --dense].")
-@click.option("--activation", type=click.Choice(["signed_topk", "topk_relu", "relu_topk"]), default=None,
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default=None,
               help="Top-k ordering of a fresh SAE [default: signed_topk, dense: topk_relu].")
-@click.option("--encoder", type=click.Choice(["tied", "untied"]), default="untied", show_default=True,
+@config_option(TrainConfig, "encoder", "--encoder", type=click.Choice(ENCODERS),
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
-@click.option("--mask-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the expander mask.")
-@click.option("--mask", type=click.Choice(["expander", "topd", "search"]), default=None,
+@config_option(TrainConfig, "mask_seed", "--mask-seed", type=click.IntRange(min=0), help="Seed of the expander mask.")
+@click.option("--mask", type=click.Choice(MASKS), default=None,
               help="With --teacher: how the student's dims are chosen, as in `convert` [default: topd, each "
                    "latent's d largest teacher decoder entries, stored explicitly; keeps far more of the "
                    "teacher]. A fresh SAE always uses the seeded expander mask.")
-@click.option("--auxk-coef", type=click.FloatRange(min=0), default=_DEFAULTS.auxk_coef, show_default=True,
+@config_option(TrainConfig, "auxk_coef", "--auxk-coef", type=click.FloatRange(min=0),
               help="Weight of the AuxK loss on dead latents.")
 @click.option("--k-aux", type=click.IntRange(min=0), default=None, help="Dead latents used by AuxK [default: m / 2].")
 @click.option("--dead-tokens", type=click.IntRange(min=1), default=None,
               help="A latent is dead after this many tokens without firing "
                    "[default: min(32 * n / k, tokens / 10)].")
-@click.option("--reaim-every", type=click.IntRange(min=0), default=_DEFAULTS.reaim_every, show_default=True,
+@config_option(TrainConfig, "reaim_every", "--reaim-every", type=click.IntRange(min=0),
               help="Steps between reviving dead latents of a native expander run on the rows they "
                    "nearly fire on, decoder aimed at the residual (0: never; not when distilling).")
-@click.option("--distill-coef", type=click.FloatRange(min=0), default=_DEFAULTS.distill_coef, show_default=True,
+@config_option(TrainConfig, "distill_coef", "--distill-coef", type=click.FloatRange(min=0),
               help="Weight of the latent-matching term (with --teacher).")
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
               help="Rows at the end of --acts kept out of training, for the final metrics (0: none) "
                    "[default: 8192, at most a tenth of the rows].")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every, show_default=True,
+@config_option(TrainConfig, "checkpoint_every", "--checkpoint-every", type=click.IntRange(min=1),
               help="Steps between checkpoints.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of initialisation and data order.")
+@config_option(TrainConfig, "seed", "--seed", type=click.IntRange(min=0), help="Seed of initialisation and data order.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
-def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr, activation, encoder,
+def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, hub, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
@@ -75,6 +80,9 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch, lr
     Distil:   saecompress train --acts acts/ --d 7 --teacher ./dense-sae --out sae.safetensors
     Ctrl-C writes a checkpoint; rerun the same command with --resume to continue.
     """
+    if batch_alias is not None and click.get_current_context().get_parameter_source("batch_size").name == "COMMANDLINE":
+        raise SaeCompressError("--batch is the older name of --batch-size; give one of them")
+    batch = batch_size if batch_alias is None else batch_alias
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,

@@ -27,10 +27,11 @@ from onnx import ModelProto, TensorProto, helper
 
 from .._io import atomic_path, check_outputs
 from .._json import dumps
-from ..compact import quantize_int8
-from ..errors import SaeCompressError
+from ..compact import index_dtype, quantize_int8
+from ..errors import SaeCompressError, check_choice
 from ..models import ExpanderSAE, TopKSAE
 from ..provenance import shareable
+from ..sources import load
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout,
                              expander_decode_function, expander_encode_function, layer_norm_function)
 from .onnx_graph import GraphBuilder
@@ -57,25 +58,23 @@ def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: s
     written atomically.
     """
     check_outputs([path], [sae] if isinstance(sae, (str, os.PathLike)) else [], kind="file")
-    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
-                       hookpoint=hookpoint, hub=hub)
+    if not isinstance(sae, (ExpanderSAE, TopKSAE)):
+        sae = load(sae, hookpoint, hub=hub)
+    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
     with atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
     return Path(path)
 
 
-def build_onnx(sae, graph: str = "encode", *, dtype: str = "float32", dense_output: bool = False,
-               opset: int = 18, seq: bool = False, layout: EncodeLayout = EncodeLayout(),
-               hookpoint: str | None = None, hub=None) -> ModelProto:
+def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str = "float32",
+               dense_output: bool = False, opset: int = 18, seq: bool = False,
+               layout: EncodeLayout = EncodeLayout()) -> ModelProto:
     """The ONNX model ``export_onnx`` writes (in memory). ``layout`` picks the encode formulation."""
     if not isinstance(sae, (ExpanderSAE, TopKSAE)):
-        from ..sources import load
-
-        sae = load(sae, hookpoint, hub=hub)
-    if graph not in GRAPHS:
-        raise SaeCompressError(f"unknown graph {graph!r}; use one of {', '.join(GRAPHS)}")
-    if dtype not in DTYPES:
-        raise SaeCompressError(f"unknown ONNX dtype {dtype!r}; use float32 or float16")
+        raise SaeCompressError(f"build_onnx takes an ExpanderSAE or TopKSAE, not {type(sae).__name__}; "
+                               "load a source with saecompress.load first")
+    check_choice("graph", graph, GRAPHS)
+    check_choice("ONNX dtype", dtype, DTYPES)
     if opset not in OPSETS:
         raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
     model = _Exporter(sae, dtype, opset, layout, ["batch", "seq"] if seq else ["batch"]).model(graph, dense_output)
@@ -130,8 +129,7 @@ class _Exporter:
         if key not in self._weights:
             sae = self.sae
             if key == "indices":
-                small = np.int16 if sae.m <= 32767 else np.int32
-                stored = self.b.initializer("mask_indices", sae.indices.cpu().numpy().astype(small))
+                stored = self.b.initializer("mask_indices", sae.indices.cpu().to(index_dtype(sae.m)).numpy())
                 self._weights[key] = self.b.op("Cast", stored, to=TensorProto.INT64)
             elif key == "enc_values":
                 if sae.enc_values is None:

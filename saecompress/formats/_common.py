@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import SaeCompressError
+from ..errors import SaeCompressError, first_line
 from ..models import TopKSAE
 
 
@@ -56,7 +56,7 @@ def read_torch(path: Path) -> dict[str, Any]:
     except Exception as e:  # torch raises many types for truncated, foreign or unsafe pickles
         raise SaeCompressError(
             f"{path}: cannot be read as a torch state dict with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor checkpoints are supported"
+            f"{first_line(e)}); only plain tensor checkpoints are supported"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

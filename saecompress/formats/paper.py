@@ -75,12 +75,18 @@ def _colnorm(W: torch.Tensor) -> torch.Tensor:
     return W / W.norm(dim=0, keepdim=True).clamp(min=1e-8)
 
 
-def read_paper_dense(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> TopKSAE:
-    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``)."""
+def _open(path: str | Path, k: int | None, sd: dict[str, Any] | None,
+          key: str) -> tuple[Path, int, dict[str, Any], int, int]:
+    """``(path, k, state dict, m, n)`` of a paper checkpoint whose ``[m, n]`` tensor ``key`` gives the dims."""
     path = Path(path)
     k = _checked_k(path, k)
     sd = read_torch(path) if sd is None else sd
-    m, n = dims_of(sd, "W_dec_param", path, 2)
+    return (path, k, sd, *dims_of(sd, key, path, 2))
+
+
+def read_paper_dense(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> TopKSAE:
+    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``)."""
+    path, k, sd, m, n = _open(path, k, sd, "W_dec_param")
     W_dec = _colnorm(tensor(sd, "W_dec_param", path, (m, n)))
     W_enc = tensor(sd, "W_enc_param", path, (n, m)).T if "W_enc_param" in sd else W_dec
     return build_topk(W_enc=W_enc, W_dec=W_dec.T, b_enc=tensor(sd, "b_enc", path, (n,)),
@@ -93,10 +99,7 @@ def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, 
 
     ``k`` overrides/supplies the TopK size when the file name does not carry it.
     """
-    path = Path(path)
-    k = _checked_k(path, k)
-    sd = read_torch(path) if sd is None else sd
-    m, n = dims_of(sd, "mask", path, 2)
+    path, k, sd, m, n = _open(path, k, sd, "mask")
     support = tensor(sd, "mask", path, (m, n)) != 0
     W = _colnorm(tensor(sd, "decoder_vals", path, (m, n)) * support)
     degrees = support.sum(dim=0)

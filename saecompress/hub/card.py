@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..compact import dense_values
+from ..compact import compression_ratio
 from ..provenance import shareable, source_label
+from ..units import human_bytes
 
 TAGS = ("sparse-autoencoder", "expander-sae", "mechanistic-interpretability", "saecompress")
 
@@ -35,21 +36,11 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError
-
-
 def metrics(meta: dict[str, Any]) -> dict[str, float]:
-    """Fidelity metrics from a file's ``user`` metadata: ``user["metrics"]`` or its top-level numbers."""
-    user = meta.get("user") or {}
-    found = user.get("metrics") if isinstance(user.get("metrics"), dict) else user
-    return {k: v for k, v in sorted(found.items())
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The fidelity numbers of a file's ``user["metrics"]`` record (docs/FORMAT.md)."""
+    found = (meta.get("user") or {}).get("metrics")
+    return {k: v for k, v in sorted(found.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)} \
+        if isinstance(found, dict) else {}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -82,10 +73,10 @@ def render_card(repo_id: str, entries: list[CardEntry], onnx_paths: list[str] = 
     rows = []
     for e in entries:
         m = e.meta
-        ratio = 4 * dense_values(m["m"], m["n"]) / max(e.size, 1)
+        ratio = compression_ratio(m["m"], m["n"], e.size)
         found = metrics(m)
         rows.append([f"`{e.hookpoint or '.'}`", f"`{e.path_in_repo}`", _fmt(m["m"]), _fmt(m["n"]), _fmt(m["d"]),
-                     _fmt(m["k"]), m["activation"], m["encoder"], _mask(m), m["dtype"], _size(e.size),
+                     _fmt(m["k"]), m["activation"], m["encoder"], _mask(m), m["dtype"], human_bytes(e.size),
                      f"{ratio:,.1f}x"]
                     + [_fmt(found[name]) if name in found else "" for name in metric_names])
     body += _table(header, rows)

@@ -7,7 +7,8 @@ import importlib
 import os
 from collections.abc import Iterator
 
-from ..errors import SaeCompressError
+from .._version import __version__
+from ..errors import SaeCompressError, first_line
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -22,8 +23,6 @@ def hub_endpoint(endpoint: str | None) -> str:
 def make_api(endpoint: str | None, token: str | None):
     """An ``HfApi`` for ``endpoint`` (default: ``HF_ENDPOINT``) and ``token`` (default: ``HF_TOKEN``/login)."""
     from huggingface_hub import HfApi
-
-    from .. import __version__
 
     return HfApi(endpoint=hub_endpoint(endpoint), token=token, library_name="saecompress",
                  library_version=__version__)
@@ -88,13 +87,6 @@ def content_ids(local: str | os.PathLike, entry) -> tuple[str, str]:
         return git_hash(f.read()), entry.blob_id
 
 
-def _first_line(err: BaseException) -> str:
-    for line in str(err).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(err).__name__
-
-
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path: str | None = None) -> Iterator[None]:
     """Turn ``huggingface_hub``/network failures into one-line ``SaeCompressError``s naming repo and revision."""
@@ -115,7 +107,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
     except SaeCompressError:
         raise
     except HFValidationError as err:
-        raise SaeCompressError(f"{repo_id}@{rev}: {_first_line(err)}") from None
+        raise SaeCompressError(f"{repo_id}@{rev}: {first_line(err)}") from None
     except RevisionNotFoundError:
         raise SaeCompressError(f"revision {rev!r} not found in {repo_id} on {where}; give an existing branch, "
                                "tag or commit sha after '@'") from None
@@ -140,10 +132,10 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
             raise SaeCompressError(f"permission denied for {repo_id} on {where} (HTTP 403); use a token with "
                                    "write access to this repo or namespace") from None
         raise SaeCompressError(f"the Hub at {where} answered HTTP {status} for {repo_id}@{rev}: "
-                               f"{_first_line(err)}") from None
+                               f"{first_line(err)}") from None
     except (OfflineModeIsEnabled, *transport_errors()) as err:
         if is_offline():
             raise SaeCompressError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be reached on {where}; unset "
                                    "HF_HUB_OFFLINE to talk to the Hub") from None
-        raise SaeCompressError(f"cannot reach the Hub at {where} for {repo_id} ({_first_line(err)}); check the "
+        raise SaeCompressError(f"cannot reach the Hub at {where} for {repo_id} ({first_line(err)}); check the "
                                "network and HF_ENDPOINT / --endpoint") from None

@@ -8,8 +8,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..compact import is_compact_file, parse_compact_metadata, read_compact_metadata, shareable_copy
+from ..compact import is_compact_file, load_compact, parse_compact_metadata, read_compact_metadata, shareable_copy
 from ..errors import SaeCompressError
+from ..exporters.onnx import export_onnx
 from ..provenance import shareable
 from .card import CardEntry, render_card
 from .client import content_ids, hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
@@ -126,13 +127,6 @@ def _remote_card_entries(api, repo_id: str, sha: str, tree: dict, skip: set[str]
 
 
 def _export_onnx(local: _Local, folder: Path) -> Path:
-    try:
-        from ..exporters.onnx import export_onnx
-    except ImportError as err:
-        raise SaeCompressError(f"--with-onnx needs the ONNX exporter, which is not available ({err}); "
-                               "push without --with-onnx") from None
-    from ..compact import load_compact
-
     out = folder / (local.hookpoint.replace("/", "__") or "root") / ONNX_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(load_compact(local.path), out, graph="encode")
