@@ -180,15 +180,18 @@ def test_clean_and_spliced_passes(tiny):
         torch.testing.assert_close(spliced_pass(model, module, ids, act), plain, rtol=1e-6, atol=1e-6)
 
         # an independent splice: a plain forward hook that writes noise into the output
-        noise = torch.randn_like(act)
+        noise = torch.randn(act.shape, generator=torch.Generator().manual_seed(0))
         handle = module.register_forward_hook(lambda _m, _i, out: (noise, *out[1:]) if isinstance(out, tuple) else noise)
         try:
             expected = model(input_ids=ids).logits
         finally:
             handle.remove()
-        spliced = spliced_pass(model, module, ids, noise)
+    spliced = spliced_pass(model, module, ids, noise.requires_grad_())
     torch.testing.assert_close(spliced, expected, rtol=0, atol=0)
-    assert float((spliced - plain).abs().max()) > 1e-2
+    assert float((spliced.detach() - plain).abs().max()) > 1e-2
+    spliced.sum().backward()  # gradients reach the spliced activation (what fine-tuning needs)
+    assert noise.grad is not None and float(noise.grad.abs().sum()) > 0
+    model.zero_grad(set_to_none=True)
     assert not module._forward_hooks  # every pass removes its hook
 
 
