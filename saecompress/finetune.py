@@ -10,7 +10,7 @@ where ``KL`` is the mean next-token KL divergence of the spliced model's predict
 clean model's, and ``FVU`` keeps the SAE a faithful reconstruction (the batch FVU of training).
 Gradients flow through the LM's layers after the hookpoint into the SAE only (the LM is frozen);
 for an ``ExpanderSAE`` they go through the truly sparse ops of ``sparse_ops.py``. Excluded tokens
-(position 0, massive activations: see ``lm.py``) keep their clean value, as in ``ce_eval``.
+(position 0, massive activations: see ``lm.keep_mask``) keep their clean value, as in ``ce_eval``.
 
 **No latent dies.** Once a latent falls below every row's top-k threshold it gets no gradient
 again. Two things keep the set of firing latents intact: each latent's encoder keeps its starting
@@ -197,8 +197,6 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
             bar.update(ids.numel())
             bar.set_postfix(kl=f"{history[-1][0]:.4f}", fvu=f"{history[-1][1]:.4f}", refresh=False)
     bar.close()
-    if not history:
-        raise SaeCompressError("the given texts yield no complete context; give more text or a smaller --context")
     sae.eval().requires_grad_(False)
     tenth = max(1, len(history) // 10)
     first, last = torch.tensor(history[:tenth]).mean(0), torch.tensor(history[-tenth:]).mean(0)

@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from saecompress.activations import open_activations
 from saecompress.cli.main import cli
 from saecompress.compact import save_compact
 from saecompress.errors import SaeCompressError
-from saecompress.lm import capture, ce_eval, ce_eval_many, decoder_layers, harvest, keep_mask, load_model, token_contexts
+from saecompress.lm import (capture, ce_eval, ce_eval_many, clean_pass, context_batches, decoder_layers, harvest, keep_mask,
+                            load_model, site_module, spliced_pass, token_contexts)
 from saecompress.models import ExpanderSAE, TopKSAE
 from tinylm import HIDDEN, save_tiny, texts, tiny_config, tiny_tokenizer
 
@@ -39,6 +41,26 @@ def test_token_contexts_start_with_bos_and_join_documents_with_eos():
     tok = tiny_tokenizer()
     rows = list(token_contexts(tok, ["ab", "cd", "efgh"], 4))
     assert [r.tolist() for r in rows] == [[0, 3, 4, 1], [0, 5, 6, 1], [0, 7, 8, 9]]
+
+
+def test_context_batches_limit_and_too_little_text(tmp_path):
+    tok = tiny_tokenizer()
+    rows = torch.stack(list(token_contexts(tok, texts(), 16)))
+    batches = list(context_batches(tok, texts(), 16, 3, limit=7))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    torch.testing.assert_close(torch.cat(batches), rows[:7], rtol=0, atol=0)
+    assert torch.equal(torch.cat(list(context_batches(tok, texts(), 16, 4))), rows)
+    # every consumer of the contexts says why there is nothing to do
+    with pytest.raises(SaeCompressError, match="no complete context"):
+        next(context_batches(tok, ["too short"], 16, 4))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    with pytest.raises(SaeCompressError, match="no complete context"):
+        ce_eval(model, tok, ["too short"], identity_sae(HIDDEN), 0, context=16, progress=False)
+    with pytest.raises(SaeCompressError, match="no complete context"):
+        harvest(model, tok, ["too short"], 0, tokens=10, out=tmp_path / "acts", context=16, progress=False)
+    assert not any(tmp_path.iterdir())  # no partial output
 
 
 @pytest.mark.parametrize("site", ["resid", "mlp_out", "attn_out"])
@@ -144,6 +166,64 @@ def test_ce_eval_perfect_zero_and_random_sae(tiny):
     for name, single in (("perfect", perfect), ("noisy", noisy)):
         for key in ("ce_clean", "ce_zero", "ce_mean", "ce_spliced", "ce_recovered", "kl_spliced"):
             assert both[name][key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), (name, key)
+
+
+def test_clean_and_spliced_passes(tiny):
+    _, model, tokenizer = tiny
+    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))[:3]
+    module = site_module(model, 1, "mlp_out")
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        logits, act = clean_pass(model, module, ids)
+        torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+        torch.testing.assert_close(act, capture(model, ids, 1, "mlp_out"), rtol=0, atol=0)
+        torch.testing.assert_close(spliced_pass(model, module, ids, act), plain, rtol=1e-6, atol=1e-6)
+
+        # an independent splice: a plain forward hook that writes noise into the output
+        noise = torch.randn(act.shape, generator=torch.Generator().manual_seed(0))
+        handle = module.register_forward_hook(lambda _m, _i, out: (noise, *out[1:]) if isinstance(out, tuple) else noise)
+        try:
+            expected = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+    spliced = spliced_pass(model, module, ids, noise.requires_grad_())
+    torch.testing.assert_close(spliced, expected, rtol=0, atol=0)
+    assert float((spliced.detach() - plain).abs().max()) > 1e-2
+    spliced.sum().backward()  # gradients reach the spliced activation (what fine-tuning needs)
+    assert noise.grad is not None and float(noise.grad.abs().sum()) > 0
+    model.zero_grad(set_to_none=True)
+    assert not module._forward_hooks  # every pass removes its hook
+
+
+def test_ce_eval_matches_a_float64_reference(tiny):
+    """ce_clean against transformers' own loss; zero-ablation CE and KL against a hand-written hook."""
+    _, model, tokenizer = tiny
+    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))[:4]
+    report = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 0, tokens=4 * 32, context=32, batch=3,
+                     outlier_factor=None, progress=False)
+    module = site_module(model, 0, "resid")
+
+    def zero_kept(_module, _inputs, output):  # position 0 keeps its clean value
+        act = output[0] if isinstance(output, tuple) else output
+        act = torch.cat([act[:, :1], torch.zeros_like(act[:, 1:])], 1)
+        return (act, *output[1:]) if isinstance(output, tuple) else act
+
+    with torch.no_grad():
+        clean = model(input_ids=ids, labels=ids)
+        handle = module.register_forward_hook(zero_kept)
+        try:
+            zeroed = model(input_ids=ids).logits.double()
+        finally:
+            handle.remove()
+    targets = ids[:, 1:].reshape(-1)
+    ce_zero = F.cross_entropy(zeroed[:, :-1].reshape(-1, zeroed.shape[-1]), targets).item()
+    clean_logp = F.log_softmax(clean.logits[:, :-1].double(), -1)
+    kl_zero = (clean_logp.exp() * (clean_logp - F.log_softmax(zeroed[:, :-1], -1))).sum(-1).mean().item()
+    assert report["ce_clean"] == pytest.approx(clean.loss.item(), rel=1e-5)
+    assert report["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
+    assert report["kl_zero"] == pytest.approx(kl_zero, rel=1e-4)
+    assert report["ce_zero"] > report["ce_clean"] + 0.1
+    assert (report["ce_tokens"], report["ce_excluded_first"], report["ce_excluded_massive"]) == (4 * 32, 4, 0)
 
 
 def test_ce_eval_mlp_site_and_mismatch(tiny):

@@ -1,0 +1,139 @@
+"""CE-loss recovered and KL: next-token predictions with an SAE spliced in at a site.
+
+Each batch of contexts gets one clean pass, which also yields the activation at the site and the
+tokens :func:`keep_mask` keeps, then one spliced pass per variant: zero-ablated, mean-ablated and
+each SAE's reconstruction replace the kept tokens' activation; excluded tokens keep their clean value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SaeCompressError
+from ..models import SparseAutoencoder
+from .model import capture, clean_pass, context_batches, hookpoint, keep_mask, site_module, spliced_pass
+
+
+def next_token_kl(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean ‖ patched) of the next-token distributions at each predicted position ``[B, T-1]``.
+
+    ``clean_logp`` is ``log_softmax`` of the clean logits without their last position.
+    """
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+
+
+def _ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token cross-entropy over all predicted positions (float64 sum)."""
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                             reduction="none")
+    return float(losses.double().sum())
+
+
+def _recovered(ablated: float, spliced: float, clean: float) -> float:
+    return (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
+
+
+def _site_mean(model: nn.Module, batches: list[torch.Tensor], layer: int, site: str,
+               saes: dict[str, SparseAutoencoder], keep_args: dict[str, Any], progress: bool) -> torch.Tensor:
+    """The mean activation at the site over the kept tokens (passes that stop at the site); checks each SAE's m."""
+    total, count = None, 0
+    for ids in tqdm(batches, desc="ce mean", unit="batch", disable=not progress, leave=False):
+        acts = capture(model, ids, layer, site)
+        for name, sae in saes.items():
+            if acts.shape[-1] != sae.m:
+                raise SaeCompressError(
+                    f"model activations at {hookpoint(layer, site)} have hidden size {acts.shape[-1]} "
+                    f"but {'the SAE' if len(saes) == 1 else f'SAE {name!r}'} has m={sae.m}; "
+                    "pick the model/layer/site the SAE was trained on"
+                )
+        keep = keep_mask(acts, **keep_args)[0]
+        s = acts[keep].double().sum(0)
+        total = s if total is None else total + s
+        count += int(keep.sum())
+    return (total / max(count, 1)).float()
+
+
+def _replacements(act: torch.Tensor, mean: torch.Tensor,
+                  saes: dict[str, SparseAutoencoder]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(variant, activation)``: zero-ablated, mean-ablated, then each SAE's reconstruction of ``act``."""
+    yield "zero", torch.zeros_like(act)
+    yield "mean", mean.to(act).expand_as(act)
+    for name, sae in saes.items():
+        yield f"sae:{name}", sae(act.to(next(sae.parameters()).dtype)).to(act.dtype)
+
+
+@torch.no_grad()
+def ce_eval_many(model: nn.Module, tokenizer: Any, texts: Iterable[str], saes: dict[str, SparseAutoencoder],
+                 layer: int, site: str = "resid", *, tokens: int = 8192, context: int = 256, batch: int = 4,
+                 drop_first: bool = True, outlier_factor: float | None = 10.0,
+                 progress: bool = True) -> dict[str, dict[str, Any]]:
+    """:func:`ce_eval` for several SAEs at one site, sharing the clean and ablated passes.
+
+    Returns ``{name: report}``; each report is what :func:`ce_eval` returns for that SAE.
+    """
+    module = site_module(model, layer, site)
+    batches = list(context_batches(tokenizer, texts, context, batch, limit=-(-tokens // context)))
+    keep_args = {"drop_first": drop_first, "outlier_factor": outlier_factor}
+    mean = _site_mean(model, batches, layer, site, saes, keep_args, progress)
+
+    variants = ["zero", "mean", *(f"sae:{name}" for name in saes)]
+    ce = dict.fromkeys(["clean", *variants], 0.0)
+    kl = dict.fromkeys(variants, 0.0)
+    excluded_first = excluded_massive = 0
+    for ids in tqdm(batches, desc="ce eval", unit="batch", disable=not progress, leave=False):
+        ids = ids.to(model.device)
+        logits, act = clean_pass(model, module, ids)
+        keep, first, massive = keep_mask(act, **keep_args)
+        excluded_first += first
+        excluded_massive += massive
+        ce["clean"] += _ce_sum(logits, ids)
+        clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        del logits
+        for variant, new in _replacements(act, mean, saes):
+            logits = spliced_pass(model, module, ids, torch.where(keep.unsqueeze(-1), new, act))
+            ce[variant] += _ce_sum(logits, ids)
+            kl[variant] += float(next_token_kl(clean_logp, logits).double().sum())
+            del logits
+        del clean_logp
+
+    predicted = sum(ids[:, 1:].numel() for ids in batches)
+    ce = {k: v / predicted for k, v in ce.items()}
+    kl = {k: v / predicted for k, v in kl.items()}
+    reports = {}
+    for name in saes:
+        spliced, kl_spliced = ce[f"sae:{name}"], kl[f"sae:{name}"]
+        reports[name] = {
+            "ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"], "ce_spliced": spliced,
+            "ce_recovered": _recovered(ce["zero"], spliced, ce["clean"]),
+            "ce_recovered_mean_ablation": _recovered(ce["mean"], spliced, ce["clean"]),
+            "kl_zero": kl["zero"], "kl_mean": kl["mean"], "kl_spliced": kl_spliced,
+            "kl_recovered": _recovered(kl["zero"], kl_spliced, 0.0),
+            "ce_tokens": sum(ids.numel() for ids in batches), "ce_excluded_first": excluded_first,
+            "ce_excluded_massive": excluded_massive, "hookpoint": hookpoint(layer, site)}
+    return reports
+
+
+def ce_eval(model: nn.Module, tokenizer: Any, texts: Iterable[str], sae: SparseAutoencoder, layer: int,
+            site: str = "resid", *, tokens: int = 8192, context: int = 256, batch: int = 4,
+            drop_first: bool = True, outlier_factor: float | None = 10.0,
+            progress: bool = True) -> dict[str, Any]:
+    """Next-token CE with the activation at ``(layer, site)`` clean, zeroed, mean-ablated and spliced.
+
+    Evaluates ``ceil(tokens / context)`` contexts of ``texts`` (CE averaged over every predicted
+    position). The mean for mean-ablation is taken over the kept tokens of the same contexts (a
+    first pass that stops at the site). Excluded tokens (position 0, massive-activation tokens)
+    keep their clean value in every variant. Returns ``ce_clean, ce_zero, ce_mean, ce_spliced,
+    ce_recovered = (ce_zero − ce_spliced)/(ce_zero − ce_clean), ce_recovered_mean_ablation``
+    (same with ``ce_mean``), KL(clean ‖ patched) versions ``kl_zero, kl_mean, kl_spliced,
+    kl_recovered = (kl_zero − kl_spliced)/kl_zero`` (the SAEBench score), token counts and
+    ``hookpoint``. To score several SAEs of one site, :func:`ce_eval_many` shares the passes.
+    """
+    return ce_eval_many(model, tokenizer, texts, {"sae": sae}, layer, site, tokens=tokens, context=context,
+                        batch=batch, drop_first=drop_first, outlier_factor=outlier_factor, progress=progress)["sae"]
