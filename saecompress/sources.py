@@ -1,4 +1,5 @@
-"""One resolver for every SAE source: compact files, dense SAEs in any known layout, ``hf://`` URIs."""
+"""One resolver for every SAE source: compact files, dense SAEs in any known layout, ``hf://`` URIs;
+and ``save``, the one writer of a model a command produces."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compact import is_compact_file, load_compact
+from .compact import is_compact_file, load_compact, save_compact
 from .errors import SaeCompressError
+from .formats.saelens import save_dense
 from .models import ExpanderSAE, TopKSAE
 
 
@@ -83,3 +85,10 @@ def load(src: str | os.PathLike, hookpoint: str | None = None, *,
     from .formats import read_sae
 
     return read_sae(path, hookpoint)
+
+
+def save(sae: ExpanderSAE | TopKSAE, out: str | os.PathLike, metadata: dict) -> Path:
+    """Write ``sae`` to ``out`` atomically: a compact file for an ``ExpanderSAE``, a SAELens folder for a dense one."""
+    if isinstance(sae, ExpanderSAE):
+        return save_compact(sae, out, metadata=metadata)
+    return save_dense(sae, out, metadata)
