@@ -85,10 +85,10 @@ def test_every_spelling_keeps_the_same_topk(activation, one_thread):
     check(*select_topk(pre, K, activation))  # the definition itself, sorted ...
     check(*select_topk(pre, K, activation, sorted=False))  # ... or not
     check(*sae.encode(x))  # chunked gather-reduce with a running top-k merge
-    check(*sae.to_dense().encode(x))
+    dense = sae.to_dense()
+    check(*dense.encode(x))
     forward = sparse_forward(sae, x, MaskLayout.from_indices(sae.indices, sae.m))
     check(forward.top_vals, forward.top_idx)
-    dense = sae.to_dense()
     forward = dense_forward(dense, x, None, 0)
     check(forward.top_vals, forward.top_idx)
 
