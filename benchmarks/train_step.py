@@ -2,7 +2,7 @@
 
 Both variants train the same tied expander SAE (signed top-k, FVU loss, Adam) on random data:
 
-* sparse: ``saecompress.train.Trainer.train_step`` (CSR gather-reduce encoder, top-k, sparse
+* sparse: ``saecompress.trainer.Trainer.train_step`` (CSR gather-reduce encoder, top-k, sparse
   decode; gradients only on the mask at the k active latents; unit-norm rows; AuxK is enabled
   but no latent is dead yet during the timed steps, so its extra top-k does not run).
 * masked-dense: the paper's computation, ``W = colnorm(M ⊙ V)`` with dense ``M, V [m, n]``, dense
@@ -42,7 +42,7 @@ def _peak_mb() -> float:
 
 def _sparse_step(m, n, d, k, batch):
     from saecompress.models import ExpanderSAE
-    from saecompress.train import TrainConfig, Trainer
+    from saecompress.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     sae = ExpanderSAE(m, n, d, k, seed=0)

@@ -20,8 +20,8 @@ that has not fired for ``dead_tokens`` tokens is put back to its starting parame
 moments reset). The fine-tune refines latents but does not lose them.
 
 Each step costs two forward passes of the LM and one backward pass through the layers after the
-hookpoint. Adam, cosine decay from ``lr`` to 0, gradient clipping. Decoder rows are not
-renormalised (the file format does not need unit rows).
+hookpoint. Adam, cosine decay from ``lr`` to 0 (``objective.lr_factor``), gradient clipping.
+Decoder rows are not renormalised (the file format does not need unit rows).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,10 +40,12 @@ from tqdm.auto import tqdm
 from ._io import check_outputs
 from .compact import with_metrics
 from .errors import SaeCompressError
+from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
-from .models import ExpanderSAE, SparseAutoencoder, layer_norm
+from .models import ExpanderSAE, SparseAutoencoder
+from .objective import fvu_loss, lr_factor, training_forward
+from .sources import save
 from .sparse_ops import MaskLayout
-from .train import fvu_loss, save_model, training_forward
 
 
 @dataclass
@@ -94,18 +95,12 @@ class _Splice:
             self.act = act.detach()
             self.keep = keep_mask(act, drop_first=self.cfg.drop_first, outlier_factor=self.cfg.outlier_factor)[0]
             return None
-        x = self.act[self.keep].to(self.sae.b_dec.dtype)
-        if self.sae.normalize_input:
-            xin, mu, std = layer_norm(x)
-        else:
-            xin, mu, std = x, 0.0, 1.0
+        xin, stats = self.sae.normalise(self.act[self.keep].to(self.sae.b_dec.dtype))
         out = training_forward(self.sae, xin, self.layout)
-        recon = out.recon
-        self.fvu = fvu_loss(xin, recon)
-        self.fired = torch.zeros(self.sae.n, dtype=torch.bool)
-        self.fired[out.top_idx[out.top_vals.detach() != 0]] = True
-        spliced = self.act.clone().to(recon.dtype)
-        spliced[self.keep] = recon * std + mu
+        self.fvu = fvu_loss(xin, out.recon)
+        self.fired = fired(out.top_vals, out.top_idx, self.sae.n)
+        spliced = self.act.clone().to(out.recon.dtype)
+        spliced[self.keep] = self.sae.unnormalise(out.recon, stats)
         return spliced.to(self.act.dtype)
 
 
@@ -126,8 +121,8 @@ class _LatentKeeper:
         self.start = {name: p.detach().clone() for name, p in self.params.items()}
         self.encoder, self.axis = _encoder(sae)
         self.encoder_norms = self.encoder.detach().norm(dim=1 - self.axis, keepdim=True)
-        self.optimizer, self.dead_tokens = optimizer, dead_tokens
-        self.since_fired = torch.zeros(sae.n, dtype=torch.int64)
+        self.optimizer = optimizer
+        self.dead = DeadLatents(sae.n, dead_tokens)
         self.restored = 0
 
     @torch.no_grad()
@@ -135,18 +130,15 @@ class _LatentKeeper:
         """After an optimizer step: fix encoder norms, count ``tokens`` and restore latents dead since."""
         norms = self.encoder.norm(dim=1 - self.axis, keepdim=True)
         self.encoder.mul_(torch.where(norms > 0, self.encoder_norms / norms.clamp_min(1e-12), 1.0))
-        self.since_fired += tokens
-        self.since_fired[fired] = 0
-        dead = (self.since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        self.dead.update(fired, tokens)
+        dead = self.dead.indices()
         if dead.numel() == 0:
             return
         for name, p in self.params.items():
             axis = _LATENT_AXIS[name]
             p.index_copy_(axis, dead, self.start[name].index_select(axis, dead))
-            for moment in self.optimizer.state.get(p, {}).values():
-                if moment.shape == p.shape:
-                    moment.index_fill_(axis, dead, 0)
-        self.since_fired[dead] = 0
+            reset_moments(self.optimizer, p, dead, axis)
+        self.dead.revived(dead)
         self.restored += int(dead.numel())
 
 
@@ -180,7 +172,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
                 break
             ids = ids.to(model.device)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = cfg.lr * lr_factor(step, steps)
             splice.splicing = False
             with torch.no_grad():
                 clean_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
@@ -209,5 +201,5 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
         previous = dict(getattr(sae, "metadata", {}))
         if "held_out" in previous:  # activation-space metrics of the model before this run
             previous["held_out_before_finetune"] = previous.pop("held_out")
-        save_model(sae, Path(out), with_metrics({**previous, **stats}, None))
+        save(sae, out, with_metrics({**previous, **stats}, None))
     return sae, stats

@@ -23,36 +23,8 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationSource
 from .errors import SaeCompressError
+from .latents import fired
 from .models import SparseAutoencoder
-
-
-def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """SAELens/SAEBench explained variance of ``x_hat`` for rows ``x [N, m]`` (float64)."""
-    acc = FidelityAccumulator()
-    acc.update(x, x_hat)
-    return acc.result()["explained_variance"]
-
-
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Fraction of variance unexplained: ``1 − explained_variance``."""
-    return 1.0 - explained_variance(x, x_hat)
-
-
-def cosine_similarity(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Mean over rows of ``cos(x, x̂)`` (float64)."""
-    return float(torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=-1).mean())
-
-
-def l0(top_values: torch.Tensor) -> float:
-    """Mean number of nonzero latents per row, from top-k values ``[N, k]`` or a dense code ``[N, n]``."""
-    return float((top_values != 0).sum(dim=-1).double().mean())
-
-
-def dead_fraction(top_values: torch.Tensor, top_indices: torch.Tensor, n: int) -> float:
-    """Fraction of the ``n`` latents that are never nonzero in the given codes."""
-    fired = torch.zeros(n, dtype=torch.bool)
-    fired[top_indices[top_values != 0]] = True
-    return 1.0 - float(fired.double().mean())
 
 
 class FidelityAccumulator:
@@ -88,7 +60,7 @@ class FidelityAccumulator:
             self.sum_l0 += float(nz.sum())
             self.code_rows += nz.shape[0]
             if self.fired is not None and top_indices is not None:
-                self.fired[top_indices.detach().reshape(nz.shape)[nz]] = True
+                self.fired |= fired(top_values, top_indices, self.n)
 
     def result(self) -> dict[str, Any]:
         """The metrics so far: ``fvu, explained_variance, mse, cosine`` (+ ``l0, dead_fraction``)."""

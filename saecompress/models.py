@@ -27,7 +27,11 @@ from torch.nn import functional as F
 from .errors import SaeCompressError
 from .mask import MASK_ALGORITHM, expander_mask
 
-ACTIVATIONS = ("topk_relu", "relu_topk", "signed_topk")
+# The one definition of the top-k orderings: activation -> (ReLU before top-k, ReLU on the kept
+# values). Every spelling (chunked encode, sparse training ops, ONNX graphs) reads this table.
+ORDERINGS: dict[str, tuple[bool, bool]] = {
+    "topk_relu": (False, True), "relu_topk": (True, False), "signed_topk": (False, False)}
+ACTIVATIONS = tuple(ORDERINGS)
 ENCODERS = ("tied", "untied")
 Activation = Literal["topk_relu", "relu_topk", "signed_topk"]
 
@@ -44,14 +48,26 @@ def layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return centred / (std + LAYER_NORM_EPS), mu, std
 
 
-def select_topk(pre: torch.Tensor, k: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """``w`` with each row scaled to unit L2 norm (zero rows stay zero)."""
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def topk_scores(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """What top-k ranks under ``activation``: ``pre``, or ``ReLU(pre)`` for ``relu_topk``."""
+    return torch.relu(pre) if ORDERINGS[activation][0] else pre
+
+
+def topk_kept(values: torch.Tensor, activation: str) -> torch.Tensor:
+    """The kept values under ``activation``: the top-k scores, or their ReLU for ``topk_relu``."""
+    return torch.relu(values) if ORDERINGS[activation][1] else values
+
+
+def select_topk(pre: torch.Tensor, k: int, activation: str, *,
+                sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k kept ``(values, indices)`` of pre-activations ``pre [..., n]`` under ``activation``."""
-    if activation == "relu_topk":
-        pre = torch.relu(pre)
-    values, indices = pre.topk(k, dim=-1, sorted=True)
-    if activation == "topk_relu":
-        values = torch.relu(values)
-    return values, indices
+    values, indices = topk_scores(pre, activation).topk(k, dim=-1, sorted=sorted)
+    return topk_kept(values, activation), indices
 
 
 def _check_config(m: int, n: int, k: int, activation: str) -> None:
@@ -89,12 +105,25 @@ class SparseAutoencoder(nn.Module):
             )
         return x.reshape(-1, self.m), x.shape[:-1]
 
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(x', stats)``: the SAE's input ``x'`` (layer-normed if ``normalize_input``) and the
+        ``(mu, std)`` that :meth:`unnormalise` maps reconstructions back with (``None``: identity)."""
+        if not self.normalize_input:
+            return x, None
+        x, mu, std = layer_norm(x)
+        return x, (mu, std)
+
+    @staticmethod
+    def unnormalise(x_hat: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """A reconstruction in the original space: ``x̂'·std + mu`` (OpenAI / SAELens use std, not std + eps)."""
+        if stats is None:
+            return x_hat
+        mu, std = stats
+        return x_hat * std + mu
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened, (optionally) normalised, centred input ``x' - b_dec`` of shape ``[B, m]``."""
-        x = x.to(self.b_dec.dtype)
-        if self.normalize_input:
-            x = layer_norm(x)[0]
-        return x - self.b_dec
+        return self.normalise(x.to(self.b_dec.dtype))[0] - self.b_dec
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations ``[..., n]`` (materialises all n per row)."""
@@ -126,18 +155,19 @@ class SparseAutoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x̂, top_values, top_indices)`` from one encode; ``x̂`` is in the original space."""
         flat, lead = self._flatten(x)
-        flat = flat.to(self.b_dec.dtype)
-        if self.normalize_input:
-            flat, mu, std = layer_norm(flat)
+        flat, stats = self.normalise(flat.to(self.b_dec.dtype))
         values, indices = self._encode_topk(flat - self.b_dec)
-        out = self._decode(values, indices)
-        if self.normalize_input:
-            out = out * std + mu  # OpenAI / SAELens un-normalise with std, not std + eps
+        out = self.unnormalise(self._decode(values, indices), stats)
         return (out.reshape(*lead, self.m), values.reshape(*lead, self.k),
                 indices.reshape(*lead, self.k))
 
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return select_topk(self._pre_activations(centred), self.k, self.activation)
+
+    @property
+    def decoder_rows(self) -> nn.Parameter:
+        """The decoder's per-latent rows (latent axis 0): ``W_dec [n, m]`` or ``values [n, d]``."""
+        raise NotImplementedError
 
     def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -155,12 +185,15 @@ class TopKSAE(SparseAutoencoder):
     ) -> None:
         super().__init__()
         self._init_common(m, n, k, activation, normalize_input)
-        W_dec = torch.randn(n, m)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec = unit_rows(torch.randn(n, m))
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(m))
+
+    @property
+    def decoder_rows(self) -> nn.Parameter:
+        return self.W_dec
 
     def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
         return centred @ self.W_enc + self.b_enc
@@ -199,8 +232,7 @@ class ExpanderSAE(SparseAutoencoder):
             indices = _checked_indices(torch.as_tensor(indices), m, n, d)
             self.mask_seed, self.mask_algorithm = None, None
         self.register_buffer("indices", indices)
-        values = torch.randn(n, d)
-        values /= values.norm(dim=1, keepdim=True)
+        values = unit_rows(torch.randn(n, d))
         self.values = nn.Parameter(values)
         self.enc_values = nn.Parameter(values.clone()) if encoder == "untied" else None
         self.b_enc = nn.Parameter(torch.zeros(n))
@@ -212,6 +244,10 @@ class ExpanderSAE(SparseAutoencoder):
     def encoder_values(self) -> torch.Tensor:
         """The encoder's ``[n, d]`` values: ``values`` when tied, ``enc_values`` when untied."""
         return self.values if self.enc_values is None else self.enc_values
+
+    @property
+    def decoder_rows(self) -> nn.Parameter:
+        return self.values
 
     def _latent_chunks(self, rows: int) -> list[tuple[int, int]]:
         """``(start, stop)`` latent ranges of about ``_CHUNK_ELEMENTS / rows`` latents each."""
@@ -236,19 +272,15 @@ class ExpanderSAE(SparseAutoencoder):
         x_t = centred.T.contiguous()
         best_vals = best_idx = None
         for start, stop in self._latent_chunks(centred.shape[0]):
-            pre = self._chunk_pre(x_t, start, stop).T
-            if self.activation == "relu_topk":
-                pre = torch.relu(pre)
-            vals, idx = pre.topk(min(self.k, stop - start), dim=-1)
+            scores = topk_scores(self._chunk_pre(x_t, start, stop).T, self.activation)
+            vals, idx = scores.topk(min(self.k, stop - start), dim=-1)
             idx = idx + start
             if best_vals is not None:
                 vals, pos = torch.cat([best_vals, vals], 1).topk(
                     min(self.k, best_vals.shape[1] + vals.shape[1]), dim=-1)
                 idx = torch.cat([best_idx, idx], 1).gather(1, pos)
             best_vals, best_idx = vals, idx
-        if self.activation == "topk_relu":
-            best_vals = torch.relu(best_vals)
-        return best_vals, best_idx
+        return topk_kept(best_vals, self.activation), best_idx
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         rows = values.shape[0]
@@ -274,11 +306,6 @@ class ExpanderSAE(SparseAutoencoder):
         dense.b_dec = nn.Parameter(self.b_dec.detach().clone())
         dense.provenance = dict(self.provenance)
         return dense
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale each latent's decoder row to unit L2 norm (tied encoders follow)."""
-        self.values /= self.values.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def extra_repr(self) -> str:
         return (f"m={self.m}, n={self.n}, d={self.d}, k={self.k}, activation={self.activation}, "

@@ -1,4 +1,5 @@
-"""One resolver for every SAE source: compact files, dense SAEs in any known layout, ``hf://`` URIs."""
+"""One resolver for every SAE source: compact files, dense SAEs in any known layout, ``hf://`` URIs;
+and ``save``, the one writer of a model a command produces."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .activations import open_activations
-from .compact import is_compact_file, load_compact
+from .compact import is_compact_file, load_compact, save_compact
 from .errors import SaeCompressError
 from .formats import detect_format, read_sae
+from .formats.saelens import save_dense
 from .models import ExpanderSAE, TopKSAE
 
 
@@ -80,3 +82,10 @@ def load(src: str | os.PathLike, hookpoint: str | None = None, *,
     if compact is not None:
         return load_compact(compact)
     return read_sae(path, hookpoint)
+
+
+def save(sae: ExpanderSAE | TopKSAE, out: str | os.PathLike, metadata: dict) -> Path:
+    """Write ``sae`` to ``out`` atomically: a compact file for an ``ExpanderSAE``, a SAELens folder for a dense one."""
+    if isinstance(sae, ExpanderSAE):
+        return save_compact(sae, out, metadata=metadata)
+    return save_dense(sae, out, metadata)

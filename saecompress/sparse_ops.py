@@ -3,14 +3,15 @@
 An expander SAE's encoder and decoder have ``d`` nonzeros per latent (``indices [n, d]``), so a
 training step needs no ``m×n`` matrix at all:
 
-* :class:`SparseEncodeTopK` computes the pre-activations as one sparse-CSR × dense product
-  (``n·d`` nonzeros times the batch, MKL on CPU), picks the top-k (and, for AuxK, the top-k_aux
-  among dead latents), and saves only the centred batch and the chosen indices. Its backward
-  touches the ``k (+ k_aux)`` chosen latents per row: O(B·k·d) work, no ``[B, n]`` gradient.
+* :class:`SparseEncodeTopK` computes the pre-activations as sparse-CSR × dense products over
+  blocks of batch rows (``n·d`` nonzeros times the block, MKL on CPU), picks the top-k under the
+  SAE's ordering (``models.select_topk``; for AuxK also the top-k_aux among dead latents), and
+  saves only the centred batch and the chosen indices. Its backward touches the ``k (+ k_aux)``
+  chosen latents per row: O(B·k·d) work, no ``[B, n]`` gradient.
 * :class:`SparseDecode` is a scatter-add of the ``k`` active latents' ``d`` values per row; its
   backward is the matching gather, again O(B·k·d).
 
-Both functions take plain tensors; :func:`sparse_step` wires them to an ``ExpanderSAE``.
+Both functions take plain tensors; :func:`sparse_forward` wires them to an ``ExpanderSAE``.
 Gradients equal those of the dense masked model (``W = mask ⊙ V``) exactly up to rounding
 (checked in float64 by ``tests/test_train.py``).
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .models import ORDERINGS, select_topk
 
 _ROW_BLOCK = 256  # batch rows per CSR product in sparse_pre_activations
 
@@ -64,7 +67,7 @@ def sparse_pre_activations(xc: Tensor, enc_values: Tensor, b_enc: Tensor, layout
 
     MKL's CSR product gives latent-major ``[n, rows]`` blocks; each is transposed (with the bias
     added in the same pass) into the row-major output that top-k needs. Blocks of
-    ``_ROW_BLOCK`` rows keep the transpose in cache (measured faster than one big transpose).
+    ``_ROW_BLOCK`` rows keep the transpose in cache.
     """
     W = layout.csr(enc_values)
     xc, b_enc = xc.detach(), b_enc.detach()
@@ -75,36 +78,31 @@ def sparse_pre_activations(xc: Tensor, enc_values: Tensor, b_enc: Tensor, layout
     return out
 
 
-def _select(pre: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
-    vals, idx = pre.topk(k, dim=-1, sorted=False)
-    return (vals.clamp_min(0) if relu else vals), idx
-
-
 class SparseEncodeTopK(torch.autograd.Function):
     """``(x, enc_values, b_enc, b_dec) -> (top_vals, top_idx, aux_vals, aux_idx)``.
 
-    ``top_*`` are the k largest pre-activations per row (ReLU applied when ``relu``);
-    ``aux_*`` the ``k_aux`` largest among latents flagged in ``dead`` (empty when ``k_aux == 0``
+    ``top_*`` are the k kept pre-activations per row under ``activation`` (``models.select_topk``);
+    ``aux_*`` the ``k_aux`` kept among latents flagged in ``dead`` (empty when ``k_aux == 0``
     or ``dead`` is None), for the AuxK loss. Index outputs are not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x, enc_values, b_enc, b_dec, layout: MaskLayout, k: int, relu: bool,
+    def forward(ctx, x, enc_values, b_enc, b_dec, layout: MaskLayout, k: int, activation: str,
                 dead: Tensor | None, k_aux: int):
         xc = x - b_dec
         pre = sparse_pre_activations(xc, enc_values, b_enc, layout)
-        top_vals, top_idx = _select(pre, k, relu)
+        top_vals, top_idx = select_topk(pre, k, activation, sorted=False)
         if dead is not None and k_aux > 0 and bool(dead.any()):
             k_aux = min(k_aux, int(dead.sum()))
             pre.masked_fill_(~dead, float("-inf"))
-            aux_vals, aux_idx = _select(pre, k_aux, relu)
+            aux_vals, aux_idx = select_topk(pre, k_aux, activation, sorted=False)
             aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
         else:
             aux_vals = x.new_zeros(x.shape[0], 0)
             aux_idx = torch.zeros(x.shape[0], 0, dtype=torch.int64)
         del pre
         ctx.layout = layout
-        ctx.relu = relu
+        ctx.relu = any(ORDERINGS[activation])  # a ReLU before or after top-k: no gradient where it cut
         ctx.x_requires_grad = x.requires_grad
         ctx.save_for_backward(xc, enc_values, top_vals, top_idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(top_idx, aux_idx)
@@ -192,9 +190,8 @@ def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = Non
     Gradients reach ``values`` (and ``enc_values`` when untied), ``b_enc`` and ``b_dec`` through
     the sparse functions above only.
     """
-    relu = sae.activation != "signed_topk"
     top_vals, top_idx, aux_vals, aux_idx = SparseEncodeTopK.apply(
-        x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, relu, dead, k_aux)
+        x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, sae.activation, dead, k_aux)
     recon = SparseDecode.apply(top_vals, top_idx, sae.values, sae.b_dec, layout)
     aux_recon = None
     if aux_idx.shape[1] > 0:

@@ -12,7 +12,7 @@ from saecompress.cli.main import cli
 from saecompress.demo import DEFAULT_SAE, default_texts
 from saecompress.models import TopKSAE
 from saecompress.sources import load
-from saecompress.train import save_dense
+from saecompress.formats.saelens import save_dense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

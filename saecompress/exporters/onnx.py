@@ -32,8 +32,8 @@ from ..errors import SaeCompressError, check_choice
 from ..models import ExpanderSAE, TopKSAE
 from ..provenance import shareable
 from ..sources import load
-from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout,
-                             expander_decode_function, expander_encode_function, layer_norm_function)
+from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout, expander_decode_function,
+                             expander_encode_function, layer_norm_function, select_topk)
 from .onnx_graph import GraphBuilder
 
 GRAPHS = ("encode", "decode", "autoencoder")
@@ -178,11 +178,7 @@ class _Exporter:
                                          2, k=sae.k, activation=sae.activation)
             return values, indices, stats
         pre = self.b.op("Add", self.b.op("MatMul", centred, self.weight("W_enc")), self.weight("b_enc"))
-        if sae.activation == "relu_topk":
-            pre = self.b.op("Relu", pre)
-        values, indices = self.b.op("TopK", pre, self.b.ints(sae.k), outputs=2, axis=-1)
-        if sae.activation == "topk_relu":
-            values = self.b.op("Relu", values)
+        values, indices = select_topk(self.b, pre, sae.k, sae.activation)
         return values, indices, stats
 
     def decode(self, values: str, indices: str) -> str:

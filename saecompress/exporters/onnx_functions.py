@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
-from ..models import LAYER_NORM_EPS
+from ..models import LAYER_NORM_EPS, ORDERINGS
 from .onnx_graph import GraphBuilder
 
 DOMAIN = "ai.saecompress"
@@ -61,12 +61,14 @@ class EncodeLayout:
         return self.group if self.group > 1 and n % self.group == 0 and n // self.group >= k else 1
 
 
-def _topk(b: GraphBuilder, pre: str, k: int, activation: str) -> tuple[str, str]:
-    """``(values, indices)`` of the top-k of ``pre [B, N]`` under ``activation``."""
-    if activation == "relu_topk":
+def select_topk(b: GraphBuilder, pre: str, k: int, activation: str) -> tuple[str, str]:
+    """``(values, indices)`` of the top-k of ``pre [B, N]`` under ``activation``: the graph form of
+    ``models.select_topk``, from the same ``ORDERINGS`` table (ReLU before top-k, ReLU after)."""
+    relu_before, relu_after = ORDERINGS[activation]
+    if relu_before:
         pre = b.op("Relu", pre)
     values, indices = b.op("TopK", pre, b.ints(k), outputs=2, axis=-1, largest=1, sorted=1)
-    if activation == "topk_relu":
+    if relu_after:
         values = b.op("Relu", values)
     return values, indices
 
@@ -134,10 +136,10 @@ def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str,
     x_t = b.op("Concat", b.op("Transpose", x, perm=[1, 0]), ones, axis=0)  # [m+1, B]
     maxima = _chunked_group_max(b, x_t, indices_aug, values_aug, n, d + 1, layout, group)
     if group == 1:
-        return _topk(b, maxima, k, activation)
+        return select_topk(b, maxima, k, activation)
     _, group_ids = b.op("TopK", maxima, b.ints(k), outputs=2, axis=-1, largest=1, sorted=0)
     pre, candidates = _recompute_candidates(b, x_aug, indices_aug, values_aug, group_ids, group)
-    values, positions = _topk(b, pre, k, activation)
+    values, positions = select_topk(b, pre, k, activation)
     return values, b.op("GatherElements", candidates, positions, axis=1)
 
 
@@ -157,20 +159,20 @@ def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d
         products = b.op("Mul", gathered, b.op("Squeeze", values_t, b.ints(1)))
         ones = b.op("Expand", b.const(np.ones((1, 1), dtype=np.float32)),
                     b.op("Concat", b.ints(1), b.op("Shape", indices_t, start=0, end=1), axis=0))
-        return _topk(b, b.op("MatMul", ones, products), k, activation)  # sum of d+1 rows as a GEMM
+        return select_topk(b, b.op("MatMul", ones, products), k, activation)  # sum of d+1 rows as a GEMM
     columns = b.op("Split", indices_t, b.ints(*[1] * (d + 1)), axis=0, outputs=d + 1)
     scales = b.op("Split", values_t, b.ints(*[1] * (d + 1)), axis=0, outputs=d + 1)
     pre = b.op("Squeeze", scales[d], b.ints(0))  # the bias row
     for j in range(d):
         gathered = b.op("GatherElements", x, b.op("Squeeze", columns[j], b.ints(0)), axis=1)  # [1, n]
         pre = b.op("Add", pre, b.op("Mul", gathered, b.op("Squeeze", scales[j], b.ints(0))))
-    return _topk(b, pre, k, activation)
+    return select_topk(b, pre, k, activation)
 
 
 def _encode_naive(b: GraphBuilder, k: int, activation: str) -> tuple[str, str]:
     gathered = b.op("Gather", "x", "indices", axis=1)  # [B, n, d]
     pre = b.op("ReduceSum", b.op("Mul", gathered, "values"), b.ints(2), keepdims=0)
-    return _topk(b, b.op("Add", pre, "b_enc"), k, activation)
+    return select_topk(b, b.op("Add", pre, "b_enc"), k, activation)
 
 
 def _branch(b: GraphBuilder, name: str, outputs: tuple[str, str]) -> object:

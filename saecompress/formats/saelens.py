@@ -1,4 +1,4 @@
-"""SAELens folders: ``cfg.json`` + ``sae_weights.safetensors``.
+"""SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` (read, and written by ``save_dense``).
 
 Math (``sae_lens.saes.topk_sae.TopKSAE``)::
 
@@ -18,10 +18,16 @@ rows), ``rescale_acts_by_decoder_norm`` (norms into the encoder, unit-norm decod
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+from .._io import atomic_path, output_errors
+from .._json import dumps
 from ..errors import SaeCompressError
 from ..models import TopKSAE
+from ..provenance import shareable
 from ._common import build_topk, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
 
 CFG = "cfg.json"
@@ -111,3 +117,23 @@ def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
             "sae_lens_version": meta.get("sae_lens_version") or cfg.get("sae_lens_version"),
         },
     )
+
+
+def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``sae`` as a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) that :func:`read` loads back;
+    ``metadata`` goes under ``cfg.json``'s ``metadata.saecompress``."""
+    folder = Path(folder)
+    with output_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"architecture": "topk", "k": sae.k, "d_in": sae.m, "d_sae": sae.n,
+           "normalize_activations": "layer_norm" if sae.normalize_input else "none",
+           "apply_b_dec_to_input": True, "dtype": "float32",
+           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in shareable(sae.provenance).items()
+                                                          if isinstance(v, (str, int, float))}}}
+    tensors = {name: getattr(sae, name).detach().float().contiguous()
+               for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(folder / CFG) as tmp:
+        tmp.write_text(dumps(cfg, indent=2))
+    return folder

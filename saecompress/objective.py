@@ -1,0 +1,75 @@
+"""What one optimizer step computes, for either model: the differentiable forward, the FVU loss,
+the unit-norm decoder constraint and the learning-rate schedule (``train`` and ``finetune`` share them).
+
+The forward of an ``ExpanderSAE`` goes through the truly sparse ops of ``sparse_ops.py``; a dense
+``TopKSAE`` (the baseline) uses ordinary autograd. Both return a ``SparseForward`` and pick
+latents with ``models.select_topk``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .models import SparseAutoencoder, TopKSAE, select_topk, unit_rows
+from .sparse_ops import MaskLayout, SparseForward, sparse_forward
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+def fvu_loss(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Batch FVU: squared error over the batch's total variance (the training objective)."""
+    var = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (recon - target).pow(2).sum() / var
+
+
+def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int) -> SparseForward:
+    """The dense baseline's forward (ordinary autograd, m×n matmul) with the same outputs."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top_vals, top_idx = select_topk(pre, sae.k, sae.activation)
+    recon = sae.decode(top_vals, top_idx)
+    aux = None
+    if dead is not None and k_aux > 0 and bool(dead.any()):
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        aux_vals, aux_idx = select_topk(aux_pre, min(k_aux, int(dead.sum())), sae.activation)
+        aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
+        aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals) @ sae.W_dec
+    return SparseForward(recon, top_vals, top_idx, aux)
+
+
+def training_forward(sae: SparseAutoencoder, x: torch.Tensor, layout: MaskLayout | None,
+                     dead: torch.Tensor | None = None, k_aux: int = 0) -> SparseForward:
+    """Differentiable forward of either model on ``x`` in its input space (sparse ops for expanders)."""
+    if layout is not None:
+        return sparse_forward(sae, x, layout, dead, k_aux)
+    return dense_forward(sae, x, dead, k_aux)
+
+
+@torch.no_grad()
+def remove_parallel_grad(sae: SparseAutoencoder) -> None:
+    """Project out of each decoder row's gradient its component along the (unit) row."""
+    w = sae.decoder_rows
+    if w.grad is not None:
+        unit = unit_rows(w)
+        w.grad -= (w.grad * unit).sum(1, keepdim=True) * unit
+
+
+@torch.no_grad()
+def normalize_decoder(sae: SparseAutoencoder) -> None:
+    """Rescale each decoder row to unit L2 norm (tied expander encoders follow)."""
+    w = sae.decoder_rows
+    w.copy_(unit_rows(w))
+
+
+def lr_factor(step: int, total: int, *, warmup: int = 0, decay: str = "cosine", final: float = 0.0) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total``: linear warm-up over
+    ``warmup`` steps, then ``decay`` (cosine, linear or constant) down to ``final``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    if decay == "cosine":
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+    if decay == "linear":
+        return 1 - (1 - final) * t
+    return 1.0

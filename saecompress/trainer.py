@@ -1,0 +1,270 @@
+"""The training state of one run (``TrainConfig``, ``Trainer``): model, Adam, counters, one step.
+
+One step for both models and for distillation::
+
+    loss = FVU(x, x̂)                                   # batch-normalised reconstruction error
+         + auxk_coef · FVU(e, ê_aux)                    # AuxK: dead latents reconstruct e = x − x̂
+         + distill_coef · latent term                   # distillation only (see distill.py)
+
+Decoder rows are kept at unit norm (gradient component along each row removed before the step,
+rows renormalised after it: ``objective.py``). Adam with ``lr ≈ 3e-3/√(n/2¹⁴)`` (expander; dense
+``2e-4/√(n/2¹⁴)``), linear warm-up then cosine (or linear) decay, gradient clipping. A latent is
+dead once it has not fired for ``dead_tokens`` tokens (default 32× the mean firing interval
+``n/k``; ``latents.py``); every ``reaim_every`` steps a native expander run revives its dead
+latents (see ``Trainer._reaim_dead``). AuxK alone cannot: under Adam its gradient on a dead
+latent is scale-free, so it only nudges the direction while the top-k threshold, set by the
+growing encoders of the alive latents, runs away.
+
+The run loop around it (data, checkpoints, files) is ``train.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distill import DistillTerm
+from .errors import SaeCompressError
+from .latents import DeadLatents, fired, reset_moments
+from .models import ExpanderSAE, TopKSAE, unit_rows
+from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
+from .sparse_ops import MaskLayout, SparseForward
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (``None`` fields get the documented defaults)."""
+
+    k: int | None = None  # default 32 for a fresh SAE, the starting SAE's k otherwise
+    d: int | None = 7  # None: a dense TopKSAE baseline
+    n: int | None = None  # number of latents; or use expansion
+    expansion: int | None = None  # n = expansion * m
+    activation: str | None = None  # default: signed_topk (expander), topk_relu (dense)
+    encoder: str = "untied"
+    mask_seed: int = 0
+    mask: str | None = None  # convert's mask strategy with a teacher (default topd); fresh SAEs: expander
+    tokens: int = 2_000_000
+    batch_size: int = 1024
+    lr: float | None = None  # default 3e-3 / sqrt(n / 2**14) (expander), 2e-4 / sqrt(n / 2**14) (dense)
+    warmup_frac: float = 0.02
+    decay: str = "cosine"  # cosine | linear | constant
+    final_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    k_aux: int | None = None  # default m // 2
+    auxk_coef: float = 1 / 32
+    dead_tokens: int | None = None  # default min(32 * n / k, tokens // 10): 32x a latent's mean firing interval
+    distill_coef: float = 1.0
+    held_out_rows: int | None = None  # default min(8192, a tenth of the rows); 0: none
+    checkpoint_every: int = 500  # steps
+    reaim_every: int = 5  # steps between re-aiming dead expander latents (0: never)
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.n is not None and self.expansion is not None:
+            raise SaeCompressError("give the number of latents as --n or --expansion, not both")
+        for name in ("k", "tokens", "batch_size", "checkpoint_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.decay not in DECAYS:
+            raise SaeCompressError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if self.d is not None and self.d < 1:
+            raise SaeCompressError(f"d must be at least 1, got {self.d}")
+        if self.reaim_every < 0:
+            raise SaeCompressError(f"reaim_every must be 0 (never) or more, got {self.reaim_every}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise SaeCompressError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
+        if self.held_out_rows is not None and self.held_out_rows < 0:
+            raise SaeCompressError(f"held-out rows must be 0 (none) or more, got {self.held_out_rows}")
+        if self.tokens < self.batch_size:
+            raise SaeCompressError(f"--tokens {self.tokens} is less than one batch of {self.batch_size}; train at "
+                                   "least one batch, or lower --batch")
+
+    def held_out(self, rows: int) -> int:
+        """Rows kept out of training out of ``rows``: as asked, or by default min(8192, rows / 10)."""
+        if self.held_out_rows is None:
+            return min(8192, rows // 10)
+        if self.held_out_rows >= rows:
+            raise SaeCompressError(f"--held-out {self.held_out_rows} leaves no training rows of the {rows} in "
+                                   f"--acts; hold out fewer (e.g. {rows // 10})")
+        return self.held_out_rows
+
+    def num_latents(self, m: int) -> int | None:
+        return self.n if self.n is not None else (self.expansion * m if self.expansion else None)
+
+    def learning_rate(self, n: int, expander: bool = True) -> float:
+        if self.lr is not None:
+            return self.lr
+        return (3e-3 if expander else 2e-4) / math.sqrt(n / 2**14)
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Warm-up then decay multiplier of the base learning rate at ``step`` of ``total``."""
+        return lr_factor(step, total, warmup=max(1, round(self.warmup_frac * total)), decay=self.decay,
+                         final=self.final_lr_frac)
+
+
+class Trainer:
+    """Training state (model, optimizer, counters) and one step; see the module docstring."""
+
+    def __init__(self, sae: ExpanderSAE | TopKSAE, cfg: TrainConfig, total_steps: int,
+                 teacher: TopKSAE | None = None):
+        self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        self.teacher = teacher
+        self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
+        self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(32 * sae.n // sae.k,
+                                                                                   cfg.tokens // 10)))
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
+        self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
+        self.step = 0
+        self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
+        if teacher is not None:
+            self.distill = DistillTerm(teacher)
+
+    @property
+    def dead_tokens(self) -> int:
+        """Tokens without firing after which a latent counts as dead."""
+        return self.dead.dead_tokens
+
+    @property
+    def since_fired(self) -> torch.Tensor:
+        """``[n]`` tokens since each latent last fired."""
+        return self.dead.since_fired
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw batch ``x`` in the space training sees: the SAE's input, times ``input_scale``."""
+        return self.sae.normalise(x)[0] * self.input_scale
+
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the raw batch ``x [B, m]``; returns the step's statistics."""
+        sae, cfg = self.sae, self.cfg
+        xin = self.inputs(x)
+        dead = self.dead.mask()
+        out = training_forward(sae, xin, self.layout, dead, self.k_aux)
+        recon_loss = fvu_loss(xin, out.recon)
+        loss = recon_loss
+        stats: dict[str, float] = {}
+        if out.aux_recon is not None:
+            residual = (xin - out.recon).detach()
+            scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
+            aux_loss = fvu_loss(residual, out.aux_recon)
+            loss = loss + cfg.auxk_coef * scale * aux_loss
+            stats["auxk"] = float(aux_loss.detach())
+        if self.teacher is not None:
+            d_loss = self.distill.loss(sae, x, xin, out, self.input_scale)
+            loss = loss + cfg.distill_coef * d_loss
+            stats["distill"] = float(d_loss.detach())
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * cfg.lr_factor(self.step, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        remove_parallel_grad(sae)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        normalize_decoder(sae)
+        self.dead.update(fired(out.top_vals, out.top_idx, sae.n), x.shape[0])
+        self.step += 1
+        if (self.layout is not None and self.teacher is None and cfg.reaim_every
+                and self.step % cfg.reaim_every == 0 and self.step < self.total_steps):
+            stats["reaimed"] = self._reaim_dead(xin, out)
+        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()),
+                     l0=float((out.top_vals != 0).sum(1).double().mean()),
+                     dead=self.dead.fraction())
+        return stats
+
+    @torch.no_grad()
+    def _reaim_dead(self, xin: torch.Tensor, out: SparseForward) -> int:
+        """Revive each dead latent on the batch rows where it came closest to the top-k.
+
+        Dead latent ``i`` keeps its encoder direction, rescaled (untied) to the median alive
+        encoder norm, since alive encoders grow and a revived latent left at its old scale fires
+        once and dies again. Its margin on row r is ``pre_i(r) − τ_r`` (``τ_r``: row r's k-th
+        largest pre-activation); on its ``j = B·k/n`` best rows (an alive latent's share) its
+        unit decoder row is pointed at their summed residual on its support, and ``b_enc[i]`` is
+        set so that it just fires on all ``j``. Costs O(B·n_dead·d); Adam moments of the revived
+        latents are reset.
+        """
+        sae = self.sae
+        dead = self.dead.indices()
+        if dead.numel() == 0:
+            return 0
+        xc = xin - sae.b_dec
+        support = sae.indices[dead]  # [D, d]
+        xs = xc[:, support]  # [B, D, d]: each dead latent's inputs
+        thr = out.top_vals.detach().min(1).values.unsqueeze(1)
+        j = max(1, min(xin.shape[0], round(xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
+
+        def margins() -> torch.Tensor:  # [B, D]: pre-activation (without b_enc) minus the row's τ
+            return torch.einsum("bjd,jd->bj", xs, sae.encoder_values[dead]) - thr
+
+        if sae.enc_values is not None:  # alive encoders grow during training: match their norm
+            norms = sae.enc_values.norm(dim=1)
+            alive = torch.ones_like(norms, dtype=torch.bool)
+            alive[dead] = False
+            if alive.any():
+                sae.enc_values[dead] *= (norms[alive].median() / norms[dead].clamp_min(1e-12)).unsqueeze(1)
+        rows = margins().topk(j, dim=0).indices  # [j, D]
+        residual = (xin - out.recon.detach())[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
+        sae.values[dead] = unit_rows(residual)
+        best = margins().topk(j, dim=0).values[-1]  # tied: the encoder just changed
+        sae.b_enc[dead] = -best + 1e-3 * thr.abs().mean()
+        for param in (sae.values, sae.enc_values, sae.b_enc):
+            if param is not None:
+                reset_moments(self.optimizer, param, dead)
+        self.dead.revived(dead)
+        return int(dead.numel())
+
+    @torch.no_grad()
+    def set_input_scale(self, scale: float) -> None:
+        """Train on ``x * scale`` (the model's biases are rescaled to match).
+
+        Residual streams have norms in the hundreds; at that scale Adam's steps on ``b_enc`` are
+        negligible and tied top-k codes overshoot. The model is exactly equivalent in either
+        space (top-k is scale-invariant): biases scale, values do not; :meth:`export` undoes it.
+        """
+        factor = scale / self.input_scale
+        self.sae.b_dec *= factor
+        self.sae.b_enc *= factor
+        self.input_scale = scale
+
+    def export(self):
+        """A copy of the model in the activations' own units."""
+        sae = copy.deepcopy(self.sae)
+        with torch.no_grad():
+            sae.b_dec /= self.input_scale
+            sae.b_enc /= self.input_scale
+        return sae.requires_grad_(False)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
+                "input_scale": self.input_scale,
+                "config": json.dumps(asdict(self.cfg), sort_keys=True)}
+
+    def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
+        saved = json.loads(state["config"])
+        ours = asdict(self.cfg)
+        differ = [f.name for f in fields(TrainConfig)
+                  if f.name not in ("checkpoint_every",) and saved.get(f.name) != ours[f.name]]
+        if differ:
+            raise SaeCompressError(
+                f"{where}: checkpoint was made with different settings ({', '.join(differ)}); "
+                "resume with the same options or start afresh without --resume")
+        self.sae.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.input_scale = float(state["input_scale"])
+        self.dead.since_fired = state["since_fired"].clone()
+
+
