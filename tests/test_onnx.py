@@ -210,27 +210,23 @@ def test_model_uses_custom_domain_functions_and_explicit_versions():
         {"ExpanderEncode", "ExpanderDecode", "LayerNorm"}
     assert "mask_indices" in {t.name for t in model.graph.initializer}  # self-contained file
 
-    def topk_nodes(nodes):
+    def walk(nodes):  # every node, also those inside If / Loop branches
         for node in nodes:
-            if node.op_type == "TopK":
-                yield node
+            yield node
             for attr in node.attribute:
-                if attr.g.node:
-                    yield from topk_nodes(attr.g.node)
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from walk(graph.node)
 
-    constants = {}
-    for function in model.functions:
-        for node in function.node:
-            if node.op_type == "Constant":
-                constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
     encode = next(f for f in model.functions if f.name == "ExpanderEncode")
-    found = list(topk_nodes(encode.node))
-    assert found
-    for node in found:  # K is a 1-D int64 tensor of shape [1]
-        k = constants.get(node.input[1])
-        if k is None:  # a Constant inside the If branch
-            continue
-        assert k.dtype == np.int64 and k.shape == (1,)
+    nodes = list(walk(encode.node))
+    constants = {node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)
+                 for node in nodes if node.op_type == "Constant"}
+    topks = [node for node in nodes if node.op_type == "TopK"]
+    assert len(topks) >= 2  # the single-row branch and the batched branch each select
+    for node in topks:  # K is a 1-D int64 Constant of shape [1]
+        k = constants[node.input[1]]
+        assert k.dtype == np.int64 and k.shape == (1,), node.name
+    assert K in {int(constants[node.input[1]][0]) for node in topks}
 
 
 def test_export_onnx_from_a_compact_file_writes_atomically(tmp_path):

@@ -176,7 +176,7 @@ def test_resume_reproduces_uninterrupted_run(planted, tmp_path):
         assert torch.equal(a, b), name
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     other = TrainConfig(**{**cfg.__dict__, "lr": 1e-3})
-    with pytest.raises(Exception, match="different settings"):
+    with pytest.raises(SaeCompressError, match="different settings"):
         train(path, tmp_path / "b.safetensors", other, progress=False, resume=True)
 
 
@@ -267,7 +267,7 @@ def test_cli_train_and_errors(planted, tmp_path):
     assert no_ckpt.exit_code == 2 and "no checkpoint" in no_ckpt.output
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path):
+def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path, read_until):
     import os
     import signal
     import subprocess
@@ -280,12 +280,11 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path):
             "--n", "64", "--tokens", "100000000", "--batch", "256", "--held-out", "2000", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    seen = b""
-    import re
-    while not re.search(rb"[0-9][kM]?tok/s", seen):  # a rate shows once steps are running
-        chunk = proc.stderr.read1(4096)
-        assert chunk, seen.decode(errors="replace")
-        seen += chunk
+    try:
+        seen = read_until(proc.stderr, rb"[0-9][kM]?tok/s")  # a rate shows once steps are running
+    except BaseException:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
