@@ -3,8 +3,9 @@
 Fixtures: ``dense_io`` (dense SAEs written the way each library writes them, with their float64
 forward passes), ``tiny_lm`` (tiny transformers LMs built in-process) and ``tiny_llama`` (one,
 saved once per session), ``hub`` / ``hub_server`` / ``isolated_hf`` / ``upload_folder`` /
-``hub_sae`` (the real hub server in hub_server.py, huggingface_hub pointed at it), ``read_until``
-(a subprocess pipe read with a deadline).
+``hub_sae`` (the real hub server in hub_server.py, huggingface_hub pointed at it), ``float64_sae``
+(a float64 numpy reference of any SAE's encode and reconstruction), ``read_until`` (a subprocess
+pipe read with a deadline).
 """
 
 import os
@@ -21,6 +22,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub import HfApi, constants  # noqa: E402
@@ -28,7 +30,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from hub_server import HubServer  # noqa: E402 - tests/ is on sys.path while pytest loads this conftest
 from saecompress.lm import token_contexts  # noqa: E402
-from saecompress.models import ExpanderSAE  # noqa: E402
+from saecompress.models import LAYER_NORM_EPS, ExpanderSAE  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -203,6 +205,46 @@ def dense_io():
         write_openai=write_openai, openai_forward=openai_forward,
         write_dictionary_learning=write_dictionary_learning,
         write_paper=write_paper, paper_forward=paper_forward)
+
+
+# ------------------------------------------------------------ a float64 reference of any SAE
+
+def _float64_sae(sae, x: np.ndarray):
+    """Float64 numpy reference: (top indices, top values, reconstruction) of ``x [B, m]``."""
+    x = x.astype(np.float64)
+    b_dec, b_enc = sae.b_dec.detach().double().numpy(), sae.b_enc.detach().double().numpy()
+    if isinstance(sae, ExpanderSAE):
+        idx = sae.indices.numpy()
+        enc, dec = sae.encoder_values.detach().double().numpy(), sae.values.detach().double().numpy()
+        W_enc = np.zeros((sae.m, sae.n))
+        W_dec = np.zeros((sae.n, sae.m))
+        rows = np.arange(sae.n)[:, None]
+        W_enc[idx, rows] = enc
+        W_dec[rows, idx] = dec
+    else:
+        W_enc, W_dec = sae.W_enc.detach().double().numpy(), sae.W_dec.detach().double().numpy()
+    mu = std = None
+    if sae.normalize_input:
+        mu = x.mean(-1, keepdims=True)
+        std = (x - mu).std(-1, ddof=1, keepdims=True)
+        x = (x - mu) / (std + LAYER_NORM_EPS)
+    pre = (x - b_dec) @ W_enc + b_enc
+    if sae.activation == "relu_topk":
+        pre = np.maximum(pre, 0)
+    top = np.argsort(-pre, axis=1, kind="stable")[:, :sae.k]
+    vals = np.take_along_axis(pre, top, 1)
+    if sae.activation == "topk_relu":
+        vals = np.maximum(vals, 0)
+    recon = np.einsum("bk,bkm->bm", vals, W_dec[top]) + b_dec
+    if sae.normalize_input:
+        recon = recon * std + mu
+    return top, vals, recon
+
+
+@pytest.fixture(scope="session")
+def float64_sae():
+    """``float64_sae(sae, x)``: (top indices, top values, reconstruction) of rows ``x`` in float64 numpy."""
+    return _float64_sae
 
 
 # ------------------------------------------------------------------ tiny LMs built in-process

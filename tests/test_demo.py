@@ -17,9 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_lm, tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    model = tiny_lm.save(root / "model", "llama")
+def setup(tiny_lm, tiny_llama, tmp_path_factory):
+    root, model = tmp_path_factory.mktemp("demo"), tiny_llama
     torch.manual_seed(0)
     sae = TopKSAE(tiny_lm.HIDDEN, 4 * tiny_lm.HIDDEN, 8)
     with torch.no_grad():

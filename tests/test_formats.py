@@ -4,7 +4,6 @@ each library's documented forward pass, restated here in float64."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -238,7 +238,7 @@ def test_offline_uses_the_cache_and_says_what_to_do(hub, sae_dir, monkeypatch):
     assert time.time() - started < 5  # no retry loops
 
 
-def test_cli_honours_hf_endpoint_token_and_home(isolated_hf, hub_server, tmp_path, monkeypatch, sae_dir):
+def test_cli_honours_hf_endpoint_token_and_home(isolated_hf, hub_server, tmp_path, sae_dir):
     """A fresh process configured only through the environment, as users do (offline: see above)."""
     with hub_server(tmp_path / "server", tokens={"hf_write": "write"}) as hub:
         push(sae_dir, REPO, endpoint=hub.url, token="hf_write", private=True)

@@ -161,8 +161,8 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path)
 
 
-def test_cli_acts_and_eval(tiny_lm, tmp_path):
-    folder = tiny_lm.save(tmp_path / "lm", "llama")
+def test_cli_acts_and_eval(tiny_lm, tiny_llama, tmp_path):
+    folder = tiny_llama
     text = tmp_path / "corpus.txt"
     text.write_text("".join(tiny_lm.texts(12)))
     runner = CliRunner()
