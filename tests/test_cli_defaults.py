@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_formats import weights, write_openai, write_sparsify
 
 from saecompress.cli.main import cli
 from saecompress.activations import ShardWriter, open_activations, write_activations
@@ -26,6 +25,7 @@ from saecompress.train import TrainConfig, train
 M, FEATURES, N, K = 48, 256, 512, 8
 ROOT = Path(__file__).resolve().parents[1]
 EXE = [sys.executable, "-m", "saecompress"]
+REPO = "alice/tiny-expander"
 
 
 def run(*args):
@@ -144,11 +144,11 @@ def test_train_teacher_defaults_to_topd(trained, tmp_path):
 # ------------------------------------------------------------------ item 8: options that disagree
 
 @pytest.fixture
-def repo(tmp_path) -> Path:
+def repo(dense_io, tmp_path) -> Path:
     """A sparsify-style folder with two hookpoints, and activations for it."""
     folder = tmp_path / "repo"
     for layer in (0, 1):
-        write_sparsify(folder / f"layers.{layer}", weights(layer, 16, 64), 4)
+        dense_io.write_sparsify(folder / f"layers.{layer}", dense_io.weights(layer, 16, 64), 4)
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32))
     return folder
 
@@ -162,21 +162,16 @@ def test_export_and_monitor_take_hookpoint(repo, tmp_path):
     assert "choose one with --hookpoint" in one_error(run("export", repo, tmp_path / "x.onnx"))
 
 
-def test_every_source_command_takes_the_hub_options(tmp_path, monkeypatch):
-    from test_hub import REPO, isolate_client, make_sae
-
+def test_every_source_command_takes_the_hub_options(tmp_path, isolated_hf, hub_server, hub_sae):
     from saecompress.hub import push
 
     for command in ("convert", "info", "eval", "export", "monitor", "train", "finetune", "push", "pull"):
         text = run(command, "--help").stdout
         assert "--endpoint" in text and "--token" in text, command
-    isolate_client(monkeypatch, tmp_path)
-    from hub_server import HubServer
-
     saes = tmp_path / "saes"
-    save_compact(make_sae(1, "layers.3"), saes / "layers.3" / "sae.safetensors")
+    save_compact(hub_sae(1, "layers.3"), saes / "layers.3" / "sae.safetensors")
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32))
-    with HubServer(tmp_path / "server", tokens={"hf_w": "write"}) as hub:
+    with hub_server(tmp_path / "server", tokens={"hf_w": "write"}) as hub:
         push(saes, REPO, endpoint=hub.url, token="hf_w", private=True)
         src, auth = f"hf://{REPO}/layers.3", ("--endpoint", hub.url, "--token", "hf_w")
         assert run("info", src, *auth).exit_code == 0
@@ -265,10 +260,10 @@ def test_every_command_reads_the_same_activation_shapes(repo, tmp_path):
 
 # ------------------------------------------------------------------ item 12: info, --watch, --debug
 
-def test_info_says_what_a_file_is(repo, tmp_path):
+def test_info_says_what_a_file_is(dense_io, repo, tmp_path):
     np.save(tmp_path / "acts.npy", np.zeros((7, 16), np.float32))
     export_onnx(repo / "layers.0", tmp_path / "sae.onnx")
-    write_openai(tmp_path / "openai.pt", weights(0, 16, 64))
+    dense_io.write_openai(tmp_path / "openai.pt", dense_io.weights(0, 16, 64))
     for name, needle in (("acts.npy", "activations [7, 16]"), ("sae.onnx", "an ONNX model"),
                          ("openai.pt", "a dense openai SAE")):
         message = one_error(run("info", tmp_path / name))
@@ -300,10 +295,10 @@ def subprocess_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def test_error_line_starts_its_own_line_after_a_progress_bar(tmp_path):
+def test_error_line_starts_its_own_line_after_a_progress_bar(dense_io, tmp_path):
     repo = tmp_path / "repo"
     for layer in range(3):
-        write_sparsify(repo / f"layers.{layer}", weights(layer, 16, 64), 4)
+        dense_io.write_sparsify(repo / f"layers.{layer}", dense_io.weights(layer, 16, 64), 4)
     (repo / "layers.2" / "sae.safetensors").write_bytes(b"garbage")
     done = subprocess.run(EXE + ["convert", str(repo), str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=ROOT, env=subprocess_env(), timeout=120)
@@ -311,9 +306,9 @@ def test_error_line_starts_its_own_line_after_a_progress_bar(tmp_path):
     assert [line for line in done.stderr.split("\n") if line.startswith("error: ")], done.stderr
 
 
-def test_loading_a_pt_file_prints_no_torch_warning(tmp_path):
-    w = weights(0, 16, 64)
-    src = write_openai(tmp_path / "sae.pt", w)
+def test_loading_a_pt_file_prints_no_torch_warning(dense_io, tmp_path):
+    w = dense_io.weights(0, 16, 64)
+    src = dense_io.write_openai(tmp_path / "sae.pt", w)
     torch.save(torch.load(src, weights_only=True), src, pickle_protocol=3)  # torch warns on protocols != 2
     done = subprocess.run(EXE + ["convert", str(src), str(tmp_path / "out.safetensors")], capture_output=True,
                           text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
@@ -321,16 +316,12 @@ def test_loading_a_pt_file_prints_no_torch_warning(tmp_path):
     assert "pickle protocol" not in done.stderr and "Warning" not in done.stderr
 
 
-def test_pull_of_a_missing_hookpoint_prints_one_error_line(tmp_path, monkeypatch):
-    from hub_server import HubServer
-    from test_hub import REPO, isolate_client, make_sae
-
+def test_pull_of_a_missing_hookpoint_prints_one_error_line(tmp_path, isolated_hf, hub_server, hub_sae):
     from saecompress.hub import push
 
-    isolate_client(monkeypatch, tmp_path)
     saes = tmp_path / "saes"
-    save_compact(make_sae(1, "layers.3"), saes / "layers.3" / "sae.safetensors")
-    with HubServer(tmp_path / "server") as hub:
+    save_compact(hub_sae(1, "layers.3"), saes / "layers.3" / "sae.safetensors")
+    with hub_server(tmp_path / "server") as hub:
         push(saes, REPO, endpoint=hub.url)
         env = {k: v for k, v in subprocess_env().items() if not k.startswith(("HF_", "HUGGING"))}
         env |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_XET": "1"}

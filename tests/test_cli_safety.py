@@ -15,9 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from huggingface_hub import constants, hf_hub_download
-from test_formats import weights, write_saelens, write_sparsify
-from test_hub import hub  # noqa: F401 - the fixture: a real hub server on 127.0.0.1
-from test_hub import _upload_dense
 
 from saecompress.cli.main import cli
 from saecompress.compact import compact_metadata, compact_tensors, read_compact_metadata, save_compact, write_safetensors
@@ -74,9 +71,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------ 1. an output never replaces an input
 
-def test_convert_refuses_outputs_that_are_or_lie_inside_the_source(tmp_path, acts):
-    saelens = write_saelens(tmp_path / "saelens", weights(0, M, N), K)
-    sparsify = write_sparsify(tmp_path / "repo" / "layers.3", weights(1, M, N), K)
+def test_convert_refuses_outputs_that_are_or_lie_inside_the_source(dense_io, tmp_path, acts):
+    saelens = dense_io.write_saelens(tmp_path / "saelens", dense_io.weights(0, M, N), K)
+    sparsify = dense_io.write_sparsify(tmp_path / "repo" / "layers.3", dense_io.weights(1, M, N), K)
     before = snapshot(tmp_path)
     assert "lies inside the input folder" in error_line("convert", saelens, saelens / "sae_weights.safetensors")
     assert "lies inside the input folder" in error_line("convert", sparsify, sparsify / "sae.safetensors")
@@ -90,12 +87,12 @@ def test_convert_refuses_outputs_that_are_or_lie_inside_the_source(tmp_path, act
     ok("convert", saelens, tmp_path / "out.safetensors")  # anywhere else is fine
 
 
-def test_export_train_finetune_refuse_to_write_over_their_inputs(tmp_path, acts, compact):
+def test_export_train_finetune_refuse_to_write_over_their_inputs(dense_io, tmp_path, acts, compact):
     before = snapshot(tmp_path)
     assert "is the input" in error_line("export", compact, compact)
     assert "is the input" in error_line("train", "--acts", acts, "--n", N, "--out", acts)
     assert "is the input" in error_line("train", "--acts", acts, "--init", compact, "--out", compact)
-    teacher = write_saelens(tmp_path / "teacher", weights(0, M, N), K)
+    teacher = dense_io.write_saelens(tmp_path / "teacher", dense_io.weights(0, M, N), K)
     before = snapshot(tmp_path)
     assert "is the input" in error_line("train", "--acts", acts, "--teacher", teacher, "--out", teacher)
     assert "lies inside the input folder" in error_line("train", "--acts", acts, "--teacher", teacher,
@@ -152,7 +149,7 @@ def test_train_checks_out_before_training(tmp_path, acts):
 
 # ---------------------------------------------------------------------- 4. one error line, no traceback
 
-def test_bad_arguments_are_one_error_line(tmp_path, acts, compact):
+def test_bad_arguments_are_one_error_line(dense_io, tmp_path, acts, compact):
     for repo in ("not a repo", "a/b/c", "alice/-bad"):
         assert "is not a Hub repo id" in error_line("push", compact, repo)
     for lr in ("-1", "nan", "inf"):
@@ -162,7 +159,7 @@ def test_bad_arguments_are_one_error_line(tmp_path, acts, compact):
     np.save(empty, np.zeros((0, M), np.float32))
     assert "holds no activation rows" in error_line("train", "--acts", empty, "--n", N,
                                                     "--out", tmp_path / "x.safetensors")
-    teacher = write_saelens(tmp_path / "teacher", weights(0, M, 2 * N), K)
+    teacher = dense_io.write_saelens(tmp_path / "teacher", dense_io.weights(0, M, 2 * N), K)
     assert "has 64 latents but the teacher has 128" in error_line(
         "train", "--acts", acts, "--teacher", teacher, "--init", compact, "--tokens", 512, "--batch", 256,
         "--out", tmp_path / "x.safetensors")
@@ -190,36 +187,39 @@ def test_write_errors_name_the_output_never_a_temp_file(tmp_path, compact):
 
 # ------------------------------------------------------------------ 6. a closed pipe ends quietly
 
-def test_monitor_into_a_closed_pipe_exits_quietly(tmp_path, compact):
+def test_monitor_into_a_closed_pipe_exits_quietly(tmp_path, compact, read_until):
     rows = tmp_path / "rows.npy"
     np.save(rows, np.random.default_rng(1).normal(size=(20000, M)).astype(np.float32))
     # saecompress monitor ... | head -1
     proc = subprocess.Popen([*CLI, "monitor", str(compact), "--input", str(rows)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    first = proc.stdout.readline()
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141  # as a shell reports a Unix tool ended by SIGPIPE
+    try:
+        first = read_until(proc.stdout, rb"\n")
+        proc.stdout.close()
+        err = proc.communicate(timeout=120)[1].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 141  # as a shell reports a Unix tool ended by SIGPIPE
     assert first.startswith(b"row 0: ")
     assert "error" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
 
 
 # --------------------------------------------------------------------- 7. valid JSON, never bare NaN
 
-def test_zero_variance_activations_are_refused_not_nan(tmp_path, compact):
+def test_zero_variance_activations_are_refused_not_nan(dense_io, tmp_path, compact):
     const = tmp_path / "const.npy"
     np.save(const, np.ones((500, M), np.float32))
     assert "zero variance" in error_line("eval", compact, "--acts", const, "--json")
-    dense = write_saelens(tmp_path / "dense", weights(0, M, N), K)
+    dense = dense_io.write_saelens(tmp_path / "dense", dense_io.weights(0, M, N), K)
     assert "zero variance" in error_line("convert", dense, tmp_path / "c.safetensors", "--acts", const, "--json")
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_undefined_metrics_are_null_with_a_reason(tmp_path, acts):
+def test_undefined_metrics_are_null_with_a_reason(dense_io, tmp_path, acts):
     # a teacher none of whose latents ever fires: latent agreement with it is undefined (0/0)
-    w = weights(0, M, N)
+    w = dense_io.weights(0, M, N)
     w["b_enc"] = w["b_enc"] - 1e4
-    teacher = write_saelens(tmp_path / "teacher", w, K)
+    teacher = dense_io.write_saelens(tmp_path / "teacher", w, K)
     out = tmp_path / "student.safetensors"
     res = ok("train", "--acts", acts, "--teacher", teacher, "--d", 4, "--tokens", 1024, "--batch", 256,
              "--held-out", 300, "--out", out, "--json")
@@ -244,8 +244,8 @@ def assert_no_machine_path(data: bytes | str, tmp_path: Path) -> None:
         assert path not in text, path
 
 
-def test_local_conversion_records_the_file_name_not_the_path(tmp_path, compact):
-    dense = write_saelens(tmp_path / "my-dense-sae", weights(0, M, N), K)
+def test_local_conversion_records_the_file_name_not_the_path(dense_io, tmp_path, compact):
+    dense = dense_io.write_saelens(tmp_path / "my-dense-sae", dense_io.weights(0, M, N), K)
     out = tmp_path / "out.safetensors"
     ok("convert", dense, out)
     assert_no_machine_path(out.read_bytes(), tmp_path)
@@ -266,9 +266,9 @@ def write_acts(tmp_path: Path) -> Path:
     return path
 
 
-def test_hub_conversion_and_push_hold_no_local_path(hub, tmp_path):  # noqa: F811 - hub is a fixture
-    dense = write_sparsify(tmp_path / "upload" / "layers.2", weights(2, M, N), K)
-    _upload_dense(hub, "eleuther/sparsify-tiny", dense.parent)
+def test_hub_conversion_and_push_hold_no_local_path(dense_io, hub, upload_folder, tmp_path):
+    dense = dense_io.write_sparsify(tmp_path / "upload" / "layers.2", dense_io.weights(2, M, N), K)
+    upload_folder(hub, "eleuther/sparsify-tiny", dense.parent)
     out = tmp_path / "l2.safetensors"
     ok("convert", "hf://eleuther/sparsify-tiny/layers.2", out)
     assert str(tmp_path / "hf-cache") == constants.HF_HUB_CACHE  # the download went into the test's cache

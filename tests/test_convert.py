@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_formats import (
-    inputs, paper_forward, saelens_forward, weights, write_openai, write_paper, write_saelens, write_sparsify,
-)
 
 from saecompress.cli.main import cli
 from saecompress.compact import compact_size_bound, load_compact, read_compact_metadata, save_compact
@@ -23,13 +20,17 @@ from saecompress.models import TopKSAE
 M, N, K, D = 32, 256, 8, 4
 
 
-def dense_sae(seed: int = 0, m: int = M, n: int = N, k: int = K) -> tuple[TopKSAE, dict]:
-    w = weights(seed, m, n)
-    sae = TopKSAE(m, n, k)
-    with torch.no_grad():
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            getattr(sae, name).data = w[name].float().contiguous()
-    return sae, w
+@pytest.fixture
+def dense_sae(dense_io):
+    """``dense_sae(seed, m, n, k)``: a TopKSAE on ``dense_io.weights`` and those float64 weights."""
+    def make(seed: int = 0, m: int = M, n: int = N, k: int = K) -> tuple[TopKSAE, dict]:
+        w = dense_io.weights(seed, m, n)
+        sae = TopKSAE(m, n, k)
+        with torch.no_grad():
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(sae, name).data = w[name].float().contiguous()
+        return sae, w
+    return make
 
 
 def energy(W: torch.Tensor, idx: torch.Tensor) -> float:
@@ -42,7 +43,7 @@ def run(*args: str):
 
 # ----------------------------------------------------------------------------- projection
 
-def test_expander_projection_keeps_mask_entries():
+def test_expander_projection_keeps_mask_entries(dense_sae):
     dense, w = dense_sae()
     sae = convert(dense, D, mask="expander", seed=3, encoder="tied")
     idx = torch.from_numpy(expander_mask(M, N, D, 3))
@@ -55,7 +56,7 @@ def test_expander_projection_keeps_mask_entries():
     assert sae.metadata["conversion"]["kept_energy"] == pytest.approx(energy(w["W_dec"], idx), rel=1e-6)
 
 
-def test_conversion_is_deterministic(tmp_path):
+def test_conversion_is_deterministic(dense_sae, tmp_path):
     dense, _ = dense_sae(1)
     for mask in ("expander", "topd", "search"):
         a = save_compact(convert(dense, D, mask=mask, search_seeds=5), tmp_path / f"{mask}-a.safetensors")
@@ -65,7 +66,7 @@ def test_conversion_is_deterministic(tmp_path):
                            convert(dense, D, mask="expander", seed=1).indices)
 
 
-def test_topd_and_search_keep_at_least_the_expander_energy():
+def test_topd_and_search_keep_at_least_the_expander_energy(dense_sae):
     dense, w = dense_sae(2)
     expander = convert(dense, D, mask="expander", seed=10)
     topd = convert(dense, D, mask="topd")
@@ -79,17 +80,17 @@ def test_topd_and_search_keep_at_least_the_expander_energy():
     assert search.mask_seed == 10 + int(np.argmax(energies))
 
 
-def test_untied_keeps_encoder_entries_and_full_degree_is_lossless():
+def test_untied_keeps_encoder_entries_and_full_degree_is_lossless(dense_sae, dense_io):
     dense, w = dense_sae(3)
     sae = convert(dense, D, encoder="untied")
     assert torch.allclose(sae.enc_values.double(), w["W_enc"].T.gather(1, sae.indices), atol=1e-6)
     full = convert(dense, M, encoder="untied")
-    x = inputs(m=M).float()
+    x = dense_io.inputs(m=M).float()
     with torch.no_grad():
         assert torch.allclose(full(x), dense(x), rtol=1e-4, atol=1e-4)
 
 
-def test_storage_bound_and_ratio(tmp_path):
+def test_storage_bound_and_ratio(dense_sae, dense_io, tmp_path):
     dense, _ = dense_sae(4)
     for dtype in ("float32", "float16", "int8"):
         path = save_compact(convert(dense, D, mask="expander", encoder="tied"), tmp_path / f"e-{dtype}.safetensors",
@@ -98,13 +99,13 @@ def test_storage_bound_and_ratio(tmp_path):
     path = save_compact(convert(dense, D, mask="topd", encoder="tied"), tmp_path / "topd.safetensors")
     assert path.stat().st_size <= compact_size_bound(N, M, D, "float32") + 2 * N * D  # int16 indices
     out = tmp_path / "new" / "folder" / "out.safetensors"
-    [report] = convert_path(write_saelens(tmp_path / "sae", weights(4, M, N), K), out, d=D, mask="expander",
+    [report] = convert_path(dense_io.write_saelens(tmp_path / "sae", dense_io.weights(4, M, N), K), out, d=D, mask="expander",
                             encoder="tied", progress=False)
     assert report.storage_ratio == pytest.approx((2 * M * N + M + N) / (N * D + N + M))
     assert report.compression_ratio > 5 and report.file_bytes == out.stat().st_size
 
 
-def test_bad_projection_arguments():
+def test_bad_projection_arguments(dense_sae):
     dense, _ = dense_sae()
     for kwargs in ({"d": M + 1}, {"d": 0}, {"d": D, "mask": "random"}, {"d": D, "encoder": "shared"},
                    {"d": D, "mask": "search", "search_seeds": 0}):
@@ -115,10 +116,10 @@ def test_bad_projection_arguments():
 
 # ----------------------------------------------------------------------------- convert_path and CLI
 
-def test_cli_converts_saelens_with_activation_metrics(tmp_path):
-    w = weights(5, M, N)
-    src = write_saelens(tmp_path / "blocks.8.hook_resid_pre", w, K)
-    acts = inputs(9, rows=300, m=M)
+def test_cli_converts_saelens_with_activation_metrics(dense_io, tmp_path):
+    w = dense_io.weights(5, M, N)
+    src = dense_io.write_saelens(tmp_path / "blocks.8.hook_resid_pre", w, K)
+    acts = dense_io.inputs(9, rows=300, m=M)
     np.save(tmp_path / "acts.npy", acts.float().numpy())
     out = tmp_path / "out.safetensors"
     result = run(src, out, "--d", D, "--json", "--acts", tmp_path / "acts.npy", "--dtype", "float16")
@@ -130,7 +131,7 @@ def test_cli_converts_saelens_with_activation_metrics(tmp_path):
     got = (report["source_format"], report["m"], report["n"], report["d"], report["mask"])
     assert got == ("saelens", M, N, D, "topd")
     x = acts.float().double()
-    err = (x - saelens_forward(x, w, K)).pow(2).sum()
+    err = (x - dense_io.saelens_forward(x, w, K)).pow(2).sum()
     want_fvu = float(err / (x - x.mean(0)).pow(2).sum())
     assert report["fvu_source"] == pytest.approx(want_fvu, rel=1e-4)
     sae = load_compact(out)
@@ -144,9 +145,9 @@ def test_cli_converts_saelens_with_activation_metrics(tmp_path):
     assert again.exit_code == 2 and "already a compact" in again.stderr
 
 
-def test_paper_checkpoint_converts_losslessly(tmp_path):
+def test_paper_checkpoint_converts_losslessly(dense_io, tmp_path):
     path = tmp_path / "expander_tied_m16_n64_d3_k5_seed0.pt"
-    sd = write_paper(path)
+    sd = dense_io.write_paper(path)
     out = tmp_path / "paper.safetensors"
     result = run(path, out, "--json")
     assert result.exit_code == 0, result.output
@@ -154,17 +155,17 @@ def test_paper_checkpoint_converts_losslessly(tmp_path):
     assert (report["mask"], report["d"], report["k"], report["kept_energy"]) == ("imported", 3, 5, pytest.approx(1.0))
     sae = load_compact(out)
     assert sae.mask_seed is None and read_compact_metadata(out)["mask"] == "explicit"
-    x = inputs()
+    x = dense_io.inputs()
     with torch.no_grad():
         got = sae(x.float()).double()
-    want = paper_forward(x, sd, 5)
+    want = dense_io.paper_forward(x, sd, 5)
     assert float((got - want).norm() / want.norm()) < 1e-5
 
 
-def test_many_hookpoints_convert_into_a_folder(tmp_path):
+def test_many_hookpoints_convert_into_a_folder(dense_io, tmp_path):
     repo = tmp_path / "repo"
     for layer in range(3):
-        write_sparsify(repo / f"layers.{layer}", weights(layer, M, N), K)
+        dense_io.write_sparsify(repo / f"layers.{layer}", dense_io.weights(layer, M, N), K)
     out = tmp_path / "out"
     result = run(repo, out, "--d", D, "--mask", "search", "--search-seeds", 4, "--json")
     assert result.exit_code == 0, result.output
@@ -183,35 +184,35 @@ def test_many_hookpoints_convert_into_a_folder(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
 
 
-def _bad_sources(tmp_path: Path) -> dict[str, tuple[Path, tuple[str, ...], str]]:
-    w = weights(0, M, N)
+def _bad_sources(dense_io, tmp_path: Path) -> dict[str, tuple[Path, tuple[str, ...], str]]:
+    w = dense_io.weights(0, M, N)
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "readme.md").write_text("not an SAE")
-    missing = write_saelens(tmp_path / "missing", w, K)
+    missing = dense_io.write_saelens(tmp_path / "missing", w, K)
     from safetensors.torch import save_file
 
     save_file({"W_enc": w["W_enc"].float().contiguous(), "W_dec": w["W_dec"].float()},
               str(missing / "sae_weights.safetensors"))
-    shape = write_sparsify(tmp_path / "shape", w, K)
+    shape = dense_io.write_sparsify(tmp_path / "shape", w, K)
     cfg = json.loads((shape / "cfg.json").read_text())
     (shape / "cfg.json").write_text(json.dumps(dict(cfg, d_in=M + 1)))
     return {
         "wrong layout": (wrong, (), "supported layouts"),
         "missing tensors": (missing, (), "is missing"),
         "shape mismatch": (shape, (), "shape"),
-        "non-TopK": (write_saelens(tmp_path / "jumprelu", w, K, architecture="jumprelu"), (), "TopK"),
-        "ReLU openai": (write_openai(tmp_path / "relu.pt", w, activation="ReLU"), (), "TopK"),
-        "missing hookpoint": (write_sparsify(tmp_path / "repo" / "layers.0", w, K).parent,
+        "non-TopK": (dense_io.write_saelens(tmp_path / "jumprelu", w, K, architecture="jumprelu"), (), "TopK"),
+        "ReLU openai": (dense_io.write_openai(tmp_path / "relu.pt", w, activation="ReLU"), (), "TopK"),
+        "missing hookpoint": (dense_io.write_sparsify(tmp_path / "repo" / "layers.0", w, K).parent,
                               ("--hookpoint", "layers.9"), "not found"),
-        "d too large": (write_sparsify(tmp_path / "ok", w, K), ("--d", M + 1), "--d"),
+        "d too large": (dense_io.write_sparsify(tmp_path / "ok", w, K), ("--d", M + 1), "--d"),
         "paper without k": (tmp_path / "ckpt.pt", (), "--k"),
     }
 
 
-def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path):
-    write_paper(tmp_path / "ckpt.pt")
-    for name, (src, extra, needle) in _bad_sources(tmp_path).items():
+def test_bad_inputs_exit_2_with_one_line_and_no_output(dense_io, tmp_path):
+    dense_io.write_paper(tmp_path / "ckpt.pt")
+    for name, (src, extra, needle) in _bad_sources(dense_io, tmp_path).items():
         out = tmp_path / f"out-{name.replace(' ', '_')}.safetensors"
         result = run(src, out, *extra)
         assert result.exit_code == 2, (name, result.output)

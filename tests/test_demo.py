@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from tinylm import HIDDEN, save_tiny, texts
 
 from saecompress.cli.main import cli
 from saecompress.demo import DEFAULT_SAE, default_texts
@@ -18,17 +17,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    model = save_tiny(root / "model", "llama")
+def setup(tiny_lm, tiny_llama, tmp_path_factory):
+    root, model = tmp_path_factory.mktemp("demo"), tiny_llama
     torch.manual_seed(0)
-    sae = TopKSAE(HIDDEN, 4 * HIDDEN, 8)
+    sae = TopKSAE(tiny_lm.HIDDEN, 4 * tiny_lm.HIDDEN, 8)
     with torch.no_grad():
         sae.W_enc.normal_(0, 0.3)
         sae.W_dec.copy_(sae.W_enc.T)
     save_dense(sae, root / "sae")
     text = root / "held-out.txt"
-    text.write_text("".join(texts(n_docs=8, seed=1)))
+    text.write_text("".join(tiny_lm.texts(n_docs=8, seed=1)))
     return root, model, text
 
 

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tinylm import HIDDEN, save_tiny, texts
 
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, read_compact_metadata, save_compact
@@ -19,44 +18,43 @@ CFG = dict(context=32, batch=2, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    folder = save_tiny(tmp_path_factory.mktemp("llama"), "llama")
-    model, tokenizer = load_model(folder)
-    return folder, model, tokenizer
+def lm(tiny_llama):
+    model, tokenizer = load_model(tiny_llama)
+    return tiny_llama, model, tokenizer
 
 
-def start_sae(model, tokenizer, dense: bool = False):
+def start_sae(tiny_lm, model, tokenizer, dense: bool = False):
     """A random SAE with b_dec at the data mean: a poor but finite starting point."""
     torch.manual_seed(0)
-    sae = TopKSAE(HIDDEN, 96, 6) if dense else ExpanderSAE(HIDDEN, 96, 4, 6, seed=1, encoder="untied")
-    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))
+    sae = TopKSAE(tiny_lm.HIDDEN, 96, 6) if dense else ExpanderSAE(tiny_lm.HIDDEN, 96, 4, 6, seed=1, encoder="untied")
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))
     with torch.no_grad():
-        sae.b_dec.copy_(capture(model, ids, 1, "resid").reshape(-1, HIDDEN).mean(0))
+        sae.b_dec.copy_(capture(model, ids, 1, "resid").reshape(-1, tiny_lm.HIDDEN).mean(0))
     return sae
 
 
-def kl(model, tokenizer, sae) -> float:
-    return ce_eval(model, tokenizer, texts(seed=5), sae, 1, tokens=32 * 8, context=32, progress=False)["kl_spliced"]
+def kl(tiny_lm, model, tokenizer, sae) -> float:
+    return ce_eval(model, tokenizer, tiny_lm.texts(seed=5), sae, 1, tokens=32 * 8, context=32, progress=False)["kl_spliced"]
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_finetune_lowers_held_out_kl_and_writes_the_model(lm, tmp_path, dense):
+def test_finetune_lowers_held_out_kl_and_writes_the_model(tiny_lm, lm, tmp_path, dense):
     _, model, tokenizer = lm
-    sae = start_sae(model, tokenizer, dense)
+    sae = start_sae(tiny_lm, model, tokenizer, dense)
     sae.metadata = {"held_out": {"fvu": 0.5}, "training": {"steps": 7}}
     indices = sae.indices.clone() if not dense else None
-    before = kl(model, tokenizer, sae)
+    before = kl(tiny_lm, model, tokenizer, sae)
     out = tmp_path / ("dense" if dense else "ft.safetensors")
-    tuned, stats = finetune(sae, model, tokenizer, texts(12), 1, "resid", FinetuneConfig(tokens=32 * 2 * 40, **CFG),
+    tuned, stats = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid", FinetuneConfig(tokens=32 * 2 * 40, **CFG),
                             out=out, progress=False)
-    after = kl(model, tokenizer, tuned)
+    after = kl(tiny_lm, model, tokenizer, tuned)
     assert after < 0.7 * before, (before, after)  # on texts it was not tuned on
     run = stats["finetune"]
     assert run["steps"] == 40 and run["tokens_seen"] == 32 * 2 * 40
     assert run["kl_last"] < run["kl_first"]
     assert all(not p.requires_grad for p in model.parameters())
     saved = load(out)
-    assert kl(model, tokenizer, saved) == pytest.approx(after, rel=1e-5)
+    assert kl(tiny_lm, model, tokenizer, saved) == pytest.approx(after, rel=1e-5)
     if not dense:
         assert torch.equal(saved.indices, indices)  # the mask never moves
         user = read_compact_metadata(out)["user"]
@@ -64,29 +62,29 @@ def test_finetune_lowers_held_out_kl_and_writes_the_model(lm, tmp_path, dense):
         assert user["held_out_before_finetune"] == {"fvu": 0.5} and "held_out" not in user  # no stale metrics
 
 
-def test_finetune_recon_term_keeps_the_reconstruction(lm):
+def test_finetune_recon_term_keeps_the_reconstruction(tiny_lm, lm):
     _, model, tokenizer = lm
     runs = {}
     for coef in (0.0, 10.0):
-        sae = start_sae(model, tokenizer)
-        _, stats = finetune(sae, model, tokenizer, texts(12), 1, "resid",
+        sae = start_sae(tiny_lm, model, tokenizer)
+        _, stats = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid",
                             FinetuneConfig(tokens=32 * 2 * 30, recon_coef=coef, **CFG), progress=False)
         runs[coef] = stats["finetune"]["fvu_last"]
     assert runs[10.0] < runs[0.0]
 
 
-def test_finetune_errors(lm, tmp_path):
+def test_finetune_errors(tiny_lm, lm, tmp_path):
     folder, model, tokenizer = lm
     with pytest.raises(SaeCompressError, match="hidden size 32 but the SAE has m=16"):
-        finetune(ExpanderSAE(16, 64, 4, 8), model, tokenizer, texts(), 1, cfg=FinetuneConfig(**CFG), progress=False)
+        finetune(ExpanderSAE(16, 64, 4, 8), model, tokenizer, tiny_lm.texts(), 1, cfg=FinetuneConfig(**CFG), progress=False)
     with pytest.raises(SaeCompressError, match="no complete context"):
-        finetune(start_sae(model, tokenizer), model, tokenizer, ["ab"], 1, cfg=FinetuneConfig(**CFG), progress=False)
+        finetune(start_sae(tiny_lm, model, tokenizer), model, tokenizer, ["ab"], 1, cfg=FinetuneConfig(**CFG), progress=False)
     with pytest.raises(SaeCompressError, match="tokens must be at least 1"):
         FinetuneConfig(tokens=0).check()
 
     text = tmp_path / "corpus.txt"
-    text.write_text("".join(texts(12)))
-    save_compact(start_sae(model, tokenizer), tmp_path / "sae.safetensors")
+    text.write_text("".join(tiny_lm.texts(12)))
+    save_compact(start_sae(tiny_lm, model, tokenizer), tmp_path / "sae.safetensors")
     runner = CliRunner()
     args = ["--model", str(folder), "--text", str(text), "--layer", "1", "--tokens", "256", "--context", "32"]
     ok = runner.invoke(cli, ["finetune", str(tmp_path / "sae.safetensors"), *args,

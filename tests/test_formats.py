@@ -4,7 +4,6 @@ each library's documented forward pass, restated here in float64."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,243 +17,95 @@ from saecompress.models import ExpanderSAE, TopKSAE
 M, N, K = 16, 64, 6
 
 
-def weights(seed: int = 0, m: int = M, n: int = N) -> dict[str, torch.Tensor]:
-    """Random float64 weights; b_enc is shifted negative so some rows have < k positive pre-acts."""
-    g = torch.Generator().manual_seed(seed)
-    W_dec = torch.randn(n, m, generator=g, dtype=torch.float64)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    return {
-        "W_dec": W_dec,
-        "W_enc": (W_dec.T + 0.3 * torch.randn(m, n, generator=g, dtype=torch.float64)),
-        "b_enc": torch.randn(n, generator=g, dtype=torch.float64) - 2.5,
-        "b_dec": 0.5 * torch.randn(m, generator=g, dtype=torch.float64),
-    }
-
-
-def inputs(seed: int = 1, rows: int = 32, m: int = M) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return 2.0 * torch.randn(rows, m, generator=g, dtype=torch.float64) + 0.3
-
-
-def topk_then(pre: torch.Tensor, k: int, post) -> torch.Tensor:
-    top = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, top.indices, post(top.values))
-
-
-def ln(x: torch.Tensor, eps: float = 1e-5):
-    mu = x.mean(dim=-1, keepdim=True)
-    x = x - mu
-    std = x.std(dim=-1, keepdim=True)
-    return x / (std + eps), mu, std
-
-
 def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
     err = float((got.detach().double() - want).norm() / want.norm())
     assert err < rtol, f"relative error {err:.2e}"
 
 
-# ----------------------------------------------------------------------------- writers
-
-def write_saelens(folder: Path, w: dict, k: int = K, *, dtype=torch.float32, version: int = 6, **cfg_extra) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: w[name].to(dtype).contiguous() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-    tensors.update({name: value.to(dtype) for name, value in cfg_extra.pop("tensors", {}).items()})
-    save_file(tensors, str(folder / "sae_weights.safetensors"))
-    m, n = w["W_enc"].shape
-    if version >= 6:
-        cfg = {"architecture": "topk", "d_in": m, "d_sae": n, "dtype": str(dtype).removeprefix("torch."),
-               "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-               "reshape_activations": "none", "k": k,
-               "metadata": {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre",
-                            "sae_lens_version": "6.5.1"}}
-    else:
-        cfg = {"architecture": "standard", "d_in": m, "d_sae": n, "dtype": "float32", "device": "cpu",
-               "model_name": "pythia-70m-deduped", "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3,
-               "activation_fn_str": "topk", "activation_fn_kwargs": {"k": k}, "apply_b_dec_to_input": True,
-               "finetuning_scaling_factor": False, "normalize_activations": "none",
-               "sae_lens_training_version": "5.3.0"}
-    cfg.update(cfg_extra)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def saelens_forward(x, w, k, *, apply_b_dec=True, layer_norm=False, scale_in=1.0, scaling=None, rescale=False):
-    if layer_norm:
-        x, mu, std = ln(x)
-    x = x * scale_in
-    pre = (x - w["b_dec"] * apply_b_dec) @ w["W_enc"] + w["b_enc"]
-    norms = w["W_dec"].norm(dim=1)
-    if rescale:
-        pre = pre * norms
-    z = topk_then(pre, k, torch.relu)
-    if scaling is not None:
-        z = z * scaling
-    if rescale:
-        z = z / norms
-    out = z @ w["W_dec"] + w["b_dec"]
-    if layer_norm:
-        out = out * std + mu
-    return out / scale_in
-
-
-def write_sparsify(folder: Path, w: dict, k: int = K, *, dtype=torch.float32, **cfg_extra) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    m, n = w["W_enc"].shape
-    save_file({"encoder.weight": w["W_enc"].T.to(dtype).contiguous(), "encoder.bias": w["b_enc"].to(dtype),
-               "W_dec": w["W_dec"].to(dtype).contiguous(), "b_dec": w["b_dec"].to(dtype)},
-              str(folder / "sae.safetensors"))
-    cfg = {"activation": "topk", "expansion_factor": n // m, "normalize_decoder": True, "num_latents": 0,
-           "k": k, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": m}
-    cfg.update(cfg_extra)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def sparsify_forward(x, w, k):
-    pre = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
-    top = pre.topk(k, dim=-1)
-    return (top.values.unsqueeze(-1) * w["W_dec"][top.indices]).sum(-2) + w["b_dec"]
-
-
-def write_openai(path: Path, w: dict, k: int = K, *, activation: str = "TopK", postact: str = "ReLU") -> Path:
-    m, n = w["W_enc"].shape
-    sd = {"pre_bias": w["b_dec"].float(), "latent_bias": w["b_enc"].float(),
-          "stats_last_nonzero": torch.zeros(n, dtype=torch.long),
-          "latents_activation_frequency": torch.ones(n), "latents_mean_square": torch.zeros(n),
-          "encoder.weight": w["W_enc"].T.float().contiguous(), "decoder.weight": w["W_dec"].T.float().contiguous(),
-          "activation": activation}
-    if activation == "TopK":
-        sd["activation_state_dict"] = {"k": k, "postact_fn": postact}
-    torch.save(sd, path)
-    return path
-
-
-def openai_forward(x, w, k, postact=torch.relu):
-    x, mu, std = ln(x)
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    out = topk_then(pre, k, postact) @ w["W_dec"] + w["b_dec"]
-    return out * std + mu
-
-
-def write_dictionary_learning(folder: Path, w: dict, k: int = K, *, dict_class: str = "AutoEncoderTopK") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    m, n = w["W_enc"].shape
-    torch.save({"k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(-1.0),
-                "decoder.weight": w["W_dec"].T.float().contiguous(),
-                "encoder.weight": w["W_enc"].T.float().contiguous(),
-                "encoder.bias": w["b_enc"].float(), "b_dec": w["b_dec"].float()}, folder / "ae.pt")
-    trainer = {"trainer_class": "TopKTrainer", "dict_class": dict_class, "lr": 0.0003, "steps": 1000,
-               "activation_dim": m, "dict_size": n, "k": k, "device": "cpu", "layer": 3,
-               "lm_name": "EleutherAI/pythia-70m-deduped", "wandb_name": "TopKTrainer",
-               "submodule_name": "resid_post_layer_3"}
-    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"d_submodule": m}}))
-    return folder
-
-
-def write_paper(path: Path, m: int = M, n: int = N, d: int = 3, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(m, n)
-    for j in range(n):
-        mask[torch.randperm(m, generator=g)[:d], j] = 1.0
-    sd = {"mask": mask, "decoder_vals": torch.randn(m, n, generator=g) / d**0.5,
-          "b_dec": 0.3 * torch.randn(m, generator=g), "b_enc": torch.randn(n, generator=g) - 1.0}
-    torch.save(sd, path)
-    return sd
-
-
-def paper_forward(x, sd, k):
-    W = sd["mask"].double() * sd["decoder_vals"].double()
-    W = W / W.norm(dim=0, keepdim=True).clamp(min=1e-8)
-    pre = (x - sd["b_dec"].double()) @ W + sd["b_enc"].double()
-    vals, idx = pre.topk(k, dim=-1)
-    h = torch.zeros_like(pre).scatter(-1, idx, vals)
-    return h @ W.T + sd["b_dec"].double()
-
-
 # ----------------------------------------------------------------------------- SAELens
 
-def test_saelens_v6_round_trip(tmp_path):
-    w = weights()
-    folder = write_saelens(tmp_path / "blocks.8.hook_resid_pre", w)
+def test_saelens_v6_round_trip(dense_io, tmp_path):
+    w = dense_io.weights()
+    folder = dense_io.write_saelens(tmp_path / "blocks.8.hook_resid_pre", w)
     assert detect_format(folder) == "saelens"
     assert list_hookpoints(folder) == [""]
     sae = read_dense(folder)
     assert isinstance(sae, TopKSAE) and (sae.m, sae.n, sae.k, sae.activation) == (M, N, K, "topk_relu")
-    x = inputs()
-    close(sae(x.float()), saelens_forward(x, w, K))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K))
     assert sae.provenance["library"] == "saelens"
     assert sae.provenance["model_name"] == "gpt2"
     assert sae.provenance["hookpoint"] == "blocks.8.hook_resid_pre"
 
 
-def test_saelens_bf16_source_is_read_exactly(tmp_path):
-    w = {name: t.to(torch.bfloat16).double() for name, t in weights(3).items()}
-    folder = write_saelens(tmp_path / "sae", w, dtype=torch.bfloat16)
+def test_saelens_bf16_source_is_read_exactly(dense_io, tmp_path):
+    w = {name: t.to(torch.bfloat16).double() for name, t in dense_io.weights(3).items()}
+    folder = dense_io.write_saelens(tmp_path / "sae", w, dtype=torch.bfloat16)
     sae = read_dense(folder / "sae_weights.safetensors")  # the weights file works as a path too
     assert sae.provenance["source_dtype"] == "bfloat16"
     assert sae.W_dec.dtype == torch.float32
-    x = inputs()
-    close(sae(x.float()), saelens_forward(x, w, K))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K))
 
 
-def test_saelens_pre6_config(tmp_path):
-    w = weights(1)
-    sae = read_dense(write_saelens(tmp_path / "old", w, version=5))
+def test_saelens_pre6_config(dense_io, tmp_path):
+    w = dense_io.weights(1)
+    sae = read_dense(dense_io.write_saelens(tmp_path / "old", w, version=5))
     assert sae.k == K and sae.provenance["model_name"] == "pythia-70m-deduped"
-    x = inputs()
-    close(sae(x.float()), saelens_forward(x, w, K))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K))
 
 
-def test_saelens_folds_b_dec_layer_norm_scalings(tmp_path):
-    w = weights(2)
-    x = inputs(4)
-    sae = read_dense(write_saelens(tmp_path / "nobdec", w, apply_b_dec_to_input=False))
-    close(sae(x.float()), saelens_forward(x, w, K, apply_b_dec=False))
-    sae = read_dense(write_saelens(tmp_path / "ln", w, normalize_activations="layer_norm"))
+def test_saelens_folds_b_dec_layer_norm_scalings(dense_io, tmp_path):
+    w = dense_io.weights(2)
+    x = dense_io.inputs(4)
+    sae = read_dense(dense_io.write_saelens(tmp_path / "nobdec", w, apply_b_dec_to_input=False))
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K, apply_b_dec=False))
+    sae = read_dense(dense_io.write_saelens(tmp_path / "ln", w, normalize_activations="layer_norm"))
     assert sae.normalize_input
-    close(sae(x.float()), saelens_forward(x, w, K, layer_norm=True), rtol=1e-4)
-    sae = read_dense(write_saelens(tmp_path / "scaled", w, normalize_activations="expected_average_only_in",
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K, layer_norm=True), rtol=1e-4)
+    sae = read_dense(dense_io.write_saelens(tmp_path / "scaled", w, normalize_activations="expected_average_only_in",
                                    norm_scaling_factor=0.37))
-    close(sae(x.float()), saelens_forward(x, w, K, scale_in=0.37))
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K, scale_in=0.37))
     scaling = torch.rand(N, dtype=torch.float64) + 0.5
-    sae = read_dense(write_saelens(tmp_path / "ft", w, version=5, tensors={"scaling_factor": scaling},
+    sae = read_dense(dense_io.write_saelens(tmp_path / "ft", w, version=5, tensors={"scaling_factor": scaling},
                                    finetuning_scaling_factor=True))
-    close(sae(x.float()), saelens_forward(x, w, K, scaling=scaling.float().double()))
+    close(sae(x.float()), dense_io.saelens_forward(x, w, K, scaling=scaling.float().double()))
     w_big = dict(w, W_dec=w["W_dec"] * (torch.rand(N, 1, dtype=torch.float64) + 0.5))
-    sae = read_dense(write_saelens(tmp_path / "rescale", w_big, rescale_acts_by_decoder_norm=True))
-    close(sae(x.float()), saelens_forward(x, w_big, K, rescale=True))
+    sae = read_dense(dense_io.write_saelens(tmp_path / "rescale", w_big, rescale_acts_by_decoder_norm=True))
+    close(sae(x.float()), dense_io.saelens_forward(x, w_big, K, rescale=True))
 
 
 @pytest.mark.parametrize("architecture", ["jumprelu", "batchtopk", "standard", "gated"])
-def test_saelens_non_topk_refused(tmp_path, architecture):
-    folder = write_saelens(tmp_path / "s", weights(), architecture=architecture)
+def test_saelens_non_topk_refused(dense_io, tmp_path, architecture):
+    folder = dense_io.write_saelens(tmp_path / "s", dense_io.weights(), architecture=architecture)
     with pytest.raises(SaeCompressError, match="TopK"):
         read_dense(folder)
 
 
-def test_saelens_refuses_unfoldable_normalisation(tmp_path):
+def test_saelens_refuses_unfoldable_normalisation(dense_io, tmp_path):
     with pytest.raises(SaeCompressError, match="scaling factor"):
-        read_dense(write_saelens(tmp_path / "a", weights(), normalize_activations="expected_average_only_in"))
+        read_dense(dense_io.write_saelens(tmp_path / "a", dense_io.weights(), normalize_activations="expected_average_only_in"))
     with pytest.raises(SaeCompressError, match="constant_norm_rescale"):
-        read_dense(write_saelens(tmp_path / "b", weights(), normalize_activations="constant_norm_rescale"))
+        read_dense(dense_io.write_saelens(tmp_path / "b", dense_io.weights(), normalize_activations="constant_norm_rescale"))
 
 
-def test_saelens_missing_tensor_and_shape_mismatch(tmp_path):
-    folder = write_saelens(tmp_path / "s", weights())
-    w = weights()
+def test_saelens_missing_tensor_and_shape_mismatch(dense_io, tmp_path):
+    folder = dense_io.write_saelens(tmp_path / "s", dense_io.weights())
+    w = dense_io.weights()
     save_file({"W_enc": w["W_enc"].float().contiguous(), "W_dec": w["W_dec"].float(), "b_dec": w["b_dec"].float()},
               str(folder / "sae_weights.safetensors"))
     with pytest.raises(SaeCompressError, match="'b_enc' is missing"):
         read_dense(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
-    write_saelens(folder, w)
+    dense_io.write_saelens(folder, w)
     (folder / "cfg.json").write_text(json.dumps(dict(cfg, d_sae=N + 1)))
     with pytest.raises(SaeCompressError, match="shape"):
         read_dense(folder)
 
 
-def test_corrupt_files_give_clear_errors(tmp_path):
-    folder = write_saelens(tmp_path / "s", weights())
+def test_corrupt_files_give_clear_errors(dense_io, tmp_path):
+    folder = dense_io.write_saelens(tmp_path / "s", dense_io.weights())
     data = (folder / "sae_weights.safetensors").read_bytes()
     (folder / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(SaeCompressError, match="sae_weights.safetensors"):
@@ -262,44 +113,44 @@ def test_corrupt_files_give_clear_errors(tmp_path):
     (folder / "cfg.json").write_text("{not json")
     with pytest.raises(SaeCompressError, match="cfg.json"):
         read_dense(folder)
-    w = weights()
+    w = dense_io.weights()
     w["W_dec"][3, 2] = float("nan")
     with pytest.raises(SaeCompressError, match="NaN"):
-        read_dense(write_saelens(tmp_path / "nan", w))
+        read_dense(dense_io.write_saelens(tmp_path / "nan", w))
 
 
 # ----------------------------------------------------------------------------- sparsify
 
-def test_sparsify_hookpoint_round_trip(tmp_path):
-    w = weights(5)
-    folder = write_sparsify(tmp_path / "layers.6", w)
+def test_sparsify_hookpoint_round_trip(dense_io, tmp_path):
+    w = dense_io.weights(5)
+    folder = dense_io.write_sparsify(tmp_path / "layers.6", w)
     assert detect_format(folder) == "sparsify"
     sae = read_dense(folder)
     assert sae.activation == "relu_topk" and sae.provenance["hookpoint"] == "layers.6"
-    x = inputs()
-    close(sae(x.float()), sparsify_forward(x, w, K))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.sparsify_forward(x, w, K))
 
 
-def test_sparsify_bf16_and_num_latents(tmp_path):
-    w = {name: t.to(torch.bfloat16).double() for name, t in weights(6).items()}
-    folder = write_sparsify(tmp_path / "h", w, dtype=torch.bfloat16, num_latents=N, expansion_factor=32)
+def test_sparsify_bf16_and_num_latents(dense_io, tmp_path):
+    w = {name: t.to(torch.bfloat16).double() for name, t in dense_io.weights(6).items()}
+    folder = dense_io.write_sparsify(tmp_path / "h", w, dtype=torch.bfloat16, num_latents=N, expansion_factor=32)
     sae = read_dense(folder)
-    x = inputs()
-    close(sae(x.float()), sparsify_forward(x, w, K))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.sparsify_forward(x, w, K))
 
 
-def test_sparsify_repo_with_many_hookpoints(tmp_path):
+def test_sparsify_repo_with_many_hookpoints(dense_io, tmp_path):
     repo = tmp_path / "repo"
     for layer in (10, 0, 2):
-        write_sparsify(repo / f"layers.{layer}", weights(layer))
+        dense_io.write_sparsify(repo / f"layers.{layer}", dense_io.weights(layer))
     (repo / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-160m"}))
     assert list_hookpoints(repo) == ["layers.0", "layers.2", "layers.10"]
     assert detect_format(repo) == "sparsify"
     sae = read_dense(repo, "layers.2")
     assert sae.provenance["hookpoint"] == "layers.2"
     assert sae.provenance["model_name"] == "EleutherAI/pythia-160m"
-    x = inputs()
-    close(sae(x.float()), sparsify_forward(x, weights(2), K))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.sparsify_forward(x, dense_io.weights(2), K))
     with pytest.raises(SaeCompressError, match="--hookpoint"):
         read_dense(repo)
     with pytest.raises(SaeCompressError, match="hookpoint 'layers.5' not found.*layers.10"):
@@ -307,55 +158,55 @@ def test_sparsify_repo_with_many_hookpoints(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [{"activation": "groupmax"}, {"signed": True}, {"transcode": True}])
-def test_sparsify_non_topk_refused(tmp_path, cfg):
+def test_sparsify_non_topk_refused(dense_io, tmp_path, cfg):
     with pytest.raises(SaeCompressError, match="TopK"):
-        read_dense(write_sparsify(tmp_path / "h", weights(), **cfg))
+        read_dense(dense_io.write_sparsify(tmp_path / "h", dense_io.weights(), **cfg))
 
 
 # ----------------------------------------------------------------------------- openai
 
 @pytest.mark.parametrize("postact", ["ReLU", "Identity"])
-def test_openai_round_trip_with_layer_norm(tmp_path, postact):
-    w = weights(7)
-    path = write_openai(tmp_path / "v5_32k_layer_6.pt", w, postact=postact)
+def test_openai_round_trip_with_layer_norm(dense_io, tmp_path, postact):
+    w = dense_io.weights(7)
+    path = dense_io.write_openai(tmp_path / "v5_32k_layer_6.pt", w, postact=postact)
     assert detect_format(path) == "openai"
     sae = read_dense(path)
     assert sae.normalize_input
     assert sae.activation == ("topk_relu" if postact == "ReLU" else "signed_topk")
-    x = inputs()
-    want = openai_forward(x, w, K, torch.relu if postact == "ReLU" else (lambda v: v))
+    x = dense_io.inputs()
+    want = dense_io.openai_forward(x, w, K, torch.relu if postact == "ReLU" else (lambda v: v))
     close(sae(x.float()), want, rtol=1e-4)
 
 
-def test_openai_layer_norm_at_small_activation_scale(tmp_path):
-    w = weights(7)
-    sae = read_dense(write_openai(tmp_path / "small.pt", w))
-    x = 1e-3 * inputs()
-    close(sae(x.float()), openai_forward(x, w, K), rtol=1e-4)
+def test_openai_layer_norm_at_small_activation_scale(dense_io, tmp_path):
+    w = dense_io.weights(7)
+    sae = read_dense(dense_io.write_openai(tmp_path / "small.pt", w))
+    x = 1e-3 * dense_io.inputs()
+    close(sae(x.float()), dense_io.openai_forward(x, w, K), rtol=1e-4)
 
 
-def test_openai_relu_checkpoint_refused(tmp_path):
+def test_openai_relu_checkpoint_refused(dense_io, tmp_path):
     with pytest.raises(SaeCompressError, match="TopK"):
-        read_dense(write_openai(tmp_path / "relu.pt", weights(), activation="ReLU"))
+        read_dense(dense_io.write_openai(tmp_path / "relu.pt", dense_io.weights(), activation="ReLU"))
 
 
 # ----------------------------------------------------------------------------- dictionary_learning
 
-def test_dictionary_learning_round_trip(tmp_path):
-    w = weights(8)
-    folder = write_dictionary_learning(tmp_path / "resid_post_layer_3" / "trainer_0", w)
+def test_dictionary_learning_round_trip(dense_io, tmp_path):
+    w = dense_io.weights(8)
+    folder = dense_io.write_dictionary_learning(tmp_path / "resid_post_layer_3" / "trainer_0", w)
     assert detect_format(folder) == "dictionary_learning"
     assert list_hookpoints(tmp_path) == ["resid_post_layer_3/trainer_0"]
     sae = read_dense(tmp_path)  # the only SAE below the folder is picked
     assert sae.activation == "relu_topk"
     assert sae.provenance["model_name"] == "EleutherAI/pythia-70m-deduped"
-    x = inputs()
+    x = dense_io.inputs()
     pre = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
-    close(sae(x.float()), topk_then(pre, K, lambda v: v) @ w["W_dec"] + w["b_dec"])
+    close(sae(x.float()), dense_io.topk_then(pre, K, lambda v: v) @ w["W_dec"] + w["b_dec"])
 
 
-def test_dictionary_learning_batchtopk_refused_and_config_required(tmp_path):
-    folder = write_dictionary_learning(tmp_path / "t", weights(), dict_class="BatchTopKSAE")
+def test_dictionary_learning_batchtopk_refused_and_config_required(dense_io, tmp_path):
+    folder = dense_io.write_dictionary_learning(tmp_path / "t", dense_io.weights(), dict_class="BatchTopKSAE")
     with pytest.raises(SaeCompressError, match="TopK"):
         read_dense(folder)
     (folder / "config.json").unlink()
@@ -365,39 +216,39 @@ def test_dictionary_learning_batchtopk_refused_and_config_required(tmp_path):
 
 # ----------------------------------------------------------------------------- paper
 
-def test_paper_checkpoint_import_is_exact(tmp_path):
+def test_paper_checkpoint_import_is_exact(dense_io, tmp_path):
     path = tmp_path / "expander_tied_m16_n64_d3_k5_seed0.pt"
-    sd = write_paper(path)
+    sd = dense_io.write_paper(path)
     assert detect_format(path) == "paper"
     sae = read_paper_checkpoint(path)
     assert isinstance(sae, ExpanderSAE)
     assert (sae.d, sae.k, sae.activation, sae.encoder, sae.mask_seed) == (3, 5, "signed_topk", "tied", None)
     want_idx = sd["mask"].T.nonzero()[:, 1].reshape(N, 3)
     assert torch.equal(sae.indices, want_idx)
-    x = inputs()
-    close(sae(x.float()), paper_forward(x, sd, 5))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.paper_forward(x, sd, 5))
     assert isinstance(read_sae(path), ExpanderSAE)
     dense = read_dense(path)
     assert isinstance(dense, TopKSAE)
-    close(dense(x.float()), paper_forward(x, sd, 5))
+    close(dense(x.float()), dense_io.paper_forward(x, sd, 5))
 
 
-def test_paper_k_from_argument_or_error(tmp_path):
+def test_paper_k_from_argument_or_error(dense_io, tmp_path):
     path = tmp_path / "checkpoint.pt"
-    sd = write_paper(path)
+    sd = dense_io.write_paper(path)
     with pytest.raises(SaeCompressError, match="--k"):
         read_paper_checkpoint(path)
     sae = read_paper_checkpoint(path, k=7)
-    x = inputs()
-    close(sae(x.float()), paper_forward(x, sd, 7))
+    x = dense_io.inputs()
+    close(sae(x.float()), dense_io.paper_forward(x, sd, 7))
     signed = tmp_path / "expander_tied_m16_n64_d3_k5_seed0_topksigned.pt"
-    write_paper(signed)
+    dense_io.write_paper(signed)
     with pytest.raises(SaeCompressError, match="TopK"):
         read_paper_checkpoint(signed)
 
 
 @pytest.mark.parametrize("independent_encoder", [False, True])
-def test_paper_dense_baselines(tmp_path, independent_encoder):
+def test_paper_dense_baselines(dense_io, tmp_path, independent_encoder):
     g = torch.Generator().manual_seed(11)
     sd = {"W_dec_param": torch.randn(M, N, generator=g), "b_dec": torch.randn(M, generator=g),
           "b_enc": torch.randn(N, generator=g) - 1.0}
@@ -410,9 +261,9 @@ def test_paper_dense_baselines(tmp_path, independent_encoder):
     assert isinstance(sae, TopKSAE) and (sae.k, sae.activation) == (4, "signed_topk")
     W_dec = sd["W_dec_param"].double() / sd["W_dec_param"].double().norm(dim=0, keepdim=True)
     W_enc = sd["W_enc_param"].double() if independent_encoder else W_dec.T
-    x = inputs()
+    x = dense_io.inputs()
     pre = (x - sd["b_dec"].double()) @ W_enc.T + sd["b_enc"].double()
-    want = topk_then(pre, 4, lambda v: v) @ W_dec.T + sd["b_dec"].double()
+    want = dense_io.topk_then(pre, 4, lambda v: v) @ W_dec.T + sd["b_dec"].double()
     close(sae(x.float()), want)
 
 

@@ -25,56 +25,15 @@ from saecompress.errors import SaeCompressError
 from saecompress.hub import HfUri, parse_hf_uri, pull, push, resolve_hf_source
 from saecompress.models import ExpanderSAE
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer  # noqa: E402
-
 REPO = "alice/tiny-expander"
 
 
-def isolate_client(monkeypatch, tmp_path: Path) -> None:
-    """Point huggingface_hub's cache and token at test-only places; plain Git LFS uploads.
-
-    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE / HF_ENDPOINT once at import, so tests set
-    the resulting ``constants``; HF_TOKEN and HF_HUB_DISABLE_XET are read by us or it at call time.
-    """
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A fresh hub server, which HF_ENDPOINT points at."""
-    isolate_client(monkeypatch, tmp_path)
-    with HubServer(tmp_path / "server") as server:
-        # what HF_ENDPOINT=<server> sets when huggingface_hub is imported
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        yield server
-
-
-def make_sae(seed: int, hookpoint: str, m: int = 16, n: int = 64, d: int = 4) -> ExpanderSAE:
-    torch.manual_seed(seed)
-    sae = ExpanderSAE(m, n, d, k=4, seed=seed)
-    with torch.no_grad():
-        sae.values.normal_()
-        sae.b_enc.normal_()
-        sae.b_dec.normal_()
-    sae.provenance = {"library": "sparsify", "hookpoint": hookpoint, "model_name": "tiny-lm",
-                      "path": f"/home/someone/.cache/huggingface/hub/models--EleutherAI--sae-tiny/snapshots/{'a' * 40}/{hookpoint}"}
-    sae.metadata = {"metrics": {"fvu": 0.125 + seed / 100, "l0": 4.0}}
-    return sae
-
-
-@pytest.fixture
-def sae_dir(tmp_path) -> Path:
+def sae_dir(tmp_path, hub_sae) -> Path:
     """A folder holding two compact files, one per hookpoint subfolder (as `convert` of a repo writes)."""
     out = tmp_path / "saes"
     for seed, hp in ((1, "layers.3"), (2, "layers.5")):
-        save_compact(make_sae(seed, hp), out / hp / "sae.safetensors")
+        save_compact(hub_sae(seed, hp), out / hp / "sae.safetensors")
     return out
 
 
@@ -155,7 +114,7 @@ def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir):
     assert scope["x_hat"].shape == (8, 16) and isinstance(scope["sae"], ExpanderSAE)
 
 
-def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub, sae_dir):
+def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub_sae, hub, sae_dir):
     push(sae_dir, REPO)
     head, n_commits, uploads = hub.branch_head(REPO), hub.n_commits(REPO), list(hub.lfs_uploads)
     again = push(sae_dir, REPO)
@@ -163,15 +122,15 @@ def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub, sae_d
     assert again.commit_sha == head and hub.n_commits(REPO) == n_commits and hub.lfs_uploads == uploads
     assert again.unchanged == ["README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
 
-    save_compact(make_sae(7, "layers.5"), sae_dir / "layers.5" / "sae.safetensors")
+    save_compact(hub_sae(7, "layers.5"), sae_dir / "layers.5" / "sae.safetensors")
     changed = push(sae_dir, REPO)
     assert changed.uploaded == ["README.md", "layers.5/expander.safetensors"]
     assert len(hub.lfs_uploads) == len(uploads) + 1 and hub.n_commits(REPO) == n_commits + 1
 
 
-def test_single_file_push_keeps_other_hookpoints_in_the_card(hub, sae_dir):
+def test_single_file_push_keeps_other_hookpoints_in_the_card(hub_sae, hub, sae_dir):
     push(sae_dir / "layers.3" / "sae.safetensors", REPO)  # hookpoint from the file's provenance
-    save_compact(make_sae(3, "ignored"), sae_dir / "extra.safetensors")
+    save_compact(hub_sae(3, "ignored"), sae_dir / "extra.safetensors")
     push(sae_dir / "extra.safetensors", REPO, path_in_repo="layers.9")
     readme = pull(f"{REPO}/README.md")[0].read_text()
     assert "| `layers.3` |" in readme and "| `layers.9` |" in readme
@@ -248,9 +207,8 @@ def test_missing_repo_revision_or_file_is_one_line_exit_2(hub, sae_dir, ref, mes
         saecompress.load(f"hf://{ref}")
 
 
-def test_auth_errors_and_private_repos(tmp_path, monkeypatch, sae_dir):
-    isolate_client(monkeypatch, tmp_path)
-    with HubServer(tmp_path / "server", tokens={"hf_write": "write", "hf_read": "read"}) as hub:
+def test_auth_errors_and_private_repos(isolated_hf, hub_server, tmp_path, monkeypatch, sae_dir):
+    with hub_server(tmp_path / "server", tokens={"hf_write": "write", "hf_read": "read"}) as hub:
         with pytest.raises(SaeCompressError, match=r"authentication failed .*HTTP 401.*--token or set HF_TOKEN"):
             push(sae_dir, REPO, endpoint=hub.url)
         with pytest.raises(SaeCompressError, match=r"permission denied .*HTTP 403"):
@@ -280,10 +238,9 @@ def test_offline_uses_the_cache_and_says_what_to_do(hub, sae_dir, monkeypatch):
     assert time.time() - started < 5  # no retry loops
 
 
-def test_cli_honours_hf_endpoint_token_and_home(tmp_path, monkeypatch, sae_dir):
+def test_cli_honours_hf_endpoint_token_and_home(isolated_hf, hub_server, tmp_path, sae_dir):
     """A fresh process configured only through the environment, as users do (offline: see above)."""
-    isolate_client(monkeypatch, tmp_path)
-    with HubServer(tmp_path / "server", tokens={"hf_write": "write"}) as hub:
+    with hub_server(tmp_path / "server", tokens={"hf_write": "write"}) as hub:
         push(sae_dir, REPO, endpoint=hub.url, token="hf_write", private=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
         env |= {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write", "HF_HOME": str(tmp_path / "home")}
@@ -324,13 +281,7 @@ def test_push_refuses_non_compact_input(hub, tmp_path):
 
 # ----------------------------------------------------------------------- dense repos as sources
 
-def _upload_dense(hub: HubServer, repo_id: str, folder: Path) -> None:
-    api = HfApi(endpoint=hub.url)
-    api.create_repo(repo_id)
-    api.upload_folder(repo_id=repo_id, folder_path=folder)
-
-
-def test_dense_saelens_and_sparsify_repos_resolve_to_their_folders(hub, tmp_path):
+def test_dense_saelens_and_sparsify_repos_resolve_to_their_folders(hub, upload_folder, tmp_path):
     m, n, k = 8, 32, 4
     g = torch.Generator().manual_seed(0)
     saelens = tmp_path / "saelens" / "blocks.2.hook_resid_post"
@@ -350,8 +301,8 @@ def test_dense_saelens_and_sparsify_repos_resolve_to_their_folders(hub, tmp_path
         save_file({"encoder.weight": torch.randn(n, m, generator=g), "encoder.bias": torch.randn(n, generator=g),
                    "W_dec": torch.randn(n, m, generator=g), "b_dec": torch.randn(m, generator=g)},
                   sparsify / layer / "sae.safetensors")
-    _upload_dense(hub, "bob/saelens-tiny", saelens.parent)
-    _upload_dense(hub, "eleuther/sparsify-tiny", sparsify)
+    upload_folder(hub, "bob/saelens-tiny", saelens.parent)
+    upload_folder(hub, "eleuther/sparsify-tiny", sparsify)
 
     root, hookpoint = resolve_hf_source("hf://bob/saelens-tiny/blocks.2.hook_resid_post")
     assert hookpoint == "blocks.2.hook_resid_post"
@@ -389,13 +340,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pull_from_olah_mirror(tmp_path, sae_dir, monkeypatch):
+def test_pull_from_olah_mirror(isolated_hf, tmp_path, sae_dir):
     """olah (a third-party hub mirror) serving a local git repo with LFS objects, fully offline."""
     pytest.importorskip("olah", reason="olah is not installed (pip install olah)")
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is not installed; olah serves mirrors from git repos")
-    isolate_client(monkeypatch, tmp_path)
     repo = tmp_path / "mirrors" / "models" / "alice" / "tiny-expander"
     repo.mkdir(parents=True)
     run = lambda *a: subprocess.run([git, *a], cwd=repo, check=True, capture_output=True)  # noqa: E731

@@ -14,15 +14,14 @@ from saecompress.errors import SaeCompressError
 from saecompress.lm import (capture, ce_eval, ce_eval_many, clean_pass, context_batches, decoder_layers, harvest, keep_mask,
                             load_model, site_module, spliced_pass, token_contexts)
 from saecompress.models import ExpanderSAE, TopKSAE
-from tinylm import HIDDEN, save_tiny, texts, tiny_config, tiny_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "neox"])
-def tiny(request, tmp_path_factory):
-    folder = save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+def tiny(tiny_lm, request, tmp_path_factory):
+    folder = tiny_lm.save(tmp_path_factory.mktemp(request.param), request.param)
     model, tokenizer = load_model(folder)
     return folder, model, tokenizer
 
@@ -37,45 +36,45 @@ def identity_sae(m: int) -> TopKSAE:
     return sae
 
 
-def test_token_contexts_start_with_bos_and_join_documents_with_eos():
-    tok = tiny_tokenizer()
+def test_token_contexts_start_with_bos_and_join_documents_with_eos(tiny_lm):
+    tok = tiny_lm.tokenizer()
     rows = list(token_contexts(tok, ["ab", "cd", "efgh"], 4))
     assert [r.tolist() for r in rows] == [[0, 3, 4, 1], [0, 5, 6, 1], [0, 7, 8, 9]]
 
 
-def test_context_batches_limit_and_too_little_text(tmp_path):
-    tok = tiny_tokenizer()
-    rows = torch.stack(list(token_contexts(tok, texts(), 16)))
-    batches = list(context_batches(tok, texts(), 16, 3, limit=7))
+def test_context_batches_limit_and_too_little_text(tiny_lm, tmp_path):
+    tok = tiny_lm.tokenizer()
+    rows = torch.stack(list(token_contexts(tok, tiny_lm.texts(), 16)))
+    batches = list(context_batches(tok, tiny_lm.texts(), 16, 3, limit=7))
     assert [len(b) for b in batches] == [3, 3, 1]
     torch.testing.assert_close(torch.cat(batches), rows[:7], rtol=0, atol=0)
-    assert torch.equal(torch.cat(list(context_batches(tok, texts(), 16, 4))), rows)
+    assert torch.equal(torch.cat(list(context_batches(tok, tiny_lm.texts(), 16, 4))), rows)
     # every consumer of the contexts says why there is nothing to do
     with pytest.raises(SaeCompressError, match="no complete context"):
         next(context_batches(tok, ["too short"], 16, 4))
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    model = AutoModelForCausalLM.from_config(tiny_lm.config("llama")).eval()
     with pytest.raises(SaeCompressError, match="no complete context"):
-        ce_eval(model, tok, ["too short"], identity_sae(HIDDEN), 0, context=16, progress=False)
+        ce_eval(model, tok, ["too short"], identity_sae(tiny_lm.HIDDEN), 0, context=16, progress=False)
     with pytest.raises(SaeCompressError, match="no complete context"):
         harvest(model, tok, ["too short"], 0, tokens=10, out=tmp_path / "acts", context=16, progress=False)
     assert not any(tmp_path.iterdir())  # no partial output
 
 
 @pytest.mark.parametrize("site", ["resid", "mlp_out", "attn_out"])
-def test_harvest_matches_hidden_states(tiny, tmp_path, site):
+def test_harvest_matches_hidden_states(tiny_lm, tiny, tmp_path, site):
     folder, model, tokenizer = tiny
-    manifest = harvest(model, tokenizer, texts(), 1, site, tokens=10_000, out=tmp_path / "acts", context=32,
+    manifest = harvest(model, tokenizer, tiny_lm.texts(), 1, site, tokens=10_000, out=tmp_path / "acts", context=32,
                        batch=3, drop_first=False, outlier_factor=None, shard_rows=100, progress=False)
-    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))
     src = open_activations(tmp_path / "acts")
     assert src.num_rows == ids.numel() == manifest["num_rows"] < 10_000  # the text ran out
     assert src.manifest["hookpoint"] == {"resid": "blocks.1.hook_resid_post", "mlp_out": "blocks.1.hook_mlp_out",
                                          "attn_out": "blocks.1.hook_attn_out"}[site]
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    got = src.read(0, src.num_rows).reshape(ids.shape[0], 32, HIDDEN)
+    got = src.read(0, src.num_rows).reshape(ids.shape[0], 32, tiny_lm.HIDDEN)
     if site == "resid":
         # block 1's output; hidden_states[2] is the last one, which has the final norm applied
         torch.testing.assert_close(got, capture(model, ids, 1, "resid"))
@@ -88,14 +87,14 @@ def test_harvest_matches_hidden_states(tiny, tmp_path, site):
         torch.testing.assert_close(got, capture(model, ids, 1, site))
 
 
-def test_resid_is_hidden_state_after_the_block(tmp_path):
+def test_resid_is_hidden_state_after_the_block(tiny_lm, tmp_path):
     # with more layers, hidden_states[L + 1] (not the last) is the output of block L
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config("llama")
+    config = tiny_lm.config("llama")
     config.num_hidden_layers = 3
     model = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.stack(list(token_contexts(tiny_tokenizer(), texts(), 16)))[:2]
+    ids = torch.stack(list(token_contexts(tiny_lm.tokenizer(), tiny_lm.texts(), 16)))[:2]
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     for layer in (0, 1):
@@ -103,12 +102,12 @@ def test_resid_is_hidden_state_after_the_block(tmp_path):
     assert len(decoder_layers(model)) == 3
 
 
-def test_harvest_drops_first_and_massive_tokens(tmp_path):
-    folder = save_tiny(tmp_path / "lm", "llama", massive_char="z")
+def test_harvest_drops_first_and_massive_tokens(tiny_lm, tmp_path):
+    folder = tiny_lm.save(tmp_path / "lm", "llama", massive_char="z")
     model, tokenizer = load_model(folder)
-    manifest = harvest(model, tokenizer, texts(), 0, tokens=10_000, out=tmp_path / "acts", context=32, batch=4,
+    manifest = harvest(model, tokenizer, tiny_lm.texts(), 0, tokens=10_000, out=tmp_path / "acts", context=32, batch=4,
                        progress=False)
-    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))
     z = tokenizer.convert_tokens_to_ids("z")
     expected_massive = int((ids[:, 1:] == z).sum())
     assert expected_massive > 0
@@ -119,12 +118,12 @@ def test_harvest_drops_first_and_massive_tokens(tmp_path):
     assert float(rows.norm(dim=1).max()) < 100 * float(rows.norm(dim=1).median())
 
     # a token budget stops early and exactly
-    small = harvest(model, tokenizer, texts(), 0, tokens=50, out=tmp_path / "small", context=32, batch=4,
+    small = harvest(model, tokenizer, tiny_lm.texts(), 0, tokens=50, out=tmp_path / "small", context=32, batch=4,
                     progress=False)
     assert small["num_rows"] == 50 == open_activations(tmp_path / "small").num_rows
 
     # CE evaluation excludes the same tokens and reports them
-    report = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 0, tokens=32 * 4, context=32, batch=2,
+    report = ce_eval(model, tokenizer, tiny_lm.texts(), identity_sae(tiny_lm.HIDDEN), 0, tokens=32 * 4, context=32, batch=2,
                      progress=False)
     assert report["ce_excluded_first"] == 4
     assert report["ce_excluded_massive"] == int((ids[:4, 1:] == z).sum())
@@ -140,10 +139,10 @@ def test_keep_mask():
     assert bool(keep.all()) and (first, massive) == (0, 0)
 
 
-def test_ce_eval_perfect_zero_and_random_sae(tiny):
+def test_ce_eval_perfect_zero_and_random_sae(tiny_lm, tiny):
     _, model, tokenizer = tiny
     kwargs = dict(tokens=64 * 4, context=64, batch=2, progress=False)
-    perfect = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 0, "resid", **kwargs)
+    perfect = ce_eval(model, tokenizer, tiny_lm.texts(), identity_sae(tiny_lm.HIDDEN), 0, "resid", **kwargs)
     assert perfect["ce_spliced"] == pytest.approx(perfect["ce_clean"], rel=1e-5)
     assert perfect["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert perfect["kl_spliced"] == pytest.approx(0.0, abs=1e-6)
@@ -152,8 +151,8 @@ def test_ce_eval_perfect_zero_and_random_sae(tiny):
     assert perfect["ce_tokens"] == 256
 
     torch.manual_seed(1)
-    noisy_sae = TopKSAE(HIDDEN, 64, 2)
-    noisy = ce_eval(model, tokenizer, texts(), noisy_sae, 0, "resid", **kwargs)
+    noisy_sae = TopKSAE(tiny_lm.HIDDEN, 64, 2)
+    noisy = ce_eval(model, tokenizer, tiny_lm.texts(), noisy_sae, 0, "resid", **kwargs)
     assert noisy["ce_clean"] == pytest.approx(perfect["ce_clean"], rel=1e-9)
     assert noisy["ce_zero"] == pytest.approx(perfect["ce_zero"], rel=1e-9)
     assert abs(noisy["ce_spliced"] - noisy["ce_clean"]) > 1e-3
@@ -161,16 +160,16 @@ def test_ce_eval_perfect_zero_and_random_sae(tiny):
     expected = (noisy["ce_mean"] - noisy["ce_spliced"]) / (noisy["ce_mean"] - noisy["ce_clean"])
     assert noisy["ce_recovered_mean_ablation"] == pytest.approx(expected)
 
-    both = ce_eval_many(model, tokenizer, texts(), {"perfect": identity_sae(HIDDEN), "noisy": noisy_sae},
+    both = ce_eval_many(model, tokenizer, tiny_lm.texts(), {"perfect": identity_sae(tiny_lm.HIDDEN), "noisy": noisy_sae},
                         0, "resid", **kwargs)
     for name, single in (("perfect", perfect), ("noisy", noisy)):
         for key in ("ce_clean", "ce_zero", "ce_mean", "ce_spliced", "ce_recovered", "kl_spliced"):
             assert both[name][key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), (name, key)
 
 
-def test_clean_and_spliced_passes(tiny):
+def test_clean_and_spliced_passes(tiny_lm, tiny):
     _, model, tokenizer = tiny
-    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))[:3]
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))[:3]
     module = site_module(model, 1, "mlp_out")
     with torch.no_grad():
         plain = model(input_ids=ids).logits
@@ -195,11 +194,11 @@ def test_clean_and_spliced_passes(tiny):
     assert not module._forward_hooks  # every pass removes its hook
 
 
-def test_ce_eval_matches_a_float64_reference(tiny):
+def test_ce_eval_matches_a_float64_reference(tiny_lm, tiny):
     """ce_clean against transformers' own loss; zero-ablation CE and KL against a hand-written hook."""
     _, model, tokenizer = tiny
-    ids = torch.stack(list(token_contexts(tokenizer, texts(), 32)))[:4]
-    report = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 0, tokens=4 * 32, context=32, batch=3,
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))[:4]
+    report = ce_eval(model, tokenizer, tiny_lm.texts(), identity_sae(tiny_lm.HIDDEN), 0, tokens=4 * 32, context=32, batch=3,
                      outlier_factor=None, progress=False)
     module = site_module(model, 0, "resid")
 
@@ -226,15 +225,15 @@ def test_ce_eval_matches_a_float64_reference(tiny):
     assert (report["ce_tokens"], report["ce_excluded_first"], report["ce_excluded_massive"]) == (4 * 32, 4, 0)
 
 
-def test_ce_eval_mlp_site_and_mismatch(tiny):
+def test_ce_eval_mlp_site_and_mismatch(tiny_lm, tiny):
     _, model, tokenizer = tiny
-    report = ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 1, "mlp_out", tokens=64, context=32,
+    report = ce_eval(model, tokenizer, tiny_lm.texts(), identity_sae(tiny_lm.HIDDEN), 1, "mlp_out", tokens=64, context=32,
                      batch=2, progress=False)
     assert report["ce_spliced"] == pytest.approx(report["ce_clean"], rel=1e-5)
     with pytest.raises(SaeCompressError, match="hidden size 32 but the SAE has m=16"):
-        ce_eval(model, tokenizer, texts(), identity_sae(16), 0, tokens=64, context=32, progress=False)
+        ce_eval(model, tokenizer, tiny_lm.texts(), identity_sae(16), 0, tokens=64, context=32, progress=False)
     with pytest.raises(SaeCompressError, match="layer 5 is out of range"):
-        ce_eval(model, tokenizer, texts(), identity_sae(HIDDEN), 5, tokens=64, context=32, progress=False)
+        ce_eval(model, tokenizer, tiny_lm.texts(), identity_sae(tiny_lm.HIDDEN), 5, tokens=64, context=32, progress=False)
 
 
 def test_load_model_errors(tmp_path):
@@ -242,20 +241,20 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path)
 
 
-def test_cli_acts_and_eval(tmp_path):
-    folder = save_tiny(tmp_path / "lm", "llama")
+def test_cli_acts_and_eval(tiny_lm, tiny_llama, tmp_path):
+    folder = tiny_llama
     text = tmp_path / "corpus.txt"
-    text.write_text("".join(texts(12)))
+    text.write_text("".join(tiny_lm.texts(12)))
     runner = CliRunner()
     out = tmp_path / "acts"
     result = runner.invoke(cli, ["acts", "--model", str(folder), "--text", str(text), "--layer", "1",
                                  "--tokens", "400", "--context", "32", "--out", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_rows"] == 400 and manifest["layer"] == 1 and manifest["m"] == HIDDEN
+    assert manifest["num_rows"] == 400 and manifest["layer"] == 1 and manifest["m"] == tiny_lm.HIDDEN
 
     torch.manual_seed(0)
-    sae = ExpanderSAE(HIDDEN, 128, 4, 8, seed=3)
+    sae = ExpanderSAE(tiny_lm.HIDDEN, 128, 4, 8, seed=3)
     save_compact(sae, tmp_path / "sae.safetensors")
     result = runner.invoke(cli, ["eval", str(tmp_path / "sae.safetensors"), "--acts", str(out), "--model", str(folder),
                                  "--text", str(text), "--ce-tokens", "64", "--context", "32", "--json"])

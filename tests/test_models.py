@@ -1,10 +1,12 @@
 """TopKSAE / ExpanderSAE math against float64 references, and to_dense equivalence."""
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from saecompress import ExpanderSAE, SaeCompressError, TopKSAE
-from saecompress.models import ACTIVATIONS, layer_norm
+from saecompress.models import ACTIVATIONS, LAYER_NORM_EPS, layer_norm
 
 
 def _randomise(sae: torch.nn.Module, seed: int = 0) -> None:
@@ -100,10 +102,18 @@ def test_expander_structure_and_gradients():
 
 
 def test_layer_norm_matches_openai_definition():
-    x = torch.randn(5, 10, dtype=torch.float64) * 4 + 2
+    """OpenAI's ``(x - mu) / (std + eps)`` with the unbiased std, checked against torch's own layer_norm."""
+    m = 10
+    x = torch.randn(5, m, dtype=torch.float64) * 4 + 2
     normed, mu, std = layer_norm(x)
-    centred = x - x.mean(-1, keepdim=True)
-    assert torch.allclose(normed, centred / (centred.std(-1, keepdim=True) + 1e-5))
+    xn = x.numpy()
+    biased, unbiased = xn.std(-1, keepdims=True), xn.std(-1, ddof=1, keepdims=True)
+    np.testing.assert_allclose(mu.numpy(), xn.mean(-1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(std.numpy(), unbiased, rtol=1e-12)
+    # F.layer_norm (eps=0) is (x - mu) / biased std: rescale it to OpenAI's denominator
+    want = F.layer_norm(x, (m,), eps=0.0).numpy() * biased / (unbiased + LAYER_NORM_EPS)
+    np.testing.assert_allclose(normed.numpy(), want, rtol=1e-10)
+    assert LAYER_NORM_EPS == 1e-5  # OpenAI sparse_autoencoder's eps
 
 
 def test_bad_configurations_and_inputs_are_clear_errors():

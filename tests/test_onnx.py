@@ -13,7 +13,7 @@ from saecompress import SaeCompressError
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, save_compact
 from saecompress.exporters.onnx import EncodeLayout, build_onnx, export_onnx, read_onnx_metadata
-from saecompress.models import LAYER_NORM_EPS, ExpanderSAE, TopKSAE
+from saecompress.models import ExpanderSAE, TopKSAE
 
 M, N, D, K = 48, 512, 5, 8
 
@@ -34,38 +34,6 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 def run(model: onnx.ModelProto, **feeds) -> dict[str, np.ndarray]:
     sess = session(model)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-
-def reference(sae, x: np.ndarray):
-    """Float64 numpy reference: (top indices, top values, reconstruction) of ``x [B, m]``."""
-    x = x.astype(np.float64)
-    b_dec, b_enc = sae.b_dec.detach().double().numpy(), sae.b_enc.detach().double().numpy()
-    if isinstance(sae, ExpanderSAE):
-        idx = sae.indices.numpy()
-        enc, dec = sae.encoder_values.detach().double().numpy(), sae.values.detach().double().numpy()
-        W_enc = np.zeros((sae.m, sae.n))
-        W_dec = np.zeros((sae.n, sae.m))
-        rows = np.arange(sae.n)[:, None]
-        W_enc[idx, rows] = enc
-        W_dec[rows, idx] = dec
-    else:
-        W_enc, W_dec = sae.W_enc.detach().double().numpy(), sae.W_dec.detach().double().numpy()
-    mu = std = None
-    if sae.normalize_input:
-        mu = x.mean(-1, keepdims=True)
-        std = (x - mu).std(-1, ddof=1, keepdims=True)
-        x = (x - mu) / (std + LAYER_NORM_EPS)
-    pre = (x - b_dec) @ W_enc + b_enc
-    if sae.activation == "relu_topk":
-        pre = np.maximum(pre, 0)
-    top = np.argsort(-pre, axis=1, kind="stable")[:, :sae.k]
-    vals = np.take_along_axis(pre, top, 1)
-    if sae.activation == "topk_relu":
-        vals = np.maximum(vals, 0)
-    recon = np.einsum("bk,bkm->bm", vals, W_dec[top]) + b_dec
-    if sae.normalize_input:
-        recon = recon * std + mu
-    return top, vals, recon
 
 
 def rel_err(got, want) -> float:
@@ -95,7 +63,7 @@ CASES = [  # (activation, encoder, normalize, storage dtype): every ordering, dt
 
 
 @pytest.mark.parametrize("activation,encoder,normalize,storage", CASES)
-def test_autoencoder_matches_float64_reference(tmp_path, activation, encoder, normalize, storage):
+def test_autoencoder_matches_float64_reference(float64_sae, tmp_path, activation, encoder, normalize, storage):
     path = save_compact(make_sae(activation, encoder, normalize), tmp_path / "sae.safetensors", dtype=storage)
     sae = load_compact(path)  # values as the file stores them, storage_dtype remembered
     model = build_onnx(sae, "autoencoder", dense_output=True)
@@ -107,7 +75,7 @@ def test_autoencoder_matches_float64_reference(tmp_path, activation, encoder, no
     x = np.random.default_rng(1).standard_normal((7, M)).astype(np.float32) * 2
     for batch in (x[:1], x):  # one row takes the If's single-row branch
         out = run(model, activations=batch)
-        ref_idx, ref_vals, ref_recon = reference(sae, batch)
+        ref_idx, ref_vals, ref_recon = float64_sae(sae, batch)
         assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-5)
         assert rel_err(out["reconstruction"], ref_recon) < 1e-5
         dense = np.zeros((len(batch), N))
@@ -119,23 +87,23 @@ def test_autoencoder_matches_float64_reference(tmp_path, activation, encoder, no
 @pytest.mark.parametrize("layout", [EncodeLayout(), EncodeLayout(chunk=100, group=1),
                                     EncodeLayout(chunk=64, group=4, single_row_branch=False),
                                     EncodeLayout(naive=True)])
-def test_every_encode_formulation_agrees(layout):
+def test_every_encode_formulation_agrees(float64_sae, layout):
     sae = make_sae("topk_relu")
     model = build_onnx(sae, layout=layout)
     onnx.checker.check_model(model, full_check=True)
     x = np.random.default_rng(2).standard_normal((5, M)).astype(np.float32)
     out = run(model, activations=x)
-    assert_codes_match(out["top_indices"], out["top_values"], *reference(sae, x)[:2], 1e-5)
+    assert_codes_match(out["top_indices"], out["top_values"], *float64_sae(sae, x)[:2], 1e-5)
 
 
-def test_group_max_falls_back_when_groups_do_not_fit():
+def test_group_max_falls_back_when_groups_do_not_fit(float64_sae):
     """n not a multiple of the group (or n/G < k): plain TopK over all latents, still exact."""
     sae = make_sae("relu_topk", n=100)
     model = build_onnx(sae)
     assert "group=1" in read_onnx_metadata(model)["layout"]
     x = np.random.default_rng(3).standard_normal((4, M)).astype(np.float32)
     out = run(model, activations=x)
-    assert_codes_match(out["top_indices"], out["top_values"], *reference(sae, x)[:2], 1e-5)
+    assert_codes_match(out["top_indices"], out["top_values"], *float64_sae(sae, x)[:2], 1e-5)
 
 
 def test_decode_graph_matches_model_decode():
@@ -153,7 +121,7 @@ def test_decode_graph_matches_model_decode():
     assert rel_err(out["reconstruction"], want) < 1e-5
 
 
-def test_float16_graph_within_1e2():
+def test_float16_graph_within_1e2(float64_sae):
     sae = make_sae("topk_relu", "untied", normalize=True)
     model = build_onnx(sae, "autoencoder", dtype="float16")
     onnx.checker.check_model(model, full_check=True)
@@ -166,12 +134,12 @@ def test_float16_graph_within_1e2():
     with torch.no_grad():
         for p in rounded.parameters():
             p.copy_(p.half().float())
-    ref_idx, ref_vals, ref_recon = reference(rounded, x.astype(np.float32))
+    ref_idx, ref_vals, ref_recon = float64_sae(rounded, x.astype(np.float32))
     assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-2)
     assert rel_err(out["reconstruction"], ref_recon) < 1e-2
 
 
-def test_sequence_inputs_keep_their_axes():
+def test_sequence_inputs_keep_their_axes(float64_sae):
     sae = make_sae("topk_relu")
     model = build_onnx(sae, "autoencoder", seq=True)
     onnx.checker.check_model(model, full_check=True)
@@ -179,13 +147,13 @@ def test_sequence_inputs_keep_their_axes():
     x = np.random.default_rng(5).standard_normal((2, 3, M)).astype(np.float32)
     out = run(model, activations=x)
     assert out["top_indices"].shape == (2, 3, K) and out["reconstruction"].shape == (2, 3, M)
-    ref_idx, ref_vals, ref_recon = reference(sae, x.reshape(-1, M))
+    ref_idx, ref_vals, ref_recon = float64_sae(sae, x.reshape(-1, M))
     assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-5)
     assert rel_err(out["reconstruction"].reshape(-1, M), ref_recon) < 1e-5
 
 
 @pytest.mark.parametrize("activation", ["topk_relu", "relu_topk", "signed_topk"])
-def test_dense_topk_sae_exports_with_the_same_contract(activation):
+def test_dense_topk_sae_exports_with_the_same_contract(float64_sae, activation):
     torch.manual_seed(0)
     dense = TopKSAE(M, 256, K, activation=activation, normalize_input=activation == "topk_relu")
     with torch.no_grad():
@@ -196,7 +164,7 @@ def test_dense_topk_sae_exports_with_the_same_contract(activation):
     assert read_onnx_metadata(model)["kind"] == "dense"
     x = np.random.default_rng(6).standard_normal((5, M)).astype(np.float32)
     out = run(model, activations=x)
-    ref_idx, ref_vals, ref_recon = reference(dense, x)
+    ref_idx, ref_vals, ref_recon = float64_sae(dense, x)
     assert_codes_match(out["top_indices"], out["top_values"], ref_idx, ref_vals, 1e-5)
     assert rel_err(out["reconstruction"], ref_recon) < 1e-5
 
@@ -210,27 +178,23 @@ def test_model_uses_custom_domain_functions_and_explicit_versions():
         {"ExpanderEncode", "ExpanderDecode", "LayerNorm"}
     assert "mask_indices" in {t.name for t in model.graph.initializer}  # self-contained file
 
-    def topk_nodes(nodes):
+    def walk(nodes):  # every node, also those inside If / Loop branches
         for node in nodes:
-            if node.op_type == "TopK":
-                yield node
+            yield node
             for attr in node.attribute:
-                if attr.g.node:
-                    yield from topk_nodes(attr.g.node)
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from walk(graph.node)
 
-    constants = {}
-    for function in model.functions:
-        for node in function.node:
-            if node.op_type == "Constant":
-                constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
     encode = next(f for f in model.functions if f.name == "ExpanderEncode")
-    found = list(topk_nodes(encode.node))
-    assert found
-    for node in found:  # K is a 1-D int64 tensor of shape [1]
-        k = constants.get(node.input[1])
-        if k is None:  # a Constant inside the If branch
-            continue
-        assert k.dtype == np.int64 and k.shape == (1,)
+    nodes = list(walk(encode.node))
+    constants = {node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)
+                 for node in nodes if node.op_type == "Constant"}
+    topks = [node for node in nodes if node.op_type == "TopK"]
+    assert len(topks) >= 2  # the single-row branch and the batched branch each select
+    for node in topks:  # K is a 1-D int64 Constant of shape [1]
+        k = constants[node.input[1]]
+        assert k.dtype == np.int64 and k.shape == (1,), node.name
+    assert K in {int(constants[node.input[1]][0]) for node in topks}
 
 
 def test_export_onnx_from_a_compact_file_writes_atomically(tmp_path):

@@ -83,6 +83,7 @@ from saecompress.compact import load_compact, read_compact_metadata  # noqa: E40
 from saecompress.errors import SaeCompressError  # noqa: E402
 from saecompress.distill import latent_agreement  # noqa: E402
 from saecompress.mask import expander_mask  # noqa: E402
+from saecompress.metrics import fvu  # noqa: E402
 from saecompress.models import TopKSAE  # noqa: E402
 from saecompress.train import TrainConfig, train  # noqa: E402
 
@@ -137,14 +138,23 @@ def test_native_training_fits_planted_features(planted, tmp_path):
     path, atoms, _ = planted
     cfg = TrainConfig(k=2, d=D, n=N, tokens=100_000, batch_size=256, lr=3e-3, held_out_rows=4000,
                       activation="topk_relu", reaim_every=25)
+    x = torch.from_numpy(np.load(path))
+    torch.manual_seed(0)
+    fresh = ExpanderSAE(M, N, D, 2, seed=0, activation="topk_relu")  # the start: explains none of the variance
+    with torch.no_grad():
+        fresh_fvu = fvu(x, fresh(x))
+    assert fresh_fvu > 0.9
     sae, metrics = train(path, tmp_path / "sae.safetensors", cfg, progress=False)
     held = metrics["held_out"]
-    # a fresh SAE explains none of the centred variance; the planted structure allows FVU ≈ 0.
-    assert held["fvu"] < 0.5  # measured 0.31-0.44 across settings; a fresh SAE is ≥ 1
+    # Bounds with margins over planted data of other seeds: the planted structure allows FVU ≈ 0, and
+    # training gets at least half the way there from the start.
+    assert held["fvu"] < 0.5 * fresh_fvu
     assert held["l0"] <= 2
-    # each planted atom has exactly one latent whose fixed support can hold it: finding it
-    # from a random start is hard; measured 0.56-0.63 (the dense baseline below gets 1.0).
-    assert _recovered(sae.to_dense().W_dec.detach().numpy(), atoms) >= 0.5
+    # each planted atom has exactly one latent whose fixed support can hold it: finding it from a
+    # random start is hard (the dense baseline below finds all): training finds a quarter of the 16
+    # atoms more than the random start holds by chance.
+    chance = _recovered(fresh.to_dense().W_dec.detach().numpy(), atoms)
+    assert _recovered(sae.to_dense().W_dec.detach().numpy(), atoms) >= chance + 0.25
     meta = read_compact_metadata(tmp_path / "sae.safetensors")
     assert meta["user"]["held_out"]["fvu"] == pytest.approx(held["fvu"])
     assert load_compact(tmp_path / "sae.safetensors").d == D
@@ -176,7 +186,7 @@ def test_resume_reproduces_uninterrupted_run(planted, tmp_path):
         assert torch.equal(a, b), name
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     other = TrainConfig(**{**cfg.__dict__, "lr": 1e-3})
-    with pytest.raises(Exception, match="different settings"):
+    with pytest.raises(SaeCompressError, match="different settings"):
         train(path, tmp_path / "b.safetensors", other, progress=False, resume=True)
 
 
@@ -220,12 +230,12 @@ def test_distillation_keeps_latent_identities(tmp_path):
         student, metrics = train(path, tmp_path / f"s{coef_}.safetensors", cfg, teacher=teacher, progress=False)
         results[coef_] = latent_agreement(teacher, student, held)
         assert metrics["held_out"]["latent_agreement"] == pytest.approx(results[coef_]["agreement"])
-    # measured: converted 0.45, reconstruction-only 0.46, distilled 0.53 (mean corr 0.87 -> 0.88);
-    # the d=4 support caps how well any student can copy these deliberately dense teacher latents.
+    # the d=4 support caps how well any student can copy these deliberately dense teacher latents:
+    # the bounds are margins over the converted start and over reconstruction-only training.
     assert results[1.0]["alive"] == N
     assert results[1.0]["agreement"] > before["agreement"] + 0.04
     assert results[1.0]["agreement"] > results[0.0]["agreement"] + 0.04
-    assert results[1.0]["mean_correlation"] > 0.85
+    assert results[1.0]["mean_correlation"] >= before["mean_correlation"]
 
 
 def test_distillation_on_teacher_chosen_supports(planted, tmp_path):
@@ -267,7 +277,7 @@ def test_cli_train_and_errors(planted, tmp_path):
     assert no_ckpt.exit_code == 2 and "no checkpoint" in no_ckpt.output
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path):
+def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path, read_until):
     import os
     import signal
     import subprocess
@@ -280,12 +290,11 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path):
             "--n", "64", "--tokens", "100000000", "--batch", "256", "--held-out", "2000", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    seen = b""
-    import re
-    while not re.search(rb"[0-9][kM]?tok/s", seen):  # a rate shows once steps are running
-        chunk = proc.stderr.read1(4096)
-        assert chunk, seen.decode(errors="replace")
-        seen += chunk
+    try:
+        seen = read_until(proc.stderr, rb"[0-9][kM]?tok/s")  # a rate shows once steps are running
+    except BaseException:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
