@@ -83,7 +83,7 @@ from saecompress.compact import load_compact, read_compact_metadata  # noqa: E40
 from saecompress.errors import SaeCompressError  # noqa: E402
 from saecompress.distill import latent_agreement  # noqa: E402
 from saecompress.mask import expander_mask  # noqa: E402
-from saecompress.metrics import fvu  # noqa: E402
+from saecompress.metrics import FidelityAccumulator  # noqa: E402
 from saecompress.models import TopKSAE  # noqa: E402
 from saecompress.train import TrainConfig, train  # noqa: E402
 
@@ -141,8 +141,10 @@ def test_native_training_fits_planted_features(planted, tmp_path):
     x = torch.from_numpy(np.load(path))
     torch.manual_seed(0)
     fresh = ExpanderSAE(M, N, D, 2, seed=0, activation="topk_relu")  # the start: explains none of the variance
+    acc = FidelityAccumulator()
     with torch.no_grad():
-        fresh_fvu = fvu(x, fresh(x))
+        acc.update(x, fresh(x))
+    fresh_fvu = acc.result()["fvu"]
     assert fresh_fvu > 0.9
     sae, metrics = train(path, tmp_path / "sae.safetensors", cfg, progress=False)
     held = metrics["held_out"]
