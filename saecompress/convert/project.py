@@ -28,7 +28,7 @@ import torch
 from ..activations import ActivationSource
 from ..errors import SaeCompressError, check_choice
 from ..mask import expander_mask
-from ..models import ENCODERS, ExpanderSAE, TopKSAE, layer_norm
+from ..models import ENCODERS, ExpanderSAE, TopKSAE
 
 MASKS = ("expander", "topd", "search")
 DEFAULT_D = 7
@@ -124,10 +124,9 @@ def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4
     sums = torch.zeros(2, sae.m, dtype=torch.float64)  # Σx, Σr
     xr = rr = 0.0
     for x in source.iter_batches(batch_size):
-        x = (layer_norm(x)[0] if sae.normalize_input else x).to(sae.b_dec.dtype)
-        values, indices = sae._encode_topk(x - sae.b_dec)
-        r = (sae._decode(values, indices) - sae.b_dec).double()
-        x = x.double()
+        values, indices = sae.encode(x)
+        r = (sae.decode(values, indices) - sae.b_dec).double()
+        x = sae.normalise(x.to(sae.b_dec.dtype))[0].double()
         sums += torch.stack([x.sum(0), r.sum(0)])
         xr += float((x * r).sum())
         rr += float((r * r).sum())
