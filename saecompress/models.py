@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import SaeCompressError
+from .errors import SaeCompressError, check_choice
 from .mask import MASK_ALGORITHM, expander_mask
 
 # The one definition of the top-k orderings: activation -> (ReLU before top-k, ReLU on the kept
@@ -75,10 +75,7 @@ def _check_config(m: int, n: int, k: int, activation: str) -> None:
         raise SaeCompressError(f"an SAE needs m >= 1 and n >= 1, got m={m}, n={n}")
     if not 1 <= k <= n:
         raise SaeCompressError(f"k={k} must be between 1 and the number of latents n={n}")
-    if activation not in ACTIVATIONS:
-        raise SaeCompressError(
-            f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}"
-        )
+    check_choice("activation", activation, ACTIVATIONS)
 
 
 class SparseAutoencoder(nn.Module):
@@ -220,8 +217,7 @@ class ExpanderSAE(SparseAutoencoder):
     ) -> None:
         super().__init__()
         self._init_common(m, n, k, activation, normalize_input)
-        if encoder not in ENCODERS:
-            raise SaeCompressError(f"unknown encoder {encoder!r}; expected 'tied' or 'untied'")
+        check_choice("encoder", encoder, ENCODERS)
         self.d = int(d)
         self.encoder = encoder
         if indices is None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .distill import DistillTerm
-from .errors import SaeCompressError
+from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
 from .models import ExpanderSAE, TopKSAE, unit_rows
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
@@ -71,8 +71,7 @@ class TrainConfig:
         for name in ("k", "tokens", "batch_size", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.decay not in DECAYS:
-            raise SaeCompressError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        check_choice("decay", self.decay, DECAYS)
         if self.d is not None and self.d < 1:
             raise SaeCompressError(f"d must be at least 1, got {self.d}")
         if self.reaim_every < 0:

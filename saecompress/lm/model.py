@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SaeCompressError, first_line
+from ..errors import SaeCompressError, check_choice, first_line
 
 SITES = ("resid", "mlp_out", "attn_out")
 _SITE_HOOKS = {"resid": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
@@ -78,8 +78,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
     """The module whose forward output *is* the activation at ``(layer, site)``."""
-    if site not in SITES:
-        raise SaeCompressError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
+    check_choice("site", site, SITES)
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise SaeCompressError(f"layer {layer} is out of range; {type(model).__name__} has layers 0..{len(layers) - 1}")
