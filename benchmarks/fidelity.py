@@ -16,10 +16,10 @@ dense SAE's. Held-out metrics use ``--eval-acts`` (activations harvested from th
 when given, else the last ``--held-out`` rows of ``--acts``. Token budgets are flags; the table
 names them.
 
-    python benchmarks/fidelity.py --acts /work/data/smollm2-l15 --eval-acts /work/data/smollm2-l15-eval \\
-        --model /path/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --text-list /work/data/eval_abs.txt --train-text-list /work/data/train_abs.txt \\
-        [--dense-from /work/data/dense-n4608-k32-1m]    # reuse a dense SAE trained by an earlier run
+    python benchmarks/fidelity.py --acts data/smollm2-l15 --eval-acts data/smollm2-l15-eval \\
+        --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --text-list data/eval_files.txt --train-text-list data/train_files.txt \\
+        [--dense-from data/dense-n4608-k32-1m]    # reuse a dense SAE trained by an earlier run
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _texts(list_file: str, shuffle_seed: int | None = None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--acts", default="/work/data/smollm2-l15")
+    p.add_argument("--acts", required=True, help="training activations (a folder from `saecompress acts`)")
     p.add_argument("--eval-acts", default=None, help="held-out activations (from held-out text) for the metrics")
     p.add_argument("--model", default=None, help="LM (GGUF file or folder) for CE-loss recovered; omit to skip CE")
     p.add_argument("--text-list", default=None, help="file listing held-out text files for CE (one path a line)")
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--held-out", type=int, default=8192)
     p.add_argument("--ce-tokens", type=int, default=16_384)
-    p.add_argument("--out", default="/tmp/fidelity")
+    p.add_argument("--out", default="fidelity-run", help="folder for the trained SAEs")
     p.add_argument("--skip-native", action="store_true")
     p.add_argument("--encoder", choices=["tied", "untied"], default="untied", help="expander encoder")
     p.add_argument("--lr", type=float, default=None,

@@ -32,12 +32,8 @@ FORMULATIONS = {
     "grouped chunk=128 G=16": EncodeLayout(chunk=128),
     "grouped chunk=1024 G=16": EncodeLayout(chunk=1024),
     "grouped chunk=256 G=32": EncodeLayout(group=32),
-    "grouped, block-diagonal MatMul over 4 latents": EncodeLayout(block=4),
     "grouped chunk=256 G=16, no 1-row branch": EncodeLayout(single_row_branch=False),
-    "1-row branch: one GatherElements [d+1, n] + Mul + MatMul row-sum": EncodeLayout(chain=False),
-    "1-row branch: int64 indices": EncodeLayout(int32_single_row=False),
     "chunked chunk=256, TopK over all n (G=1)": EncodeLayout(group=1, single_row_branch=False),
-    "naive Gather(x, idx, axis=1) [B, n, d]": EncodeLayout(naive=True),
 }
 
 
@@ -94,8 +90,6 @@ def formulation_table(n, d, batches, k, threads, rounds, budget, m) -> None:
         feeds = {"activations": x}
         engines = {"dense": lambda: dense_sess.run(None, feeds)}
         for name, sess in sessions.items():
-            if "naive" in name and batch * n * d > 2**26:
-                continue  # materialises B·n·d floats: skip where that is > 256 MiB
             engines[name] = lambda sess=sess: sess.run(None, feeds)
         t = interleaved(engines, rounds, budget)
         for name, samples in t.items():

@@ -85,8 +85,7 @@ def test_autoencoder_matches_float64_reference(float64_sae, tmp_path, activation
 
 
 @pytest.mark.parametrize("layout", [EncodeLayout(), EncodeLayout(chunk=100, group=1),
-                                    EncodeLayout(chunk=64, group=4, single_row_branch=False),
-                                    EncodeLayout(naive=True)])
+                                    EncodeLayout(chunk=64, group=4, single_row_branch=False)])
 def test_every_encode_formulation_agrees(float64_sae, layout):
     sae = make_sae("topk_relu")
     model = build_onnx(sae, layout=layout)

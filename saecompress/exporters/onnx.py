@@ -250,7 +250,7 @@ class _Exporter:
         if self.expander:
             meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": sae.storage_dtype,
                      "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}
-            if graph != "decode" and not self.layout.naive:
+            if graph != "decode":
                 meta |= {"layout": f"chunk={self.layout.chunk},group={self.layout.group_for(sae.n, sae.k)},"
                                    f"single_row_branch={str(self.layout.single_row_branch).lower()}"}
         return {METADATA_PREFIX + key: str(value) for key, value in meta.items()}

@@ -41,20 +41,12 @@ class EncodeLayout:
 
     ``chunk``: latents per gather chunk; ``group``: latents per group-max (1 = TopK over all n
     pre-activations); ``single_row_branch``: an ``If`` that encodes batches of one row with
-    ``GatherElements``, per mask column (``chain``) or in one ``[d+1, n]`` gather summed by a
-    ``MatMul`` with a row of ones;
-    ``int32_single_row``: int32 indices in that branch; ``block``: latents sharing one
-    block-diagonal ``MatMul`` row-block (1 = a batched MatMul per latent); ``naive``: the reference form
-    ``Gather(x, indices, axis=1)`` that materialises ``[B, n, d]`` (slow; kept to measure against).
+    per-mask-column ``GatherElements`` (int32 indices).
     """
 
     chunk: int = 256
     group: int = 16
     single_row_branch: bool = True
-    naive: bool = False
-    chain: bool = True
-    int32_single_row: bool = True
-    block: int = 1
 
     def group_for(self, n: int, k: int) -> int:
         """The group size used at ``n`` latents: ``group`` when it divides n and n/group ≥ k, else 1."""
@@ -91,19 +83,14 @@ def _ones_column(b: GraphBuilder, x: str) -> str:
 def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: str,
                        n: int, width: int, layout: EncodeLayout, group: int) -> str:
     """Group maxima ``[B, n/group]`` (the pre-activations themselves when group = 1)."""
-    block = layout.block if group % layout.block == 0 else 1
-    eye = b.const(np.eye(block, dtype=np.float32).reshape(1, block, block, 1)) if block > 1 else None
     maxima = []
     for start in range(0, n, layout.chunk):
         stop = min(start + layout.chunk, n)
-        groups, blocks = (stop - start) // group, (stop - start) // block
+        latents, groups = stop - start, (stop - start) // group
         bounds = (b.ints(start), b.ints(stop), b.ints(0))
-        idx = b.op("Reshape", b.op("Slice", indices_aug, *bounds), b.ints(blocks, block * width))
-        val = b.op("Reshape", b.op("Slice", values_aug, *bounds), b.ints(blocks, 1, block, width))
-        if block > 1:  # block-diagonal [block, block·(d+1)]: one MatMul serves `block` latents
-            val = b.op("Mul", val, eye)  # [blocks, block, block, d+1]
-        val = b.op("Reshape", val, b.ints(blocks, block, block * width))
-        rows = b.op("Gather", x_t, idx, axis=0)  # [blocks, block·(d+1), B]
+        idx = b.op("Slice", indices_aug, *bounds)  # [latents, d+1]
+        val = b.op("Reshape", b.op("Slice", values_aug, *bounds), b.ints(latents, 1, width))
+        rows = b.op("Gather", x_t, idx, axis=0)  # [latents, d+1, B]
         pre = b.op("Reshape", b.op("MatMul", val, rows), b.ints(groups, group, -1))  # [groups, G, B]
         if group > 1:
             maxima.append(b.op("ReduceMax", pre, b.ints(1), keepdims=1))  # [groups, 1, B]
@@ -144,22 +131,11 @@ def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str,
 
 
 def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d: int,
-                       k: int, activation: str, chain: bool) -> tuple[str, str]:
+                       k: int, activation: str) -> tuple[str, str]:
     """One row: per mask column j, ``GatherElements`` x at ``indices[:, j]``, scale, accumulate.
 
     ``indices_t``/``values_t`` are ``[d+1, 1, n]`` (the last row is the bias: index m, value b_enc).
-    ``chain=False``: one ``[d+1, n]`` gather, ``Mul``, and the sum as a ``MatMul`` with ones (slower).
     """
-    if not chain:
-        x_aug = _ones_column(b, x)
-        rows = b.op("Expand", x_aug, b.op("Concat", b.op("Shape", indices_t, start=0, end=1), b.ints(1),
-                                          axis=0))  # [d+1, m+1]
-        flat_indices = b.op("Squeeze", indices_t, b.ints(1))  # [d+1, n]
-        gathered = b.op("GatherElements", rows, flat_indices, axis=1)  # [d+1, n]
-        products = b.op("Mul", gathered, b.op("Squeeze", values_t, b.ints(1)))
-        ones = b.op("Expand", b.const(np.ones((1, 1), dtype=np.float32)),
-                    b.op("Concat", b.ints(1), b.op("Shape", indices_t, start=0, end=1), axis=0))
-        return select_topk(b, b.op("MatMul", ones, products), k, activation)  # sum of d+1 rows as a GEMM
     columns = b.op("Split", indices_t, b.ints(*[1] * (d + 1)), axis=0, outputs=d + 1)
     scales = b.op("Split", values_t, b.ints(*[1] * (d + 1)), axis=0, outputs=d + 1)
     pre = b.op("Squeeze", scales[d], b.ints(0))  # the bias row
@@ -167,12 +143,6 @@ def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d
         gathered = b.op("GatherElements", x, b.op("Squeeze", columns[j], b.ints(0)), axis=1)  # [1, n]
         pre = b.op("Add", pre, b.op("Mul", gathered, b.op("Squeeze", scales[j], b.ints(0))))
     return select_topk(b, pre, k, activation)
-
-
-def _encode_naive(b: GraphBuilder, k: int, activation: str) -> tuple[str, str]:
-    gathered = b.op("Gather", "x", "indices", axis=1)  # [B, n, d]
-    pre = b.op("ReduceSum", b.op("Mul", gathered, "values"), b.ints(2), keepdims=0)
-    return select_topk(b, b.op("Add", pre, "b_enc"), k, activation)
 
 
 def _branch(b: GraphBuilder, name: str, outputs: tuple[str, str]) -> object:
@@ -189,26 +159,21 @@ def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, op
                              layout: EncodeLayout = EncodeLayout()) -> FunctionProto:
     """``ai.saecompress::ExpanderEncode`` specialised to ``(m, n, d, k, activation)``."""
     b = GraphBuilder("enc", function=True)
-    if layout.naive:
-        values, indices = _encode_naive(b, k, activation)
+    indices_aug, values_aug = _augmented(b, m, n)
+    if layout.single_row_branch:
+        # outside the If, so onnxruntime folds them into initializers once; int32: half the index bytes per row
+        indices_t = b.op("Unsqueeze", b.op("Transpose", indices_aug, perm=[1, 0]), b.ints(1))
+        indices_t = b.op("Cast", indices_t, to=TensorProto.INT32)
+        values_t = b.op("Unsqueeze", b.op("Transpose", values_aug, perm=[1, 0]), b.ints(1))
+        is_single = b.op("Equal", b.op("Shape", "x", start=0, end=1), b.ints(1))
+        single, batched = GraphBuilder("enc1", function=True), GraphBuilder("encb", function=True)
+        then_graph = _branch(single, "single_row", _encode_single_row(
+            single, "x", indices_t, values_t, d, k, activation))
+        else_graph = _branch(batched, "batched", _encode_batched(
+            batched, "x", indices_aug, values_aug, n, d, k, activation, layout))
+        values, indices = b.op("If", is_single, outputs=2, then_branch=then_graph, else_branch=else_graph)
     else:
-        indices_aug, values_aug = _augmented(b, m, n)
-        if layout.single_row_branch:
-            # outside the If, so onnxruntime folds them into initializers once
-            indices_t = b.op("Unsqueeze", b.op("Transpose", indices_aug, perm=[1, 0]), b.ints(1))
-            if layout.int32_single_row:  # half the index bytes streamed per row
-                indices_t = b.op("Cast", indices_t, to=TensorProto.INT32)
-            values_t = b.op("Unsqueeze", b.op("Transpose", values_aug, perm=[1, 0]), b.ints(1))
-            is_single = b.op("Equal", b.op("Shape", "x", start=0, end=1), b.ints(1))
-            single, batched = GraphBuilder("enc1", function=True), GraphBuilder("encb", function=True)
-            then_graph = _branch(single, "single_row", _encode_single_row(
-                single, "x", indices_t, values_t, d, k, activation, layout.chain))
-            else_graph = _branch(batched, "batched", _encode_batched(
-                batched, "x", indices_aug, values_aug, n, d, k, activation, layout))
-            values, indices = b.op("If", is_single, outputs=2, then_branch=then_graph,
-                                   else_branch=else_graph)
-        else:
-            values, indices = _encode_batched(b, "x", indices_aug, values_aug, n, d, k, activation, layout)
+        values, indices = _encode_batched(b, "x", indices_aug, values_aug, n, d, k, activation, layout)
     b.op("Identity", values, outputs=["top_values"])
     b.op("Identity", indices, outputs=["top_indices"])
     return b.function_proto(DOMAIN, "ExpanderEncode", ["x", "indices", "values", "b_enc"],
