@@ -95,7 +95,6 @@ class SparseAutoencoder(nn.Module):
         self.m, self.n, self.k = int(m), int(n), int(k)
         self.activation = activation
         self.normalize_input = bool(normalize_input)
-        self.provenance: dict = {}
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
         if x.shape[-1] != self.m:
@@ -237,8 +236,6 @@ class ExpanderSAE(SparseAutoencoder):
         self.enc_values = nn.Parameter(values.clone()) if encoder == "untied" else None
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(m))
-        self.metadata: dict = {}
-        self.storage_dtype = "float32"
 
     @property
     def encoder_values(self) -> torch.Tensor:
@@ -304,7 +301,6 @@ class ExpanderSAE(SparseAutoencoder):
         dense.W_enc = nn.Parameter(W_enc.T.contiguous())
         dense.b_enc = nn.Parameter(self.b_enc.detach().clone())
         dense.b_dec = nn.Parameter(self.b_dec.detach().clone())
-        dense.provenance = dict(self.provenance)
         return dense
 
     def extra_repr(self) -> str:
