@@ -14,6 +14,9 @@ An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``
 its encoder column ``i`` has the same support, with the same values (``encoder="tied"``) or its
 own ``enc_values`` (``"untied"``). Encoding is a gather-and-reduce over latents in chunks, and
 decoding a scatter-add of the k active rows: no m×n matrix is ever built.
+
+Models hold parameters and configuration only: where one came from and how a file stores it
+travel beside it (``sources.Loaded``; writers take them explicitly).
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def _open(path: str | Path, k: int | None, sd: dict[str, Any] | None,
 
 def read_paper_dense(path: str | Path, k: int | None = None,
                      sd: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``), and its provenance."""
+    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``), and its
+    provenance."""
     path, k, sd, m, n = _open(path, k, sd, "W_dec_param")
     W_dec = _colnorm(tensor(sd, "W_dec_param", path, (m, n)))
     W_enc = tensor(sd, "W_enc_param", path, (n, m)).T if "W_enc_param" in sd else W_dec
