@@ -15,7 +15,7 @@ from saecompress import ExpanderSAE, SaeCompressError, convert, load, load_compa
 from saecompress.cli.main import cli
 from saecompress.compact import STORAGE_DTYPES, compact_size_bound, quantize_int8
 from saecompress.formats import read_sae
-from saecompress.sources import load_source
+from saecompress.sources import load_source, save
 
 
 def random_sae(encoder="tied", m=40, n=300, d=6, k=9, seed=4, **kw) -> ExpanderSAE:
@@ -68,6 +68,21 @@ def test_models_carry_no_file_state(tmp_path, dense_io):
     assert (compact.storage_dtype, compact.user, compact.provenance) == ("bfloat16", {"fvu": 0.5}, {"library": "test"})
     assert provenance["library"] == "saelens" and provenance["source_dtype"] == "bfloat16"
     assert load_source(folder).provenance == provenance
+
+
+def test_a_model_made_from_a_source_is_written_with_its_facts(tmp_path, dense_io):
+    """``sources.save`` (train --init, finetune) keeps the origin's storage dtype and records its source."""
+    src = save_compact(random_sae(), tmp_path / "a.safetensors", dtype="bfloat16",
+                       source={"library": "test", "path": str(tmp_path / "private")})
+    origin = load_source(src)
+    meta = read_compact_metadata(save(origin.model, tmp_path / "b.safetensors", {"x": 1}, origin))
+    assert (meta["dtype"], meta["source"], meta["user"]) == ("bfloat16", {"library": "test", "file": "private"}, {"x": 1})
+    assert read_compact_metadata(save(origin.model, tmp_path / "c.safetensors", {}))["dtype"] == "float32"
+    dense = load_source(dense_io.write_saelens(tmp_path / "dense", dense_io.weights()))
+    cfg = (save(dense.model, tmp_path / "out", {"y": 2}, dense) / "cfg.json").read_text()
+    assert str(tmp_path) not in cfg
+    written = json.loads(cfg)["metadata"]
+    assert (written["saecompress"], written["library"], written["file"]) == ({"y": 2}, "saelens", "dense")
 
 
 def test_int8_quantisation_is_idempotent():
