@@ -83,8 +83,10 @@ def _json(value: Any) -> str:
     return dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def compact_metadata(sae: ExpanderSAE, dtype: str, user: dict | None = None) -> dict[str, str]:
-    """The ``__metadata__`` strings of a compact file (see docs/FORMAT.md)."""
+def compact_metadata(sae: ExpanderSAE, dtype: str, user: dict | None = None,
+                     source: dict | None = None) -> dict[str, str]:
+    """The ``__metadata__`` strings of a compact file (see docs/FORMAT.md); ``source`` is written
+    through ``provenance.shareable``."""
     meta = {
         "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
         "m": str(sae.m), "n": str(sae.n), "d": str(sae.d), "k": str(sae.k),
@@ -92,7 +94,7 @@ def compact_metadata(sae: ExpanderSAE, dtype: str, user: dict | None = None) -> 
         "normalize_input": "true" if sae.normalize_input else "false",
         "mask": "explicit" if sae.mask_seed is None else "seed",
         "indices_sha256": indices_sha256(sae.indices.cpu().numpy()),
-        "dtype": dtype, "source": _json(shareable(sae.provenance)), "user": _json(user or {}),
+        "dtype": dtype, "source": _json(shareable(source or {})), "user": _json(user or {}),
     }
     if sae.mask_seed is not None:
         meta["mask_algorithm"] = sae.mask_algorithm or MASK_ALGORITHM
@@ -127,18 +129,16 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
             f.write(blob)
 
 
-def save_compact(sae: ExpanderSAE, path: str | os.PathLike, dtype: str | None = None,
-                 metadata: dict | None = None) -> Path:
-    """Write ``sae`` as a compact file. ``dtype`` defaults to ``sae.storage_dtype``.
+def save_compact(sae: ExpanderSAE, path: str | os.PathLike, dtype: str = "float32",
+                 metadata: dict | None = None, source: dict | None = None) -> Path:
+    """Write ``sae`` as a compact file storing its values as ``dtype``.
 
-    ``metadata`` is free JSON-serialisable user metadata (e.g. fidelity metrics); it defaults
-    to ``sae.metadata``.
+    ``metadata`` is free JSON-serialisable user metadata (e.g. fidelity metrics); ``source`` the
+    provenance of the SAE it was made from (written without local paths: ``provenance.shareable``).
     """
-    dtype = dtype or sae.storage_dtype
     check_choice("storage dtype", dtype, STORAGE_DTYPES)
     _check_finite(Path(path), {n: t for n, t in sae.state_dict().items() if t.is_floating_point()})
-    user = sae.metadata if metadata is None else metadata
-    write_safetensors(path, compact_tensors(sae, dtype), compact_metadata(sae, dtype, user))
+    write_safetensors(path, compact_tensors(sae, dtype), compact_metadata(sae, dtype, metadata, source))
     return Path(path)
 
 
@@ -299,7 +299,8 @@ def _dequantized(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def load_compact(path: str | os.PathLike) -> ExpanderSAE:
-    """Load a compact file as an ``ExpanderSAE`` (float32 values; ``storage_dtype`` remembers the file's).
+    """Load a compact file as an ``ExpanderSAE`` (float32 values); the file's facts (storage dtype,
+    source, user metadata) are :func:`read_compact_metadata`'s.
 
     Checks the format, every tensor's shape and dtype against the metadata, that values are finite,
     and that the index array's sha256 matches (so a drift in the mask algorithm is caught).
@@ -327,9 +328,6 @@ def load_compact(path: str | os.PathLike) -> ExpanderSAE:
             sae.enc_values.copy_(_dequantized(tensors, "enc_values"))
         sae.b_enc.copy_(tensors["b_enc"])
         sae.b_dec.copy_(tensors["b_dec"])
-    sae.provenance = meta["source"]
-    sae.metadata = meta["user"]
-    sae.storage_dtype = meta["dtype"]
     return sae
 
 

@@ -34,6 +34,7 @@ from .errors import SaeCompressError
 from .lm import capture, ce_eval_many, harvest
 from .metrics import evaluate
 from .models import TopKSAE
+from .sources import Loaded
 from .timing import interleaved
 
 DEFAULT_SAE = Path(__file__).parent / "data" / "smollm2-135m-l15-topk"
@@ -158,9 +159,9 @@ def held_out_activations(model: torch.nn.Module, tokenizer: Any, texts: Sequence
     return folder
 
 
-def storage_dtype(dense: TopKSAE) -> str:
+def storage_dtype(source: Loaded) -> str:
     """The dense file's own dtype when compact files can store it (a like-for-like size), else float32."""
-    dtype = dense.provenance.get("source_dtype")
+    dtype = source.provenance.get("source_dtype")
     return dtype if dtype in STORAGE_DTYPES else "float32"
 
 
@@ -205,10 +206,11 @@ def monitor_sentences(model: torch.nn.Module, tokenizer: Any, onnx_path: Path, s
     return shown
 
 
-def run_demo(model: torch.nn.Module, tokenizer: Any, dense: TopKSAE, held_out: Sequence[str], work: Path, *,
+def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: Sequence[str], work: Path, *,
              dense_bytes: int, cfg: DemoConfig | None = None, sentences: Sequence[str] = SENTENCES,
              log: Callable[[str], None] = print, progress: bool = True) -> DemoReport:
-    """Convert ``dense``, measure both SAEs on ``held_out`` text, export, time and monitor; see the module doc.
+    """Convert the dense SAE ``source`` (from ``sources.load_source``), measure both SAEs on ``held_out``
+    text, export, time and monitor; see the module doc.
 
     ``work`` holds the outputs (``expander.safetensors``, ``expander.onnx``, ``dense.onnx``, cached
     held-out activations); ``dense_bytes`` is the size of the dense SAE's files.
@@ -216,6 +218,7 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, dense: TopKSAE, held_out: S
     from .exporters.onnx import export_onnx
 
     cfg = cfg or DemoConfig()
+    dense = source.model
     if not isinstance(dense, TopKSAE):
         raise SaeCompressError("the demo converts a dense TopK SAE; this source is already an Expander SAE")
     hidden = model.config.to_dict().get("hidden_size")
@@ -224,7 +227,7 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, dense: TopKSAE, held_out: S
                                "give the SAE trained on this model's activations")
     work.mkdir(parents=True, exist_ok=True)
     texts = list(held_out)
-    dtype = storage_dtype(dense)
+    dtype = storage_dtype(source)
 
     log(f"[1/5] held-out activations: {cfg.eval_tokens:,} rows at layer {cfg.layer} ({cfg.site})")
     acts = open_activations(held_out_activations(model, tokenizer, texts, cfg, work, progress))
@@ -232,7 +235,7 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, dense: TopKSAE, held_out: S
     log(f"[2/5] convert: d={cfg.d} per latent (convert's defaults), stored as {dtype}")
     expander = convert(dense, cfg.d)
     compact = save_compact(expander, work / "expander.safetensors", dtype=dtype,
-                           metadata={"demo": {"layer": cfg.layer, "site": cfg.site}})
+                           metadata={"demo": {"layer": cfg.layer, "site": cfg.site}}, source=source.provenance)
     expander = load_compact(compact)  # measure what the file holds, at its stored precision
 
     log("[3/5] evaluate: FVU, L0 and dead latents on held-out rows; CE-loss recovered spliced into the LM")
@@ -242,7 +245,8 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, dense: TopKSAE, held_out: S
                       tokens=cfg.ce_tokens, context=cfg.context, progress=progress)
 
     log("[4/5] export ONNX and time onnxruntime encode (1 thread, rounds alternated)")
-    onnx = {"dense": export_onnx(dense, work / "dense.onnx"), "expander": export_onnx(expander, work / "expander.onnx")}
+    onnx = {"dense": export_onnx(dense, work / "dense.onnx", source=source.provenance),
+            "expander": export_onnx(expander, work / "expander.onnx", storage_dtype=dtype, source=source.provenance)}
     speed = encode_speed(onnx, dense.m, cfg)
 
     log(f"[5/5] monitor: top {cfg.top} expander features of each token")
@@ -254,7 +258,7 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, dense: TopKSAE, held_out: S
                           ce[name]["ce_recovered"], speed[name])
 
     shared = ("ce_clean", "ce_zero", "ce_mean", "ce_tokens", "ce_excluded_first", "ce_excluded_massive", "hookpoint")
-    return DemoReport(dense=summary("dense", Path(dense.provenance.get("path", "")), dense_bytes),
+    return DemoReport(dense=summary("dense", Path(source.provenance.get("path", "")), dense_bytes),
                       expander=summary("expander", compact, compact.stat().st_size),
                       storage_dtype=dtype, eval_rows=fidelity["expander"]["num_rows"],
                       ce={key: ce["dense"][key] for key in shared}, monitor=shown)

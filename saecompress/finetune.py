@@ -44,7 +44,7 @@ from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
 from .models import ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
-from .sources import save
+from .sources import Loaded, save
 from .sparse_ops import MaskLayout
 
 
@@ -144,12 +144,14 @@ class _LatentKeeper:
 
 def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int,
              site: str = "resid", cfg: FinetuneConfig | None = None, *, out: str | os.PathLike | None = None,
-             progress: bool = True) -> tuple[SparseAutoencoder, dict[str, Any]]:
+             origin: Loaded | None = None, progress: bool = True) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """KL-fine-tune ``sae`` in place at ``(layer, site)`` of ``model`` over ``texts``; returns ``(sae, stats)``.
 
     ``stats``: the settings, steps, tokens and the mean KL / FVU of the first and last tenth of
     the steps. With ``out`` the model is written there (compact file, or SAELens folder for a
     dense SAE), atomically, with the stats in its metadata; it is checked before training starts.
+    ``origin`` is the source ``sae`` was loaded from: ``out`` keeps its user metadata (its
+    ``held_out`` metrics renamed ``held_out_before_finetune``), provenance and storage dtype.
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
@@ -198,8 +200,8 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
                           "kl_first": float(first[0]), "kl_last": float(last[0]),
                           "fvu_first": float(first[1]), "fvu_last": float(last[1])}}
     if out is not None:
-        previous = dict(getattr(sae, "metadata", {}))
+        previous = dict(origin.user) if origin is not None else {}
         if "held_out" in previous:  # activation-space metrics of the model before this run
             previous["held_out_before_finetune"] = previous.pop("held_out")
-        save(sae, out, with_metrics({**previous, **stats}, None))
+        save(sae, out, with_metrics({**previous, **stats}, None), origin)
     return sae, stats

@@ -14,6 +14,9 @@ An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``
 its encoder column ``i`` has the same support, with the same values (``encoder="tied"``) or its
 own ``enc_values`` (``"untied"``). Encoding is a gather-and-reduce over latents in chunks, and
 decoding a scatter-add of the k active rows: no m×n matrix is ever built.
+
+Models hold parameters and configuration only: where one came from and how a file stores it
+travel beside it (``sources.Loaded``; writers take them explicitly).
 """
 
 from __future__ import annotations
@@ -92,7 +95,6 @@ class SparseAutoencoder(nn.Module):
         self.m, self.n, self.k = int(m), int(n), int(k)
         self.activation = activation
         self.normalize_input = bool(normalize_input)
-        self.provenance: dict = {}
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
         if x.shape[-1] != self.m:
@@ -233,8 +235,6 @@ class ExpanderSAE(SparseAutoencoder):
         self.enc_values = nn.Parameter(values.clone()) if encoder == "untied" else None
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(m))
-        self.metadata: dict = {}
-        self.storage_dtype = "float32"
 
     @property
     def encoder_values(self) -> torch.Tensor:
@@ -300,7 +300,6 @@ class ExpanderSAE(SparseAutoencoder):
         dense.W_enc = nn.Parameter(W_enc.T.contiguous())
         dense.b_enc = nn.Parameter(self.b_enc.detach().clone())
         dense.b_dec = nn.Parameter(self.b_dec.detach().clone())
-        dense.provenance = dict(self.provenance)
         return dense
 
     def extra_repr(self) -> str:

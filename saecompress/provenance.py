@@ -1,6 +1,6 @@
 """Where an SAE came from, as files may record it: never a path of the machine that wrote them.
 
-Readers keep the local ``path`` of a source in ``sae.provenance`` (for messages and sizes);
+Readers return a source's provenance beside its model, with the local ``path`` (for messages and sizes);
 everything written to a file (compact metadata, ONNX metadata, SAELens ``cfg.json``, model
 cards) goes through :func:`shareable`, which replaces it by what identifies the source anywhere:
 ``repo_id`` + ``revision`` (commit sha) + ``file`` (path in the repo) for a Hugging Face cache

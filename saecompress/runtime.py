@@ -22,7 +22,7 @@ from .activations import open_activations
 from .errors import SaeCompressError, first_line
 from .exporters.onnx import build_onnx, read_onnx_metadata
 from .models import ExpanderSAE, TopKSAE
-from .sources import load
+from .sources import load_source
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -62,9 +62,11 @@ def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
             raise SaeCompressError(f"{path}: an ONNX file holds one SAE; --hookpoint selects one of a multi-SAE "
                                    "source (drop it)")
         return path.read_bytes()
-    if not isinstance(model, (ExpanderSAE, TopKSAE)):
-        model = load(model, hookpoint, hub=hub)
-    return build_onnx(model, "autoencoder").SerializeToString()
+    if isinstance(model, (ExpanderSAE, TopKSAE)):
+        return build_onnx(model, "autoencoder").SerializeToString()
+    loaded = load_source(model, hookpoint, hub=hub)
+    return build_onnx(loaded.model, "autoencoder", storage_dtype=loaded.storage_dtype,
+                      source=loaded.provenance).SerializeToString()
 
 
 class Monitor:

@@ -1,14 +1,18 @@
 """One resolver for every SAE source: compact files, dense SAEs in any known layout, ``hf://`` URIs;
-and ``save``, the one writer of a model a command produces."""
+and ``save``, the one writer of a model a command produces.
+
+Models carry no file state: ``load_source`` returns a source's facts (provenance, user metadata,
+storage dtype) beside its model as a ``Loaded``, and writers take them explicitly."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .activations import open_activations
-from .compact import is_compact_file, load_compact, save_compact
+from .compact import is_compact_file, load_compact, read_compact_metadata, save_compact
 from .errors import SaeCompressError
 from .formats import detect_format, read_sae
 from .formats.saelens import save_dense
@@ -21,6 +25,22 @@ class HubAccess:
 
     endpoint: str | None = None
     token: str | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model and the facts of the file it came from.
+
+    ``provenance``: where it came from (a dense reader's, which may hold the local ``path``, or a
+    compact file's ``source``); whatever is written goes through ``provenance.shareable``.
+    ``user``: a compact file's user metadata. ``storage_dtype``: the precision a compact file stores
+    the values at (dense readers give float32 models).
+    """
+
+    model: ExpanderSAE | TopKSAE
+    provenance: dict[str, Any] = field(default_factory=dict)
+    user: dict[str, Any] = field(default_factory=dict)
+    storage_dtype: str = "float32"
 
 
 def resolve(src: str | os.PathLike, hookpoint: str | None = None,
@@ -74,18 +94,31 @@ def find_compact(path: Path, hookpoint: str | None = None) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def load(src: str | os.PathLike, hookpoint: str | None = None, *,
-         hub: HubAccess | None = None) -> ExpanderSAE | TopKSAE:
-    """Load any SAE source: a compact file or a paper checkpoint → ``ExpanderSAE``; a dense SAE → ``TopKSAE``."""
+def load_source(src: str | os.PathLike, hookpoint: str | None = None, *,
+                hub: HubAccess | None = None) -> Loaded:
+    """Load any SAE source (as :func:`load`) with the facts of its file beside the model."""
     path, hookpoint = resolve(src, hookpoint, hub)
     compact = find_compact(path, hookpoint)
     if compact is not None:
-        return load_compact(compact)
-    return read_sae(path, hookpoint)
+        meta = read_compact_metadata(compact)
+        return Loaded(load_compact(compact), meta["source"], meta["user"], meta["dtype"])
+    return Loaded(*read_sae(path, hookpoint))
 
 
-def save(sae: ExpanderSAE | TopKSAE, out: str | os.PathLike, metadata: dict) -> Path:
-    """Write ``sae`` to ``out`` atomically: a compact file for an ``ExpanderSAE``, a SAELens folder for a dense one."""
+def load(src: str | os.PathLike, hookpoint: str | None = None, *,
+         hub: HubAccess | None = None) -> ExpanderSAE | TopKSAE:
+    """Load any SAE source: a compact file or a paper checkpoint → ``ExpanderSAE``; a dense SAE → ``TopKSAE``."""
+    return load_source(src, hookpoint, hub=hub).model
+
+
+def save(sae: ExpanderSAE | TopKSAE, out: str | os.PathLike, metadata: dict, origin: Loaded | None = None) -> Path:
+    """Write ``sae`` to ``out`` atomically: a compact file for an ``ExpanderSAE``, a SAELens folder for a dense one.
+
+    ``origin`` is the source ``sae`` was made from: its provenance is recorded, and a compact file
+    keeps its storage dtype (else float32).
+    """
+    source = origin.provenance if origin is not None else {}
     if isinstance(sae, ExpanderSAE):
-        return save_compact(sae, out, metadata=metadata)
-    return save_dense(sae, out, metadata)
+        dtype = origin.storage_dtype if origin is not None else "float32"
+        return save_compact(sae, out, dtype=dtype, metadata=metadata, source=source)
+    return save_dense(sae, out, metadata, source=source)

@@ -35,7 +35,7 @@ from .errors import SaeCompressError
 from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE
 from .objective import normalize_decoder
-from .sources import load, save
+from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
 from .trainer import TrainConfig, Trainer
 
@@ -44,10 +44,14 @@ __all__ = ["CHECKPOINT_SUFFIX", "TrainConfig", "Trainer", "train"]
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
-def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None, hub=None):
-    """The model training starts from: ``init`` file, ``convert(teacher)``, or a fresh one."""
+def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None,
+                   hub=None) -> tuple[ExpanderSAE | TopKSAE, Loaded | None]:
+    """The model training starts from (``init`` file, ``convert(teacher)``, or a fresh one) and the
+    loaded ``init`` source, if any."""
+    start = None
     if init is not None:
-        sae = load(init, hub=hub)
+        start = load_source(init, hub=hub)
+        sae = start.model
     elif teacher is not None:
         if cfg.d is None:
             raise SaeCompressError("distillation trains an expander student: give --d with --teacher")
@@ -62,9 +66,9 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
         k = cfg.k or 32
         torch.manual_seed(cfg.seed)  # fresh weights are drawn from the global generator
         if cfg.d is None:
-            return TopKSAE(m, n, k, activation=cfg.activation or "topk_relu")
+            return TopKSAE(m, n, k, activation=cfg.activation or "topk_relu"), None
         return ExpanderSAE(m, n, cfg.d, k, seed=cfg.mask_seed,
-                           activation=cfg.activation or "signed_topk", encoder=cfg.encoder)
+                           activation=cfg.activation or "signed_topk", encoder=cfg.encoder), None
     if sae.m != m:
         raise SaeCompressError(f"the starting SAE has m={sae.m} but the activations have m={m}; "
                                "use activations from the SAE's model and hookpoint")
@@ -77,7 +81,7 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
         if not 1 <= cfg.k <= sae.n:
             raise SaeCompressError(f"--k {cfg.k} must be between 1 and the number of latents {sae.n}")
         sae.k = cfg.k
-    return sae
+    return sae, start
 
 
 @torch.no_grad()
@@ -151,7 +155,8 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     ``out`` is a compact ``.safetensors`` file for expander SAEs and a SAELens folder for dense
     ones (``cfg.d is None``). With ``teacher`` (a dense source or ``TopKSAE``) the run is a
     distillation: the student starts from ``convert(teacher, d)`` (or ``init``) and is pulled
-    towards the teacher's latents. ``stop_after`` ends the run early after that many steps
+    towards the teacher's latents. ``out`` records the source of ``init`` (keeping its storage
+    dtype), else of a ``teacher`` source. ``stop_after`` ends the run early after that many steps
     (only the checkpoint is written, as on Ctrl-C). The returned metrics are measured on the last
     held-out rows of ``acts`` (``cfg.held_out``), which training never sees; training runs whole
     batches, ``tokens // batch_size`` of them. ``hub`` (a ``sources.HubAccess``) says where ``hf://``
@@ -172,13 +177,16 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
         raise SaeCompressError(f"{source.path}: holds no activation rows; harvest some with `saecompress acts`")
     held_rows = cfg.held_out(source.num_rows)
     train_src, held_src = source.split(held_rows) if held_rows > 0 else (source, None)
+    origin = None  # the source the model is made from: its provenance (and storage dtype) go into OUT
     if isinstance(teacher, (str, os.PathLike)):
-        teacher = load(teacher, hub=hub)
+        origin = load_source(teacher, hub=hub)
+        teacher = origin.model
     if teacher is not None and not isinstance(teacher, TopKSAE):
         raise SaeCompressError("the distillation teacher must be a dense TopK SAE")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    sae = _initial_model(cfg, source.m, teacher, init, hub)
+    sae, start = _initial_model(cfg, source.m, teacher, init, hub)
+    origin = start or origin
     total_steps = cfg.tokens // cfg.batch_size
     trainer = Trainer(sae, cfg, total_steps, teacher)
     if resume:
@@ -232,7 +240,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
     else:
-        save(sae, out, with_metrics(metrics, metrics.get("held_out")))
+        save(sae, out, with_metrics(metrics, metrics.get("held_out")), origin)
     return sae, metrics
 
 

@@ -3,7 +3,7 @@
 Fixtures: ``dense_io`` (dense SAEs written the way each library writes them, with their float64
 forward passes), ``tiny_lm`` (tiny transformers LMs built in-process) and ``tiny_llama`` (one,
 saved once per session), ``hub`` / ``hub_server`` / ``isolated_hf`` / ``upload_folder`` /
-``hub_sae`` (the real hub server in hub_server.py, huggingface_hub pointed at it), ``float64_sae``
+``hub_sae`` / ``hub_file`` (the real hub server in hub_server.py, huggingface_hub pointed at it), ``float64_sae``
 (a float64 numpy reference of any SAE's encode and reconstruction), ``read_until`` (a subprocess
 pipe read with a deadline).
 """
@@ -29,6 +29,7 @@ from huggingface_hub import HfApi, constants  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from hub_server import HubServer  # noqa: E402 - tests/ is on sys.path while pytest loads this conftest
+from saecompress.compact import save_compact  # noqa: E402
 from saecompress.lm import token_contexts  # noqa: E402
 from saecompress.models import LAYER_NORM_EPS, ExpanderSAE  # noqa: E402
 
@@ -369,16 +370,27 @@ def _hub_sae(seed: int, hookpoint: str, m: int = 16, n: int = 64, d: int = 4) ->
         sae.values.normal_()
         sae.b_enc.normal_()
         sae.b_dec.normal_()
-    sae.provenance = {"library": "sparsify", "hookpoint": hookpoint, "model_name": "tiny-lm",
-                      "path": f"/home/someone/.cache/huggingface/hub/models--EleutherAI--sae-tiny/snapshots/{'a' * 40}/{hookpoint}"}
-    sae.metadata = {"metrics": {"fvu": 0.125 + seed / 100, "l0": 4.0}}
     return sae
+
+
+def _hub_file(seed: int, hookpoint: str, path: Path) -> Path:
+    source = {"library": "sparsify", "hookpoint": hookpoint, "model_name": "tiny-lm",
+              "path": f"/home/someone/.cache/huggingface/hub/models--EleutherAI--sae-tiny/snapshots/{'a' * 40}/{hookpoint}"}
+    return save_compact(_hub_sae(seed, hookpoint), path, metadata={"metrics": {"fvu": 0.125 + seed / 100, "l0": 4.0}},
+                        source=source)
 
 
 @pytest.fixture(scope="session")
 def hub_sae():
-    """``hub_sae(seed, hookpoint)``: a random expander SAE with sparsify provenance and file metrics."""
+    """``hub_sae(seed, hookpoint)``: a random expander SAE."""
     return _hub_sae
+
+
+@pytest.fixture(scope="session")
+def hub_file():
+    """``hub_file(seed, hookpoint, path)``: ``hub_sae(seed, hookpoint)`` written to ``path`` as a compact file
+    with sparsify provenance (from a hub cache path) and file metrics."""
+    return _hub_file
 
 
 # ------------------------------------------------------------------------------ subprocesses

@@ -279,9 +279,9 @@ def test_hub_conversion_and_push_hold_no_local_path(dense_io, hub, upload_folder
 
     # a file from an older saecompress that recorded the local path: push uploads a copy without it
     sae = ExpanderSAE(M, N, 4, K, seed=1)
-    sae.provenance = {"library": "saelens", "hookpoint": "layers.4", "path": str(tmp_path / "private" / "dense")}
+    provenance = {"library": "saelens", "hookpoint": "layers.4", "path": str(tmp_path / "private" / "dense")}
     old = tmp_path / "old" / "layers.4.safetensors"
-    meta = compact_metadata(sae, "float32") | {"source": json.dumps(sae.provenance)}
+    meta = compact_metadata(sae, "float32") | {"source": json.dumps(provenance)}
     write_safetensors(old, compact_tensors(sae, "float32"), meta)
     for path in (out, old):
         ok("push", path, "alice/shared")

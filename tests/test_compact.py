@@ -11,9 +11,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from saecompress import ExpanderSAE, SaeCompressError, load_compact, read_compact_metadata, save_compact
+from saecompress import ExpanderSAE, SaeCompressError, convert, load, load_compact, read_compact_metadata, save_compact
 from saecompress.cli.main import cli
 from saecompress.compact import STORAGE_DTYPES, compact_size_bound, quantize_int8
+from saecompress.formats import read_sae
+from saecompress.sources import load_source, save
 
 
 def random_sae(encoder="tied", m=40, n=300, d=6, k=9, seed=4, **kw) -> ExpanderSAE:
@@ -22,21 +24,22 @@ def random_sae(encoder="tied", m=40, n=300, d=6, k=9, seed=4, **kw) -> ExpanderS
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    sae.provenance = {"library": "test", "hookpoint": "layers.3"}
     return sae
 
 
 @pytest.mark.parametrize("encoder", ["tied", "untied"])
 def test_float32_round_trip_is_bit_exact(tmp_path, encoder):
     sae = random_sae(encoder, activation="topk_relu", normalize_input=True)
-    path = save_compact(sae, tmp_path / "a.safetensors", metadata={"fvu": 0.123})
+    source = {"library": "test", "hookpoint": "layers.3"}
+    path = save_compact(sae, tmp_path / "a.safetensors", metadata={"fvu": 0.123}, source=source)
     loaded = load_compact(path)
     for name, tensor in sae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert (loaded.activation, loaded.encoder, loaded.normalize_input) == ("topk_relu", encoder, True)
-    assert loaded.mask_seed == 4 and loaded.provenance == sae.provenance
-    assert loaded.metadata == {"fvu": 0.123}
-    save_compact(loaded, tmp_path / "b.safetensors")
+    meta = read_compact_metadata(path)
+    assert loaded.mask_seed == 4 and meta["source"] == source
+    assert meta["user"] == {"fvu": 0.123}
+    save_compact(loaded, tmp_path / "b.safetensors", metadata=meta["user"], source=meta["source"])
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
@@ -45,12 +48,41 @@ def test_every_dtype_round_trips_bit_exactly_and_within_the_size_bound(tmp_path,
     sae = random_sae("tied", m=64, n=2000, d=7)
     first = save_compact(sae, tmp_path / "a.safetensors", dtype=dtype)
     loaded = load_compact(first)
-    assert loaded.storage_dtype == dtype
-    second = save_compact(loaded, tmp_path / "b.safetensors")
+    assert read_compact_metadata(first)["dtype"] == dtype
+    second = save_compact(loaded, tmp_path / "b.safetensors", dtype=dtype)
     assert first.read_bytes() == second.read_bytes()
     assert first.stat().st_size <= compact_size_bound(2000, 64, 7, dtype)
     rel = (loaded.values - sae.values).norm() / sae.values.norm()
     assert rel < {"float32": 1e-12, "float16": 1e-3, "bfloat16": 8e-3, "int8": 1e-2}[dtype]
+
+
+def test_models_carry_no_file_state(tmp_path, dense_io):
+    """Where a model came from and how a file stores it travel beside it (``sources.Loaded``), never on it."""
+    path = save_compact(random_sae(), tmp_path / "s.safetensors", dtype="bfloat16", metadata={"fvu": 0.5},
+                        source={"library": "test"})
+    folder = dense_io.write_saelens(tmp_path / "dense", dense_io.weights(), dtype=torch.bfloat16)
+    dense, provenance = read_sae(folder)
+    compact = load_source(path)
+    for model in (load_compact(path), compact.model, dense, load(folder), convert(dense, 3), random_sae().to_dense()):
+        assert not [name for name in ("provenance", "metadata", "storage_dtype") if hasattr(model, name)], model
+    assert (compact.storage_dtype, compact.user, compact.provenance) == ("bfloat16", {"fvu": 0.5}, {"library": "test"})
+    assert provenance["library"] == "saelens" and provenance["source_dtype"] == "bfloat16"
+    assert load_source(folder).provenance == provenance
+
+
+def test_a_model_made_from_a_source_is_written_with_its_facts(tmp_path, dense_io):
+    """``sources.save`` (train --init, finetune) keeps the origin's storage dtype and records its source."""
+    src = save_compact(random_sae(), tmp_path / "a.safetensors", dtype="bfloat16",
+                       source={"library": "test", "path": str(tmp_path / "private")})
+    origin = load_source(src)
+    meta = read_compact_metadata(save(origin.model, tmp_path / "b.safetensors", {"x": 1}, origin))
+    assert (meta["dtype"], meta["source"], meta["user"]) == ("bfloat16", {"library": "test", "file": "private"}, {"x": 1})
+    assert read_compact_metadata(save(origin.model, tmp_path / "c.safetensors", {}))["dtype"] == "float32"
+    dense = load_source(dense_io.write_saelens(tmp_path / "dense", dense_io.weights()))
+    cfg = (save(dense.model, tmp_path / "out", {"y": 2}, dense) / "cfg.json").read_text()
+    assert str(tmp_path) not in cfg
+    written = json.loads(cfg)["metadata"]
+    assert (written["saecompress"], written["library"], written["file"]) == ({"y": 2}, "saelens", "dense")
 
 
 def test_int8_quantisation_is_idempotent():

@@ -53,7 +53,7 @@ def test_expander_projection_keeps_mask_entries(dense_sae):
     assert sae.enc_values is None and sae.encoder == "tied"
     assert torch.equal(sae.b_enc, dense.b_enc) and torch.equal(sae.b_dec, dense.b_dec)
     assert (sae.activation, sae.k) == (dense.activation, dense.k)
-    assert sae.metadata["conversion"]["kept_energy"] == pytest.approx(energy(w["W_dec"], idx), rel=1e-6)
+    assert kept_energy(dense, sae.indices) == pytest.approx(energy(w["W_dec"], idx), rel=1e-6)
 
 
 def test_conversion_is_deterministic(dense_sae, tmp_path):
@@ -139,8 +139,12 @@ def test_cli_converts_saelens_with_activation_metrics(dense_io, tmp_path):
         x_hat = sae(acts.float()).double()
     assert report["fvu"] == pytest.approx(float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-4)
     assert 0 < report["l0"] <= K and 0 <= report["dead_fraction"] < 1
-    assert sae.storage_dtype == "float16" and sae.provenance["library"] == "saelens"
-    assert read_compact_metadata(out)["user"]["convert"]["fvu"] == pytest.approx(report["fvu"])
+    meta = read_compact_metadata(out)
+    assert meta["dtype"] == "float16" and meta["source"]["library"] == "saelens"
+    assert meta["user"]["convert"]["fvu"] == pytest.approx(report["fvu"])
+    conversion = meta["user"]["conversion"]
+    assert (conversion["mask"], conversion["d"], conversion["kept_energy"]) == ("topd", D, report["kept_energy"])
+    assert conversion["calibration"] == {"scale": report["calibration_scale"], "rows": 300}
     again = run(out, tmp_path / "again.safetensors")
     assert again.exit_code == 2 and "already a compact" in again.stderr
 
@@ -172,7 +176,7 @@ def test_many_hookpoints_convert_into_a_folder(dense_io, tmp_path):
     rows = json.loads(result.stdout)["hookpoints"]
     assert [r["hookpoint"] for r in rows] == ["layers.0", "layers.1", "layers.2"]
     assert sorted(p.name for p in out.iterdir()) == [f"layers.{i}.safetensors" for i in range(3)]
-    assert load_compact(out / "layers.1.safetensors").provenance["hookpoint"] == "layers.1"
+    assert read_compact_metadata(out / "layers.1.safetensors")["source"]["hookpoint"] == "layers.1"
     one = tmp_path / "one.safetensors"
     result = run(repo, one, "--hookpoint", "layers.2", "--d", D)
     assert result.exit_code == 0 and one.is_file() and "layers.2: sparsify" in result.stdout

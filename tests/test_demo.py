@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from saecompress.cli.main import cli
 from saecompress.demo import DEFAULT_SAE, default_texts
 from saecompress.models import TopKSAE
-from saecompress.sources import load
+from saecompress.sources import load_source
 from saecompress.formats.saelens import save_dense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,10 +90,11 @@ def test_demo_refuses_a_work_folder_inside_its_inputs(setup):
 
 
 def test_shipped_sae_is_a_dense_topk_sae_for_smollm2():
-    sae = load(DEFAULT_SAE)
+    source = load_source(DEFAULT_SAE)
+    sae = source.model
     assert isinstance(sae, TopKSAE)
     assert (sae.m, sae.n, sae.k) == (576, 2304, 32)
-    assert sae.provenance["source_dtype"] == "bfloat16"
+    assert source.provenance["source_dtype"] == "bfloat16"
     assert all(torch.isfinite(p).all() for p in sae.parameters())
 
 

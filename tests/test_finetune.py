@@ -12,7 +12,7 @@ from saecompress.errors import SaeCompressError
 from saecompress.finetune import FinetuneConfig, _LatentKeeper, finetune
 from saecompress.lm import capture, ce_eval, load_model, token_contexts
 from saecompress.models import ExpanderSAE, TopKSAE
-from saecompress.sources import load
+from saecompress.sources import Loaded, load
 
 CFG = dict(context=32, batch=2, lr=1e-2)
 
@@ -41,12 +41,12 @@ def kl(tiny_lm, model, tokenizer, sae) -> float:
 def test_finetune_lowers_held_out_kl_and_writes_the_model(tiny_lm, lm, tmp_path, dense):
     _, model, tokenizer = lm
     sae = start_sae(tiny_lm, model, tokenizer, dense)
-    sae.metadata = {"held_out": {"fvu": 0.5}, "training": {"steps": 7}}
+    origin = Loaded(sae, {"library": "test"}, user={"held_out": {"fvu": 0.5}, "training": {"steps": 7}})
     indices = sae.indices.clone() if not dense else None
     before = kl(tiny_lm, model, tokenizer, sae)
     out = tmp_path / ("dense" if dense else "ft.safetensors")
     tuned, stats = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid", FinetuneConfig(tokens=32 * 2 * 40, **CFG),
-                            out=out, progress=False)
+                            out=out, origin=origin, progress=False)
     after = kl(tiny_lm, model, tokenizer, tuned)
     assert after < 0.7 * before, (before, after)  # on texts it was not tuned on
     run = stats["finetune"]
@@ -57,7 +57,9 @@ def test_finetune_lowers_held_out_kl_and_writes_the_model(tiny_lm, lm, tmp_path,
     assert kl(tiny_lm, model, tokenizer, saved) == pytest.approx(after, rel=1e-5)
     if not dense:
         assert torch.equal(saved.indices, indices)  # the mask never moves
-        user = read_compact_metadata(out)["user"]
+        meta = read_compact_metadata(out)
+        user = meta["user"]
+        assert meta["source"] == {"library": "test"} and meta["dtype"] == "float32"
         assert user["finetune"]["steps"] == 40 and user["training"] == {"steps": 7}
         assert user["held_out_before_finetune"] == {"fvu": 0.5} and "held_out" not in user  # no stale metrics
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from saecompress.errors import SaeCompressError
-from saecompress.formats import detect_format, list_hookpoints, read_dense, read_sae
+from saecompress.formats import detect_format, list_hookpoints, read_sae
 from saecompress.formats.paper import read_paper_checkpoint
 from saecompress.models import ExpanderSAE, TopKSAE
 
@@ -29,20 +29,20 @@ def test_saelens_v6_round_trip(dense_io, tmp_path):
     folder = dense_io.write_saelens(tmp_path / "blocks.8.hook_resid_pre", w)
     assert detect_format(folder) == "saelens"
     assert list_hookpoints(folder) == [""]
-    sae = read_dense(folder)
+    sae, provenance = read_sae(folder)
     assert isinstance(sae, TopKSAE) and (sae.m, sae.n, sae.k, sae.activation) == (M, N, K, "topk_relu")
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.saelens_forward(x, w, K))
-    assert sae.provenance["library"] == "saelens"
-    assert sae.provenance["model_name"] == "gpt2"
-    assert sae.provenance["hookpoint"] == "blocks.8.hook_resid_pre"
+    assert provenance["library"] == "saelens"
+    assert provenance["model_name"] == "gpt2"
+    assert provenance["hookpoint"] == "blocks.8.hook_resid_pre"
 
 
 def test_saelens_bf16_source_is_read_exactly(dense_io, tmp_path):
     w = {name: t.to(torch.bfloat16).double() for name, t in dense_io.weights(3).items()}
     folder = dense_io.write_saelens(tmp_path / "sae", w, dtype=torch.bfloat16)
-    sae = read_dense(folder / "sae_weights.safetensors")  # the weights file works as a path too
-    assert sae.provenance["source_dtype"] == "bfloat16"
+    sae, provenance = read_sae(folder / "sae_weights.safetensors")  # the weights file works as a path too
+    assert provenance["source_dtype"] == "bfloat16"
     assert sae.W_dec.dtype == torch.float32
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.saelens_forward(x, w, K))
@@ -50,8 +50,8 @@ def test_saelens_bf16_source_is_read_exactly(dense_io, tmp_path):
 
 def test_saelens_pre6_config(dense_io, tmp_path):
     w = dense_io.weights(1)
-    sae = read_dense(dense_io.write_saelens(tmp_path / "old", w, version=5))
-    assert sae.k == K and sae.provenance["model_name"] == "pythia-70m-deduped"
+    sae, provenance = read_sae(dense_io.write_saelens(tmp_path / "old", w, version=5))
+    assert sae.k == K and provenance["model_name"] == "pythia-70m-deduped"
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.saelens_forward(x, w, K))
 
@@ -59,20 +59,20 @@ def test_saelens_pre6_config(dense_io, tmp_path):
 def test_saelens_folds_b_dec_layer_norm_scalings(dense_io, tmp_path):
     w = dense_io.weights(2)
     x = dense_io.inputs(4)
-    sae = read_dense(dense_io.write_saelens(tmp_path / "nobdec", w, apply_b_dec_to_input=False))
+    sae, _ = read_sae(dense_io.write_saelens(tmp_path / "nobdec", w, apply_b_dec_to_input=False))
     close(sae(x.float()), dense_io.saelens_forward(x, w, K, apply_b_dec=False))
-    sae = read_dense(dense_io.write_saelens(tmp_path / "ln", w, normalize_activations="layer_norm"))
+    sae, _ = read_sae(dense_io.write_saelens(tmp_path / "ln", w, normalize_activations="layer_norm"))
     assert sae.normalize_input
     close(sae(x.float()), dense_io.saelens_forward(x, w, K, layer_norm=True), rtol=1e-4)
-    sae = read_dense(dense_io.write_saelens(tmp_path / "scaled", w, normalize_activations="expected_average_only_in",
-                                   norm_scaling_factor=0.37))
+    sae, _ = read_sae(dense_io.write_saelens(tmp_path / "scaled", w, normalize_activations="expected_average_only_in",
+                                    norm_scaling_factor=0.37))
     close(sae(x.float()), dense_io.saelens_forward(x, w, K, scale_in=0.37))
     scaling = torch.rand(N, dtype=torch.float64) + 0.5
-    sae = read_dense(dense_io.write_saelens(tmp_path / "ft", w, version=5, tensors={"scaling_factor": scaling},
-                                   finetuning_scaling_factor=True))
+    sae, _ = read_sae(dense_io.write_saelens(tmp_path / "ft", w, version=5, tensors={"scaling_factor": scaling},
+                                    finetuning_scaling_factor=True))
     close(sae(x.float()), dense_io.saelens_forward(x, w, K, scaling=scaling.float().double()))
     w_big = dict(w, W_dec=w["W_dec"] * (torch.rand(N, 1, dtype=torch.float64) + 0.5))
-    sae = read_dense(dense_io.write_saelens(tmp_path / "rescale", w_big, rescale_acts_by_decoder_norm=True))
+    sae, _ = read_sae(dense_io.write_saelens(tmp_path / "rescale", w_big, rescale_acts_by_decoder_norm=True))
     close(sae(x.float()), dense_io.saelens_forward(x, w_big, K, rescale=True))
 
 
@@ -80,14 +80,14 @@ def test_saelens_folds_b_dec_layer_norm_scalings(dense_io, tmp_path):
 def test_saelens_non_topk_refused(dense_io, tmp_path, architecture):
     folder = dense_io.write_saelens(tmp_path / "s", dense_io.weights(), architecture=architecture)
     with pytest.raises(SaeCompressError, match="TopK"):
-        read_dense(folder)
+        read_sae(folder)
 
 
 def test_saelens_refuses_unfoldable_normalisation(dense_io, tmp_path):
     with pytest.raises(SaeCompressError, match="scaling factor"):
-        read_dense(dense_io.write_saelens(tmp_path / "a", dense_io.weights(), normalize_activations="expected_average_only_in"))
+        read_sae(dense_io.write_saelens(tmp_path / "a", dense_io.weights(), normalize_activations="expected_average_only_in"))
     with pytest.raises(SaeCompressError, match="constant_norm_rescale"):
-        read_dense(dense_io.write_saelens(tmp_path / "b", dense_io.weights(), normalize_activations="constant_norm_rescale"))
+        read_sae(dense_io.write_saelens(tmp_path / "b", dense_io.weights(), normalize_activations="constant_norm_rescale"))
 
 
 def test_saelens_missing_tensor_and_shape_mismatch(dense_io, tmp_path):
@@ -96,12 +96,12 @@ def test_saelens_missing_tensor_and_shape_mismatch(dense_io, tmp_path):
     save_file({"W_enc": w["W_enc"].float().contiguous(), "W_dec": w["W_dec"].float(), "b_dec": w["b_dec"].float()},
               str(folder / "sae_weights.safetensors"))
     with pytest.raises(SaeCompressError, match="'b_enc' is missing"):
-        read_dense(folder)
+        read_sae(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     dense_io.write_saelens(folder, w)
     (folder / "cfg.json").write_text(json.dumps(dict(cfg, d_sae=N + 1)))
     with pytest.raises(SaeCompressError, match="shape"):
-        read_dense(folder)
+        read_sae(folder)
 
 
 def test_corrupt_files_give_clear_errors(dense_io, tmp_path):
@@ -109,14 +109,14 @@ def test_corrupt_files_give_clear_errors(dense_io, tmp_path):
     data = (folder / "sae_weights.safetensors").read_bytes()
     (folder / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(SaeCompressError, match="sae_weights.safetensors"):
-        read_dense(folder)
+        read_sae(folder)
     (folder / "cfg.json").write_text("{not json")
     with pytest.raises(SaeCompressError, match="cfg.json"):
-        read_dense(folder)
+        read_sae(folder)
     w = dense_io.weights()
     w["W_dec"][3, 2] = float("nan")
     with pytest.raises(SaeCompressError, match="NaN"):
-        read_dense(dense_io.write_saelens(tmp_path / "nan", w))
+        read_sae(dense_io.write_saelens(tmp_path / "nan", w))
 
 
 # ----------------------------------------------------------------------------- sparsify
@@ -125,8 +125,8 @@ def test_sparsify_hookpoint_round_trip(dense_io, tmp_path):
     w = dense_io.weights(5)
     folder = dense_io.write_sparsify(tmp_path / "layers.6", w)
     assert detect_format(folder) == "sparsify"
-    sae = read_dense(folder)
-    assert sae.activation == "relu_topk" and sae.provenance["hookpoint"] == "layers.6"
+    sae, provenance = read_sae(folder)
+    assert sae.activation == "relu_topk" and provenance["hookpoint"] == "layers.6"
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.sparsify_forward(x, w, K))
 
@@ -134,7 +134,7 @@ def test_sparsify_hookpoint_round_trip(dense_io, tmp_path):
 def test_sparsify_bf16_and_num_latents(dense_io, tmp_path):
     w = {name: t.to(torch.bfloat16).double() for name, t in dense_io.weights(6).items()}
     folder = dense_io.write_sparsify(tmp_path / "h", w, dtype=torch.bfloat16, num_latents=N, expansion_factor=32)
-    sae = read_dense(folder)
+    sae, _ = read_sae(folder)
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.sparsify_forward(x, w, K))
 
@@ -146,21 +146,21 @@ def test_sparsify_repo_with_many_hookpoints(dense_io, tmp_path):
     (repo / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-160m"}))
     assert list_hookpoints(repo) == ["layers.0", "layers.2", "layers.10"]
     assert detect_format(repo) == "sparsify"
-    sae = read_dense(repo, "layers.2")
-    assert sae.provenance["hookpoint"] == "layers.2"
-    assert sae.provenance["model_name"] == "EleutherAI/pythia-160m"
+    sae, provenance = read_sae(repo, "layers.2")
+    assert provenance["hookpoint"] == "layers.2"
+    assert provenance["model_name"] == "EleutherAI/pythia-160m"
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.sparsify_forward(x, dense_io.weights(2), K))
     with pytest.raises(SaeCompressError, match="--hookpoint"):
-        read_dense(repo)
+        read_sae(repo)
     with pytest.raises(SaeCompressError, match="hookpoint 'layers.5' not found.*layers.10"):
-        read_dense(repo, "layers.5")
+        read_sae(repo, "layers.5")
 
 
 @pytest.mark.parametrize("cfg", [{"activation": "groupmax"}, {"signed": True}, {"transcode": True}])
 def test_sparsify_non_topk_refused(dense_io, tmp_path, cfg):
     with pytest.raises(SaeCompressError, match="TopK"):
-        read_dense(dense_io.write_sparsify(tmp_path / "h", dense_io.weights(), **cfg))
+        read_sae(dense_io.write_sparsify(tmp_path / "h", dense_io.weights(), **cfg))
 
 
 # ----------------------------------------------------------------------------- openai
@@ -170,7 +170,7 @@ def test_openai_round_trip_with_layer_norm(dense_io, tmp_path, postact):
     w = dense_io.weights(7)
     path = dense_io.write_openai(tmp_path / "v5_32k_layer_6.pt", w, postact=postact)
     assert detect_format(path) == "openai"
-    sae = read_dense(path)
+    sae, _ = read_sae(path)
     assert sae.normalize_input
     assert sae.activation == ("topk_relu" if postact == "ReLU" else "signed_topk")
     x = dense_io.inputs()
@@ -180,14 +180,14 @@ def test_openai_round_trip_with_layer_norm(dense_io, tmp_path, postact):
 
 def test_openai_layer_norm_at_small_activation_scale(dense_io, tmp_path):
     w = dense_io.weights(7)
-    sae = read_dense(dense_io.write_openai(tmp_path / "small.pt", w))
+    sae, _ = read_sae(dense_io.write_openai(tmp_path / "small.pt", w))
     x = 1e-3 * dense_io.inputs()
     close(sae(x.float()), dense_io.openai_forward(x, w, K), rtol=1e-4)
 
 
 def test_openai_relu_checkpoint_refused(dense_io, tmp_path):
     with pytest.raises(SaeCompressError, match="TopK"):
-        read_dense(dense_io.write_openai(tmp_path / "relu.pt", dense_io.weights(), activation="ReLU"))
+        read_sae(dense_io.write_openai(tmp_path / "relu.pt", dense_io.weights(), activation="ReLU"))
 
 
 # ----------------------------------------------------------------------------- dictionary_learning
@@ -197,9 +197,9 @@ def test_dictionary_learning_round_trip(dense_io, tmp_path):
     folder = dense_io.write_dictionary_learning(tmp_path / "resid_post_layer_3" / "trainer_0", w)
     assert detect_format(folder) == "dictionary_learning"
     assert list_hookpoints(tmp_path) == ["resid_post_layer_3/trainer_0"]
-    sae = read_dense(tmp_path)  # the only SAE below the folder is picked
+    sae, provenance = read_sae(tmp_path)  # the only SAE below the folder is picked
     assert sae.activation == "relu_topk"
-    assert sae.provenance["model_name"] == "EleutherAI/pythia-70m-deduped"
+    assert provenance["model_name"] == "EleutherAI/pythia-70m-deduped"
     x = dense_io.inputs()
     pre = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     close(sae(x.float()), dense_io.topk_then(pre, K, lambda v: v) @ w["W_dec"] + w["b_dec"])
@@ -208,10 +208,10 @@ def test_dictionary_learning_round_trip(dense_io, tmp_path):
 def test_dictionary_learning_batchtopk_refused_and_config_required(dense_io, tmp_path):
     folder = dense_io.write_dictionary_learning(tmp_path / "t", dense_io.weights(), dict_class="BatchTopKSAE")
     with pytest.raises(SaeCompressError, match="TopK"):
-        read_dense(folder)
+        read_sae(folder)
     (folder / "config.json").unlink()
     with pytest.raises(SaeCompressError, match="config.json"):
-        read_dense(folder)
+        read_sae(folder)
 
 
 # ----------------------------------------------------------------------------- paper
@@ -220,15 +220,16 @@ def test_paper_checkpoint_import_is_exact(dense_io, tmp_path):
     path = tmp_path / "expander_tied_m16_n64_d3_k5_seed0.pt"
     sd = dense_io.write_paper(path)
     assert detect_format(path) == "paper"
-    sae = read_paper_checkpoint(path)
+    sae, provenance = read_paper_checkpoint(path)
     assert isinstance(sae, ExpanderSAE)
+    assert (provenance["library"], provenance["arch"], provenance["paper_seed"]) == ("paper", "expander_tied", 0)
     assert (sae.d, sae.k, sae.activation, sae.encoder, sae.mask_seed) == (3, 5, "signed_topk", "tied", None)
     want_idx = sd["mask"].T.nonzero()[:, 1].reshape(N, 3)
     assert torch.equal(sae.indices, want_idx)
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.paper_forward(x, sd, 5))
-    assert isinstance(read_sae(path), ExpanderSAE)
-    dense = read_dense(path)
+    assert isinstance(read_sae(path)[0], ExpanderSAE)
+    dense = read_sae(path)[0].to_dense()
     assert isinstance(dense, TopKSAE)
     close(dense(x.float()), dense_io.paper_forward(x, sd, 5))
 
@@ -238,7 +239,7 @@ def test_paper_k_from_argument_or_error(dense_io, tmp_path):
     sd = dense_io.write_paper(path)
     with pytest.raises(SaeCompressError, match="--k"):
         read_paper_checkpoint(path)
-    sae = read_paper_checkpoint(path, k=7)
+    sae, _ = read_paper_checkpoint(path, k=7)
     x = dense_io.inputs()
     close(sae(x.float()), dense_io.paper_forward(x, sd, 7))
     signed = tmp_path / "expander_tied_m16_n64_d3_k5_seed0_topksigned.pt"
@@ -257,7 +258,7 @@ def test_paper_dense_baselines(dense_io, tmp_path, independent_encoder):
     path = tmp_path / f"dense_{'warmtied' if independent_encoder else 'tied'}_m16_n64_d16_k4_seed0.pt"
     torch.save(sd, path)
     assert detect_format(path) == "paper"
-    sae = read_sae(path)
+    sae, _ = read_sae(path)
     assert isinstance(sae, TopKSAE) and (sae.k, sae.activation) == (4, "signed_topk")
     W_dec = sd["W_dec_param"].double() / sd["W_dec_param"].double().norm(dim=0, keepdim=True)
     W_enc = sd["W_enc_param"].double() if independent_encoder else W_dec.T
@@ -283,7 +284,7 @@ def test_unknown_folder_lists_contents_and_layouts(tmp_path):
 def test_foreign_torch_file_refused(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "model.pt")
     with pytest.raises(SaeCompressError, match="unrecognised state dict"):
-        read_dense(tmp_path / "model.pt")
+        read_sae(tmp_path / "model.pt")
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x04not a checkpoint")
     with pytest.raises(SaeCompressError, match="weights_only"):
-        read_dense(tmp_path / "pickle.pt")
+        read_sae(tmp_path / "pickle.pt")

@@ -20,20 +20,20 @@ from safetensors.torch import save_file
 
 import saecompress
 from saecompress.cli.main import cli
-from saecompress.compact import save_compact
 from saecompress.errors import SaeCompressError
 from saecompress.hub import HfUri, parse_hf_uri, pull, push, resolve_hf_source
 from saecompress.models import ExpanderSAE
+from saecompress.sources import load_source
 
 REPO = "alice/tiny-expander"
 
 
 @pytest.fixture
-def sae_dir(tmp_path, hub_sae) -> Path:
+def sae_dir(tmp_path, hub_file) -> Path:
     """A folder holding two compact files, one per hookpoint subfolder (as `convert` of a repo writes)."""
     out = tmp_path / "saes"
     for seed, hp in ((1, "layers.3"), (2, "layers.5")):
-        save_compact(hub_sae(seed, hp), out / hp / "sae.safetensors")
+        hub_file(seed, hp, out / hp / "sae.safetensors")
     return out
 
 
@@ -91,10 +91,10 @@ def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir):
     for hp in ("layers.3", "layers.5"):
         pulled = next(f for f in files if f.parent.name == hp)
         assert pulled.read_bytes() == (sae_dir / hp / "sae.safetensors").read_bytes()
-        loaded = saecompress.load(f"hf://{REPO}/{hp}")
-        assert isinstance(loaded, ExpanderSAE)
-        assert_bit_exact(state(loaded), state(saecompress.load_compact(sae_dir / hp / "sae.safetensors")))
-        assert loaded.provenance["hookpoint"] == hp and loaded.metadata["metrics"]["l0"] == 4.0
+        loaded = load_source(f"hf://{REPO}/{hp}")
+        assert isinstance(loaded.model, ExpanderSAE)
+        assert_bit_exact(state(loaded.model), state(saecompress.load_compact(sae_dir / hp / "sae.safetensors")))
+        assert loaded.provenance["hookpoint"] == hp and loaded.user["metrics"]["l0"] == 4.0
 
     text = next(f for f in files if f.name == "README.md").read_text()
     assert text.startswith("---\nlibrary_name: saecompress\ntags:\n- sparse-autoencoder\n- expander-sae\n"
@@ -114,7 +114,7 @@ def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir):
     assert scope["x_hat"].shape == (8, 16) and isinstance(scope["sae"], ExpanderSAE)
 
 
-def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub_sae, hub, sae_dir):
+def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub_file, hub, sae_dir):
     push(sae_dir, REPO)
     head, n_commits, uploads = hub.branch_head(REPO), hub.n_commits(REPO), list(hub.lfs_uploads)
     again = push(sae_dir, REPO)
@@ -122,15 +122,15 @@ def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub_sae, h
     assert again.commit_sha == head and hub.n_commits(REPO) == n_commits and hub.lfs_uploads == uploads
     assert again.unchanged == ["README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
 
-    save_compact(hub_sae(7, "layers.5"), sae_dir / "layers.5" / "sae.safetensors")
+    hub_file(7, "layers.5", sae_dir / "layers.5" / "sae.safetensors")
     changed = push(sae_dir, REPO)
     assert changed.uploaded == ["README.md", "layers.5/expander.safetensors"]
     assert len(hub.lfs_uploads) == len(uploads) + 1 and hub.n_commits(REPO) == n_commits + 1
 
 
-def test_single_file_push_keeps_other_hookpoints_in_the_card(hub_sae, hub, sae_dir):
+def test_single_file_push_keeps_other_hookpoints_in_the_card(hub_file, hub, sae_dir):
     push(sae_dir / "layers.3" / "sae.safetensors", REPO)  # hookpoint from the file's provenance
-    save_compact(hub_sae(3, "ignored"), sae_dir / "extra.safetensors")
+    hub_file(3, "ignored", sae_dir / "extra.safetensors")
     push(sae_dir / "extra.safetensors", REPO, path_in_repo="layers.9")
     readme = pull(f"{REPO}/README.md")[0].read_text()
     assert "| `layers.3` |" in readme and "| `layers.9` |" in readme

@@ -65,8 +65,8 @@ CASES = [  # (activation, encoder, normalize, storage dtype): every ordering, dt
 @pytest.mark.parametrize("activation,encoder,normalize,storage", CASES)
 def test_autoencoder_matches_float64_reference(float64_sae, tmp_path, activation, encoder, normalize, storage):
     path = save_compact(make_sae(activation, encoder, normalize), tmp_path / "sae.safetensors", dtype=storage)
-    sae = load_compact(path)  # values as the file stores them, storage_dtype remembered
-    model = build_onnx(sae, "autoencoder", dense_output=True)
+    sae = load_compact(path)  # values as the file stores them
+    model = build_onnx(sae, "autoencoder", dense_output=True, storage_dtype=storage)
     onnx.checker.check_model(model, full_check=True)
     stored = {t.name: t.data_type for t in model.graph.initializer}
     expected = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,

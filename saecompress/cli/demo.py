@@ -15,7 +15,7 @@ from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoRe
                     default_texts, needs_more_steps, run_demo)
 from ..errors import SaeCompressError
 from ..lm import SITES, load_model
-from ..sources import load, resolve
+from ..sources import load_source, resolve
 from ..texts import read_texts, text_files
 from .options import config_option
 
@@ -70,14 +70,14 @@ def demo(model_path, gguf_file, sae_src, texts, layer, site, d, eval_tokens, ce_
 
     say = (lambda message: click.echo(message, err=True))
     sae_path, hookpoint = resolve(sae_src or DEFAULT_SAE)
-    dense = load(sae_path, hookpoint)
+    source = load_source(sae_path, hookpoint)
     held_out = list(read_texts(text_files(texts))) if texts else [default_texts()[1]]
     model_src, gguf = (model_path, gguf_file) if model_path else default_model()
     say(f"loading the LM {gguf or model_src} ...")
     model, tokenizer = load_model(model_src, gguf)
     cfg = DemoConfig(layer=DEFAULT_LAYER if layer is None else layer, site=site, d=d, eval_tokens=eval_tokens,
                      ce_tokens=ce_tokens, context=context)
-    report = run_demo(model, tokenizer, dense, held_out, work, dense_bytes=source_bytes(sae_path), cfg=cfg,
+    report = run_demo(model, tokenizer, source, held_out, work, dense_bytes=source_bytes(sae_path), cfg=cfg,
                       log=say, progress=not as_json)
     if as_json:
         click.echo(json.dumps(report.to_dict()))

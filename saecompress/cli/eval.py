@@ -11,7 +11,7 @@ from ..activations import open_activations
 from ..errors import SaeCompressError
 from ..lm import SITES, ce_eval, load_model
 from ..metrics import evaluate
-from ..sources import load
+from ..sources import load_source
 from ..texts import read_texts, text_files
 from .acts import text_options
 from .options import hub_options
@@ -52,7 +52,8 @@ def eval(src: str, acts_path: str, hookpoint: str | None, hub, max_rows: int | N
     if bool(model_path) != bool(texts):
         raise SaeCompressError("CE-loss recovered needs both --model and --text FILE (the text to compute CE on)")
     source = open_activations(acts_path)
-    sae = load(src, hookpoint, hub=hub)
+    loaded = load_source(src, hookpoint, hub=hub)
+    sae = loaded.model
     if sae.m != source.m:
         raise SaeCompressError(f"{src} has hidden size m={sae.m} but {acts_path} holds m={source.m} activations; "
                                "evaluate it on activations from its own model and hookpoint")
@@ -67,7 +68,7 @@ def eval(src: str, acts_path: str, hookpoint: str | None, hub, max_rows: int | N
                               tokens=ce_tokens, context=context, batch=batch, drop_first=not keep_first,
                               outlier_factor=outlier_factor or None, progress=not as_json))
     if as_json:
-        click.echo(dumps({"hookpoints": [{"hookpoint": sae.provenance.get("hookpoint"), **report}]}))
+        click.echo(dumps({"hookpoints": [{"hookpoint": loaded.provenance.get("hookpoint"), **report}]}))
         return
     rows = [(key, report[key]) for key in _TABLE if key in report]
     width = max(len(key) for key, _ in rows)

@@ -10,7 +10,7 @@ from ..errors import SaeCompressError
 from ..finetune import FinetuneConfig
 from ..finetune import finetune as run_finetune
 from ..lm import SITES, load_model
-from ..sources import load
+from ..sources import load_source
 from ..texts import read_texts, text_files
 from .acts import text_options
 from .options import config_option, hub_options
@@ -48,9 +48,10 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
         raise SaeCompressError("give at least one --text FILE or folder to fine-tune on")
     files = text_files(texts)
     check_outputs([out], [src, model_path, gguf_file, *files])
-    sae = load(src, hookpoint=hookpoint, hub=hub)
+    origin = load_source(src, hookpoint=hookpoint, hub=hub)
     model, tokenizer = load_model(model_path, gguf_file)
-    _, stats = run_finetune(sae, model, tokenizer, read_texts(files), layer, site, cfg, out=out, progress=not as_json)
+    _, stats = run_finetune(origin.model, model, tokenizer, read_texts(files), layer, site, cfg, out=out,
+                            origin=origin, progress=not as_json)
     run = stats["finetune"]
     if as_json:
         click.echo(dumps(stats))

@@ -71,11 +71,13 @@ class ConvertReport:
 
 
 def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str | None = None,
-                      mask: str | None = None, dtype: str = "float32", seconds: float = 0.0,
-                      acts: Any = None, batch_size: int = 4096, max_rows: int | None = None) -> ConvertReport:
+                      hookpoint: str | None = None, mask: str | None = None, dtype: str = "float32",
+                      seconds: float = 0.0, calibration_scale: float | None = None, acts: Any = None,
+                      batch_size: int = 4096, max_rows: int | None = None) -> ConvertReport:
     """Kept energy and storage of ``sparse`` vs ``dense``; with ``acts`` (path or ActivationSource) also
     FVU, L0 and dead fraction of both (via ``saecompress.metrics.evaluate``), and the verdict
-    ``needs_training`` / ``advice``.
+    ``needs_training`` / ``advice``. ``source_format``, ``hookpoint``, ``mask`` (how the mask was
+    chosen, default ``explicit``) and ``calibration_scale`` are reported as given.
 
     ``storage_ratio`` counts values (dense ``2mn + m + n`` vs learned ``nd (+nd untied) + n + m``);
     ``convert_path`` sets the byte ratios: ``compression_ratio`` (the dense TopK SAE in float32
@@ -83,15 +85,13 @@ def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str
     the file's).
     """
     learned = learned_values(sparse.m, sparse.n, sparse.d, sparse.encoder)
-    conversion = sparse.metadata.get("conversion", {})
     report = ConvertReport(
-        source_format=source_format, hookpoint=dense.provenance.get("hookpoint"), m=sparse.m, n=sparse.n,
-        d=sparse.d, k=sparse.k, activation=sparse.activation,
-        mask=mask or conversion.get("mask", "explicit"), mask_seed=sparse.mask_seed,
+        source_format=source_format, hookpoint=hookpoint, m=sparse.m, n=sparse.n,
+        d=sparse.d, k=sparse.k, activation=sparse.activation, mask=mask or "explicit", mask_seed=sparse.mask_seed,
         encoder=sparse.encoder, dtype=dtype, kept_energy=kept_energy(dense, sparse.indices),
         dense_values=dense_values(dense.m, dense.n), learned_values=learned,
         storage_ratio=dense_values(dense.m, dense.n) / learned, convert_seconds=seconds,
-        calibration_scale=conversion.get("calibration", {}).get("scale"),
+        calibration_scale=calibration_scale,
     )
     if acts is not None:
         source = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
@@ -134,11 +134,13 @@ def _output_name(hookpoint: str) -> str:
 def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, mask: str | None, seed: int,
                  search_seeds: int, encoder: str | None, dtype: str, acts: Any, calibrate_on_acts: bool,
                  k: int | None, batch_size: int, max_rows: int | None) -> ConvertReport:
-    native = read_sae(src, hookpoint, k=k)
-    if k is not None and native.provenance.get("library") != "paper":
-        raise SaeCompressError(f"--k is only for Expander-SAE paper checkpoints; this {native.provenance.get('library')} "
+    native, provenance = read_sae(src, hookpoint, k=k)
+    library = provenance.get("library")
+    if k is not None and library != "paper":
+        raise SaeCompressError(f"--k is only for Expander-SAE paper checkpoints; this {library} "
                                f"SAE stores its own k={native.k} (drop --k)")
     start = time.perf_counter()
+    fit = None
     if isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None and encoder in (None, "tied"):
         sparse, dense, used_mask = native, native.to_dense(), "imported"
     else:
@@ -148,17 +150,24 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
                          search_seeds=search_seeds, encoder=encoder or DEFAULT_ENCODER)
         if acts is not None and calibrate_on_acts:
             acts = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
-            calibrate(sparse, acts, batch_size=batch_size, max_rows=max_rows)
+            fit = calibrate(sparse, acts, batch_size=batch_size, max_rows=max_rows)
     seconds = time.perf_counter() - start
     stored = stored_copy(sparse, dtype) if acts is not None else sparse  # measured at the stored precision
-    report = conversion_report(dense, stored, source_format=native.provenance.get("library"), mask=used_mask,
-                               dtype=dtype, seconds=seconds, acts=acts, batch_size=batch_size, max_rows=max_rows)
+    report = conversion_report(dense, stored, source_format=library, hookpoint=provenance.get("hookpoint"),
+                               mask=used_mask, dtype=dtype, seconds=seconds,
+                               calibration_scale=fit["scale"] if fit else None, acts=acts,
+                               batch_size=batch_size, max_rows=max_rows)
     metrics = {key: value for key, value in report.to_dict().items()
                if value is not None and key not in ("convert_seconds", "file_bytes", "advice")}
     measured = {key: metrics[key] for key in ("fvu", "l0", "dead_fraction", "num_rows") if key in metrics}
-    save_compact(sparse, out, dtype=dtype, metadata=with_metrics({**sparse.metadata, "convert": metrics}, measured))
+    user = {"convert": metrics}
+    if used_mask != "imported":  # how the projection was made
+        user["conversion"] = {"mask": used_mask, "d": report.d, "kept_energy": report.kept_energy,
+                              **({"search_seeds": search_seeds} if used_mask == "search" else {}),
+                              **({"calibration": fit} if fit else {})}
+    save_compact(sparse, out, dtype=dtype, metadata=with_metrics(user, measured), source=provenance)
     report.file_bytes = out.stat().st_size
-    report.source_bytes = source_bytes(Path(native.provenance["path"]))
+    report.source_bytes = source_bytes(Path(provenance["path"]))
     report.compression_ratio = compression_ratio(sparse.m, sparse.n, report.file_bytes)
     report.source_ratio = report.source_bytes / report.file_bytes
     return report

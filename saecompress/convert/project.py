@@ -74,10 +74,7 @@ def search_seed(W_dec: torch.Tensor, d: int, seeds: range) -> tuple[int, float]:
 @torch.no_grad()
 def convert(dense: TopKSAE, d: int, *, mask: str = DEFAULT_MASK, seed: int = 0, search_seeds: int = 64,
             encoder: str = DEFAULT_ENCODER) -> ExpanderSAE:
-    """Project ``dense`` onto a ``d``-per-latent mask; returns the ``ExpanderSAE``.
-
-    ``sae.metadata["conversion"]`` records the mask strategy and the kept decoder energy.
-    """
+    """Project ``dense`` onto a ``d``-per-latent mask; returns the ``ExpanderSAE``."""
     if not isinstance(dense, TopKSAE):
         raise SaeCompressError(f"convert needs a dense TopKSAE, got {type(dense).__name__}")
     check_choice("mask", mask, MASKS)
@@ -99,15 +96,12 @@ def convert(dense: TopKSAE, d: int, *, mask: str = DEFAULT_MASK, seed: int = 0, 
         sae.enc_values.copy_(dense.W_enc.detach().to(torch.float32).T.gather(1, sae.indices))
     sae.b_enc.copy_(dense.b_enc.detach())
     sae.b_dec.copy_(dense.b_dec.detach())
-    sae.provenance = dict(dense.provenance)
-    sae.metadata = {"conversion": {"mask": mask, "d": d, "kept_energy": kept_energy(dense, sae.indices),
-                                   **({"search_seeds": search_seeds} if mask == "search" else {})}}
     return sae
 
 
 @torch.no_grad()
 def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4096,
-              max_rows: int | None = None) -> float:
+              max_rows: int | None = None) -> dict[str, float | int]:
     """Fit ``x̂ = b + c·r`` (``r``: the decode without ``b_dec``) to ``source`` by least squares, in place.
 
     In the SAE's input space (after its layer norm, if any) over the first ``max_rows`` rows:
@@ -115,7 +109,7 @@ def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4
     scaled by ``c`` (tied: values and ``b_enc`` by ``√c``, which keeps the top-k choice) and
     ``b_dec`` becomes ``b``, with ``b_enc`` shifted by ``<e_i, Δb>`` so every pre-activation, hence
     the code, is unchanged. ``c = 0`` predicts the mean, so the fitted error is at most the
-    variance. Returns ``c``.
+    variance. Returns the fit: ``{"scale": c, "rows": rows used}``.
     """
     if max_rows is not None:
         source = source.select(0, min(max_rows, source.num_rows))
@@ -139,5 +133,4 @@ def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4
     sae.b_enc.add_((sae.encoder_values * shift[sae.indices]).sum(1)).mul_(enc_scale)
     sae.values.mul_(c / enc_scale if enc_scale > 0 else 0.0)
     sae.b_dec.add_(shift)
-    sae.metadata.setdefault("conversion", {})["calibration"] = {"scale": c, "rows": rows}
-    return c
+    return {"scale": c, "rows": rows}

@@ -27,11 +27,11 @@ from onnx import ModelProto, TensorProto, helper
 
 from .._io import atomic_path, check_outputs
 from .._json import dumps
-from ..compact import index_dtype, quantize_int8
+from ..compact import STORAGE_DTYPES, index_dtype, quantize_int8
 from ..errors import SaeCompressError, check_choice
 from ..models import ExpanderSAE, TopKSAE
 from ..provenance import shareable
-from ..sources import load
+from ..sources import load_source
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout, expander_decode_function,
                              expander_encode_function, layer_norm_function, select_topk)
 from .onnx_graph import GraphBuilder
@@ -47,20 +47,24 @@ _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: str = "float32",
                 dense_output: bool = False, opset: int = 18, seq: bool = False, hookpoint: str | None = None,
-                hub=None) -> Path:
+                hub=None, storage_dtype: str | None = None, source: dict | None = None) -> Path:
     """Write ``sae`` (a model, or any source ``saecompress.load`` accepts) as an ONNX file.
 
     ``dtype`` is the dtype of the graph's float inputs/outputs and of the float32 weights it
     stores (float16 halves the file; arithmetic stays float32). Inputs are ``[batch, m]``, or
     ``[batch, seq, m]`` with ``seq=True`` (both axes dynamic). ``hookpoint`` and ``hub`` (a
-    ``sources.HubAccess``) are passed to ``saecompress.load`` for a source. ``path`` is checked first
-    (it must not be or lie inside the source: see ``_io.check_outputs``) and replaced if it exists;
-    written atomically.
+    ``sources.HubAccess``) are passed to ``sources.load_source`` for a source, whose stored
+    precision and provenance are used unless ``storage_dtype`` / ``source`` are given (see
+    :func:`build_onnx`). ``path`` is checked first (it must not be or lie inside the source: see
+    ``_io.check_outputs``) and replaced if it exists; written atomically.
     """
     check_outputs([path], [sae] if isinstance(sae, (str, os.PathLike)) else [], kind="file")
     if not isinstance(sae, (ExpanderSAE, TopKSAE)):
-        sae = load(sae, hookpoint, hub=hub)
-    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq)
+        loaded = load_source(sae, hookpoint, hub=hub)
+        sae, storage_dtype = loaded.model, storage_dtype or loaded.storage_dtype
+        source = loaded.provenance if source is None else source
+    model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
+                       storage_dtype=storage_dtype or "float32", source=source)
     with atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
     return Path(path)
@@ -68,16 +72,27 @@ def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: s
 
 def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str = "float32",
                dense_output: bool = False, opset: int = 18, seq: bool = False,
-               layout: EncodeLayout = EncodeLayout()) -> ModelProto:
-    """The ONNX model ``export_onnx`` writes (in memory). ``layout`` picks the encode formulation."""
+               layout: EncodeLayout = EncodeLayout(), storage_dtype: str = "float32",
+               source: dict | None = None) -> ModelProto:
+    """The ONNX model ``export_onnx`` writes (in memory). ``layout`` picks the encode formulation.
+
+    An Expander SAE's values are stored as ``storage_dtype`` (a compact file's: ``STORAGE_DTYPES``)
+    and dequantised in-graph; dense SAEs have none. ``source`` (the SAE's provenance) goes into the
+    metadata through ``provenance.shareable``.
+    """
     if not isinstance(sae, (ExpanderSAE, TopKSAE)):
         raise SaeCompressError(f"build_onnx takes an ExpanderSAE or TopKSAE, not {type(sae).__name__}; "
                                "load a source with saecompress.load first")
     check_choice("graph", graph, GRAPHS)
     check_choice("ONNX dtype", dtype, DTYPES)
+    check_choice("storage dtype", storage_dtype, STORAGE_DTYPES)
+    if storage_dtype != "float32" and not isinstance(sae, ExpanderSAE):
+        raise SaeCompressError(f"storage dtype {storage_dtype} is for Expander SAE values; a dense SAE's "
+                               "weights are stored in the graph dtype")
     if opset not in OPSETS:
         raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
-    model = _Exporter(sae, dtype, opset, layout, ["batch", "seq"] if seq else ["batch"]).model(graph, dense_output)
+    model = _Exporter(sae, dtype, opset, layout, ["batch", "seq"] if seq else ["batch"], storage_dtype,
+                      source or {}).model(graph, dense_output)
     if model.ByteSize() >= 2**31:
         raise SaeCompressError(f"the {graph} graph of this SAE is {model.ByteSize() / 2**30:.1f} GiB, over "
                                "ONNX's 2 GiB single-file limit; export --graph encode or decode alone, "
@@ -89,8 +104,9 @@ class _Exporter:
     """Builds the main graph of one SAE: weights as initializers, then the requested graph."""
 
     def __init__(self, sae: ExpanderSAE | TopKSAE, dtype: str, opset: int, layout: EncodeLayout,
-                 lead: list[str]) -> None:
+                 lead: list[str], storage_dtype: str, source: dict) -> None:
         self.sae, self.dtype, self.opset, self.layout, self.lead = sae, dtype, opset, layout, lead
+        self.storage_dtype, self.source = storage_dtype, source
         self.expander = isinstance(sae, ExpanderSAE)
         self.b = GraphBuilder("main")
         self.functions: dict[str, onnx.FunctionProto] = {}
@@ -106,7 +122,7 @@ class _Exporter:
 
     def _values(self, name: str, tensor: torch.Tensor) -> str:
         """Expander values in their storage dtype, dequantised to float32 in-graph."""
-        storage = self.sae.storage_dtype
+        storage = self.storage_dtype
         if storage == "float32":
             return self._float(name, tensor)
         if storage == "int8":
@@ -116,12 +132,10 @@ class _Exporter:
             return self.b.op("Mul", stored, scale)
         if storage == "float16":
             stored = self.b.initializer(name, tensor.detach().cpu().to(torch.float16).numpy())
-        elif storage == "bfloat16":
+        else:  # bfloat16
             raw = tensor.detach().cpu().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
             stored = self.b.initializer(name, helper.make_tensor(
                 name, TensorProto.BFLOAT16, list(raw.shape), raw.tobytes(), raw=True))
-        else:
-            raise SaeCompressError(f"unknown storage dtype {storage!r} on the model")
         return self.b.op("Cast", stored, to=TensorProto.FLOAT)
 
     def weight(self, key: str) -> str:
@@ -246,9 +260,9 @@ class _Exporter:
         meta = {"graph": graph, "kind": "expander" if self.expander else "dense", "m": sae.m,
                 "n": sae.n, "k": sae.k, "activation": sae.activation,
                 "normalize_input": str(sae.normalize_input).lower(), "dtype": self.dtype,
-                "dense_output": str(dense_output).lower(), "source": dumps(shareable(sae.provenance), sort_keys=True)}
+                "dense_output": str(dense_output).lower(), "source": dumps(shareable(self.source), sort_keys=True)}
         if self.expander:
-            meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": sae.storage_dtype,
+            meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": self.storage_dtype,
                      "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}
             if graph != "decode":
                 meta |= {"layout": f"chunk={self.layout.chunk},group={self.layout.group_for(sae.n, sae.k)},"

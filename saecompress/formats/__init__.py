@@ -15,11 +15,11 @@ A path may also be a folder holding many of these (a sparsify repo with ``layers
 relative to it (``"layers.10"``, ``"resid_post_layer_3/trainer_0"``, ``"layer_6.pt"``).
 ``list_hookpoints`` on a single SAE returns ``[""]``.
 
-``read_sae`` returns each source in its own form: a ``TopKSAE`` for dense SAEs, and for paper
-checkpoints the exact ``ExpanderSAE`` (their mask as explicit indices). ``read_dense`` always
-returns a ``TopKSAE`` (for a paper checkpoint, its exact dense equivalent). Readers fold constant
-scalings and non-subtracted ``b_dec`` into the weights, so ``TopKSAE.forward`` reproduces the
-source library's forward pass; non-TopK sources are refused with a ``SaeCompressError``.
+``read_sae`` returns each source in its own form — a ``TopKSAE`` for dense SAEs, and for paper
+checkpoints the exact ``ExpanderSAE`` (their mask as explicit indices) — and, beside it, its
+provenance (``library``, local ``path``, ``hookpoint`` …). Readers fold constant scalings and
+non-subtracted ``b_dec`` into the weights, so ``TopKSAE.forward`` reproduces the source library's
+forward pass; non-TopK sources are refused with a ``SaeCompressError``.
 """
 
 from __future__ import annotations
@@ -197,24 +197,18 @@ def detect_format(path: str | os.PathLike) -> str:
     return formats[0]
 
 
-def read_sae(path: str | os.PathLike, hookpoint: str | None = None, *, k: int | None = None) -> TopKSAE | ExpanderSAE:
-    """The SAE at ``path`` (``/hookpoint``) in its own form: ``TopKSAE``, or ``ExpanderSAE`` for paper checkpoints.
+def read_sae(path: str | os.PathLike, hookpoint: str | None = None, *,
+             k: int | None = None) -> tuple[TopKSAE | ExpanderSAE, dict[str, Any]]:
+    """``(model, provenance)`` of the SAE at ``path`` (``/hookpoint``): the model in its own form
+    (``TopKSAE``, or ``ExpanderSAE`` for paper checkpoints) and where it came from.
 
     ``k`` is used only for paper checkpoints, whose state dict does not store it.
     """
     source, hookpoint = _locate(path, hookpoint)
     if source.format == "paper":
         reader = paper.read_paper_checkpoint if "mask" in source.state else paper.read_paper_dense
-        sae = reader(source.path, k=k, sd=source.state)
-        if hookpoint:
-            sae.provenance["hookpoint"] = hookpoint
-        return sae
+        sae, provenance = reader(source.path, k=k, sd=source.state)
+        return sae, provenance | ({"hookpoint": hookpoint} if hookpoint else {})
     if source.format == "openai":
         return openai.read(source.path, hookpoint, sd=source.state)
     return _FOLDER_FORMATS[source.format].read(source.path, hookpoint)
-
-
-def read_dense(path: str | os.PathLike, hookpoint: str | None = None, *, k: int | None = None) -> TopKSAE:
-    """The SAE at ``path`` as a ``TopKSAE`` (paper checkpoints: their exact dense equivalent)."""
-    sae = read_sae(path, hookpoint, k=k)
-    return sae.to_dense() if isinstance(sae, ExpanderSAE) else sae

@@ -1,4 +1,7 @@
-"""Helpers the format readers share: safe file loading, shape checks, building a ``TopKSAE``."""
+"""Helpers the format readers share: safe file loading, shape checks, building a ``TopKSAE``.
+
+Every reader returns ``(model, provenance)``: the model, and where it came from (``library``, the
+local ``path``, ``hookpoint``, ``source_dtype`` …) beside it; models carry no file state."""
 
 from __future__ import annotations
 
@@ -116,8 +119,9 @@ def int_value(value: Any, what: str, where: Path) -> int:
 def build_topk(
     *, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
     activation: str, normalize_input: bool = False, provenance: dict[str, Any],
-) -> TopKSAE:
-    """A float32 ``TopKSAE`` from weights already folded into its conventions.
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """A float32 ``TopKSAE`` from weights already folded into its conventions, and its ``provenance``
+    without the unknown (``None``) entries.
 
     ``W_enc [m, n]``, ``W_dec [n, m]``; the encoder subtracts ``b_dec`` (fold it into ``b_enc``
     first when the source does not).
@@ -131,8 +135,12 @@ def build_topk(
         sae.W_dec.data = W_dec.to(torch.float32).contiguous()
         sae.b_enc.data = b_enc.to(torch.float32).contiguous()
         sae.b_dec.data = b_dec.to(torch.float32).contiguous()
-    sae.provenance = {key: value for key, value in provenance.items() if value is not None}
-    return sae
+    return sae, known(provenance)
+
+
+def known(facts: dict[str, Any]) -> dict[str, Any]:
+    """``facts`` without the entries whose value is ``None`` (what a reader could not find out)."""
+    return {key: value for key, value in facts.items() if value is not None}
 
 
 def refuse(where: Path, what: str) -> SaeCompressError:

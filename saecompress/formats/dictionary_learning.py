@@ -15,6 +15,7 @@ is ``{"trainer": {"dict_class": "AutoEncoderTopK", "k", "activation_dim", "dict_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import SaeCompressError
 from ..models import TopKSAE
@@ -30,8 +31,8 @@ def matches(folder: Path) -> bool:
     return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
 
 
-def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
-    """Load the ``AutoEncoderTopK`` in ``folder`` as a ``TopKSAE``."""
+def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load the ``AutoEncoderTopK`` in ``folder`` as a ``TopKSAE``, and its provenance."""
     cfg_path, weights_path = folder / CONFIG, folder / WEIGHTS
     trainer = read_json(cfg_path).get("trainer")
     if not isinstance(trainer, dict):

@@ -29,8 +29,9 @@ def matches_state(sd: dict[str, Any]) -> bool:
     return all(key in sd for key in KEYS)
 
 
-def read(path: Path, hookpoint: str | None = None, sd: dict[str, Any] | None = None) -> TopKSAE:
-    """Load an openai/sparse_autoencoder TopK checkpoint as a ``TopKSAE``."""
+def read(path: Path, hookpoint: str | None = None,
+         sd: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load an openai/sparse_autoencoder TopK checkpoint as a ``TopKSAE``, and its provenance."""
     sd = read_torch(path) if sd is None else sd
     activation = sd.get("activation", "ReLU")
     if activation != "TopK":

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
-from ._common import build_topk, dims_of, int_value, read_torch, refuse, source_dtype, tensor
+from ._common import build_topk, dims_of, int_value, known, read_torch, refuse, source_dtype, tensor
 
 KEYS = ("mask", "decoder_vals", "b_dec", "b_enc")
 DENSE_KEYS = ("W_dec_param", "b_dec", "b_enc")
@@ -65,9 +65,8 @@ def _checked_k(path: Path, k: int | None) -> int:
 
 def _provenance(path: Path, sd: dict[str, Any], **extra: Any) -> dict[str, Any]:
     match = _NAME.search(path.name)
-    provenance = {"library": "paper", "path": str(path), "arch": path.name[: match.start()] if match else None,
-                  "paper_seed": int(match["seed"]) if match else None, "source_dtype": source_dtype(sd), **extra}
-    return {key: value for key, value in provenance.items() if value is not None}
+    return known({"library": "paper", "path": str(path), "arch": path.name[: match.start()] if match else None,
+                  "paper_seed": int(match["seed"]) if match else None, "source_dtype": source_dtype(sd), **extra})
 
 
 def _colnorm(W: torch.Tensor) -> torch.Tensor:
@@ -84,8 +83,10 @@ def _open(path: str | Path, k: int | None, sd: dict[str, Any] | None,
     return (path, k, sd, *dims_of(sd, key, path, 2))
 
 
-def read_paper_dense(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> TopKSAE:
-    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``)."""
+def read_paper_dense(path: str | Path, k: int | None = None,
+                     sd: dict[str, Any] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """A paper dense-baseline checkpoint (``W_dec_param`` …) as a ``TopKSAE`` (``signed_topk``), and its
+    provenance."""
     path, k, sd, m, n = _open(path, k, sd, "W_dec_param")
     W_dec = _colnorm(tensor(sd, "W_dec_param", path, (m, n)))
     W_enc = tensor(sd, "W_enc_param", path, (n, m)).T if "W_enc_param" in sd else W_dec
@@ -94,8 +95,9 @@ def read_paper_dense(path: str | Path, k: int | None = None, sd: dict[str, Any] 
                       provenance=_provenance(path, sd))
 
 
-def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, Any] | None = None) -> ExpanderSAE:
-    """Exact ``ExpanderSAE`` (explicit indices, tied, ``signed_topk``) from a paper checkpoint.
+def read_paper_checkpoint(path: str | Path, k: int | None = None,
+                          sd: dict[str, Any] | None = None) -> tuple[ExpanderSAE, dict[str, Any]]:
+    """Exact ``ExpanderSAE`` (explicit indices, tied, ``signed_topk``) from a paper checkpoint, and its provenance.
 
     ``k`` overrides/supplies the TopK size when the file name does not carry it.
     """
@@ -114,5 +116,4 @@ def read_paper_checkpoint(path: str | Path, k: int | None = None, sd: dict[str, 
         sae.values.data = values.to(torch.float32)
         sae.b_enc.data = tensor(sd, "b_enc", path, (n,))
         sae.b_dec.data = tensor(sd, "b_dec", path, (m,))
-    sae.provenance = _provenance(path, sd, padded_latents=int((degrees < d).sum()) or None)
-    return sae
+    return sae, _provenance(path, sd, padded_latents=int((degrees < d).sum()) or None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 
@@ -61,8 +62,8 @@ def _k_and_architecture(cfg: dict, where: Path) -> int:
     raise refuse(where, f"architecture {architecture!r} / activation_fn {activation_fn!r} is not TopK")
 
 
-def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
-    """Load the SAELens TopK SAE in ``folder`` as a ``TopKSAE``."""
+def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load the SAELens TopK SAE in ``folder`` as a ``TopKSAE``, and its provenance."""
     cfg_path, weights_path = folder / CFG, folder / WEIGHTS
     cfg = read_json(cfg_path)
     k = _k_and_architecture(cfg, cfg_path)
@@ -119,16 +120,18 @@ def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
     )
 
 
-def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
+def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = None,
+               source: dict | None = None) -> Path:
     """Write ``sae`` as a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) that :func:`read` loads back;
-    ``metadata`` goes under ``cfg.json``'s ``metadata.saecompress``."""
+    ``metadata`` goes under ``cfg.json``'s ``metadata.saecompress``, beside the scalar facts of ``source``
+    (the provenance of the SAE it was made from, through ``provenance.shareable``)."""
     folder = Path(folder)
     with output_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     cfg = {"architecture": "topk", "k": sae.k, "d_in": sae.m, "d_sae": sae.n,
            "normalize_activations": "layer_norm" if sae.normalize_input else "none",
            "apply_b_dec_to_input": True, "dtype": "float32",
-           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in shareable(sae.provenance).items()
+           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in shareable(source or {}).items()
                                                           if isinstance(v, (str, int, float))}}}
     tensors = {name: getattr(sae, name).detach().float().contiguous()
                for name in ("W_enc", "W_dec", "b_enc", "b_dec")}

@@ -16,6 +16,7 @@ cfg: ``d_in``, ``k``, ``num_latents`` (0 ⇒ ``d_in * expansion_factor``), ``act
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import SaeCompressError
 from ..models import TopKSAE
@@ -42,8 +43,8 @@ def _model_name(folder: Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def read(folder: Path, hookpoint: str | None = None) -> TopKSAE:
-    """Load the sparsify sparse coder in ``folder`` as a ``TopKSAE``."""
+def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load the sparsify sparse coder in ``folder`` as a ``TopKSAE``, and its provenance."""
     cfg_path, weights_path = folder / CFG, folder / WEIGHTS
     cfg = read_json(cfg_path)
     activation = cfg.get("activation", "topk")

@@ -129,7 +129,8 @@ def _remote_card_entries(api, repo_id: str, sha: str, tree: dict, skip: set[str]
 def _export_onnx(local: _Local, folder: Path) -> Path:
     out = folder / (local.hookpoint.replace("/", "__") or "root") / ONNX_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(load_compact(local.path), out, graph="encode")
+    export_onnx(load_compact(local.path), out, graph="encode", storage_dtype=local.meta["dtype"],
+                source=local.meta["source"])
     return out
 
 
