@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import hf_hub_download
 from hub_server import HubServer
 
 import saecompress
@@ -125,16 +125,10 @@ def test_monitor_reports_an_onnxruntime_error_with_an_empty_message(tmp_path, mo
         Monitor(model)
 
 
-def test_the_model_card_shows_the_metrics_convert_writes(tmp_path, monkeypatch):
+def test_the_model_card_shows_the_metrics_convert_writes(isolated_hf, tmp_path):
     """A file made by `convert --acts` carries one `metrics` record, and its pushed model card shows it."""
     from saecompress.demo import DEFAULT_SAE
 
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     out = tmp_path / "sae.safetensors"
     runner = CliRunner()
     done = runner.invoke(cli, ["convert", str(DEFAULT_SAE), str(out), "--acts", str(REAL_ACTS), "--json"])
