@@ -115,11 +115,11 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
         raise SaeCompressError(f"repository {repo_id} not found on {where} (or it is private and no valid token "
                                "was sent); check the name, or pass --token / set HF_TOKEN") from None
     except LocalEntryNotFoundError:
-        if is_offline():
-            raise SaeCompressError(f"{repo_id}@{rev} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                                   "set; unset HF_HUB_OFFLINE, or pull it once while online") from None
-        raise SaeCompressError(f"cannot reach the Hub at {where} to fetch {repo_id}@{rev}, and it is not in the "
-                               "local cache; check the network and HF_ENDPOINT / --endpoint") from None
+        raise SaeCompressError(
+            f"{repo_id}@{rev} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset "
+            "HF_HUB_OFFLINE, or pull it once while online" if is_offline() else
+            f"cannot reach the Hub at {where} to fetch {repo_id}@{rev}, and it is not in the local cache; "
+            "check the network and HF_ENDPOINT / --endpoint") from None
     except EntryNotFoundError:
         what = f"{path!r}" if path else "a requested file"
         raise SaeCompressError(f"{what} not found in {repo_id}@{rev} on {where}; check the hookpoint/path") from None
@@ -134,8 +134,8 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str | None, *, path
         raise SaeCompressError(f"the Hub at {where} answered HTTP {status} for {repo_id}@{rev}: "
                                f"{first_line(err)}") from None
     except (OfflineModeIsEnabled, *transport_errors()) as err:
-        if is_offline():
-            raise SaeCompressError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be reached on {where}; unset "
-                                   "HF_HUB_OFFLINE to talk to the Hub") from None
-        raise SaeCompressError(f"cannot reach the Hub at {where} for {repo_id} ({first_line(err)}); check the "
-                               "network and HF_ENDPOINT / --endpoint") from None
+        raise SaeCompressError(
+            f"HF_HUB_OFFLINE is set, so {repo_id} cannot be reached on {where}; unset HF_HUB_OFFLINE to talk "
+            "to the Hub" if is_offline() else
+            f"cannot reach the Hub at {where} for {repo_id} ({first_line(err)}); check the network and "
+            "HF_ENDPOINT / --endpoint") from None
