@@ -263,7 +263,8 @@ def test_cli_acts_and_eval(tiny_lm, tiny_llama, tmp_path):
     for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_zero", "ce_spliced",
                 "ce_recovered", "ce_recovered_mean_ablation"):
         assert isinstance(report[key], float), key
-    assert report["hookpoint"] == "blocks.1.hook_resid_post"  # layer and site from the manifest
+    assert report["ce_hookpoint"] == "blocks.1.hook_resid_post"  # layer and site from the manifest
+    assert report["hookpoint"] is None  # the SAE's own hookpoint in its source (a lone compact file has none)
     assert report["l0"] == pytest.approx(8.0)
 
     table = runner.invoke(cli, ["eval", str(tmp_path / "sae.safetensors"), "--acts", str(out)])

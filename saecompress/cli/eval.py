@@ -68,6 +68,8 @@ def eval(src: str, acts_path: str, hookpoint: str | None, hub, max_rows: int | N
                               tokens=ce_tokens, context=context, batch=batch, drop_first=not keep_first,
                               outlier_factor=outlier_factor or None, progress=not as_json))
     if as_json:
+        if "hookpoint" in report:  # the LM site CE was measured at; "hookpoint" names the SAE in its source
+            report["ce_hookpoint"] = report.pop("hookpoint")
         click.echo(dumps({"hookpoints": [{"hookpoint": loaded.provenance.get("hookpoint"), **report}]}))
         return
     rows = [(key, report[key]) for key in _TABLE if key in report]
