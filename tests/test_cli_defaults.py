@@ -208,6 +208,14 @@ def test_json_is_one_schema_for_one_or_many_hookpoints(repo, tmp_path):
 
 # ------------------------------------------------------------------ item 10: validate, never clamp
 
+def test_dense_training_refuses_expander_options(trained, tmp_path):
+    acts_file = trained[0] / "train.npy"
+    for option in (["--d", "7"], ["--encoder", "tied"], ["--mask-seed", "3"], ["--mask", "topd"]):
+        result = run("train", "--acts", acts_file, "--dense", *option, "--out", tmp_path / "dense")
+        assert result.exit_code == 2 and "a --dense baseline" in result.output, result.output
+        assert not (tmp_path / "dense").exists()
+
+
 def test_numbers_are_validated_not_clamped(repo, tmp_path):
     rows = torch.randn(2040, 16)
     write_activations(tmp_path / "a.npy", rows)

@@ -22,7 +22,7 @@ from .options import config_option, hub_options
               help="Output compact .safetensors file (with --dense: a SAELens folder). A checkpoint "
                    "OUT.ckpt is written beside it.")
 @config_option(TrainConfig, "d", "--d", "d", type=click.IntRange(min=1), help="Nonzeros per latent (mask degree).")
-@click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (ignores --d).")
+@click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (refuses --d, --encoder, --mask, --mask-seed).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
               help="Active latents per token [default: 32, or the --teacher/--init SAE's k].")
 @click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of latents.")
@@ -80,8 +80,14 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
     Distil:   saecompress train --acts acts/ --d 7 --teacher ./dense-sae --out sae.safetensors
     Ctrl-C writes a checkpoint; rerun the same command with --resume to continue.
     """
-    if batch_alias is not None and click.get_current_context().get_parameter_source("batch_size").name == "COMMANDLINE":
+    given = {name for name in ("batch_size", "d", "encoder", "mask_seed", "mask")
+             if click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"}
+    if batch_alias is not None and "batch_size" in given:
         raise SaeCompressError("--batch is the older name of --batch-size; give one of them")
+    expander_only = sorted(given & {"d", "encoder", "mask_seed", "mask"})
+    if dense and expander_only:
+        raise SaeCompressError(f"--{expander_only[0].replace('_', '-')} sets up an expander SAE; a --dense baseline "
+                               "has no mask or expander encoder: drop it, or drop --dense")
     batch = batch_size if batch_alias is None else batch_alias
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
