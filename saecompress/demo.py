@@ -206,6 +206,14 @@ def monitor_sentences(model: torch.nn.Module, tokenizer: Any, onnx_path: Path, s
     return shown
 
 
+def dense_model(source: Loaded) -> TopKSAE:
+    """The dense SAE the demo converts; an Expander SAE source is refused."""
+    if not isinstance(source.model, TopKSAE):
+        raise SaeCompressError("the demo converts a dense TopK SAE; this source is already an Expander SAE "
+                               "(give its dense original with --sae)")
+    return source.model
+
+
 def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: Sequence[str], work: Path, *,
              dense_bytes: int, cfg: DemoConfig | None = None, sentences: Sequence[str] = SENTENCES,
              log: Callable[[str], None] = print, progress: bool = True) -> DemoReport:
@@ -218,9 +226,7 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: S
     from .exporters.onnx import export_onnx
 
     cfg = cfg or DemoConfig()
-    dense = source.model
-    if not isinstance(dense, TopKSAE):
-        raise SaeCompressError("the demo converts a dense TopK SAE; this source is already an Expander SAE")
+    dense = dense_model(source)
     hidden = model.config.to_dict().get("hidden_size")
     if hidden is not None and hidden != dense.m:
         raise SaeCompressError(f"the SAE has m={dense.m} but the model's hidden size is {hidden}; "

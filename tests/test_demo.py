@@ -8,8 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from saecompress.cli.main import cli
+from saecompress.compact import save_compact
 from saecompress.demo import DEFAULT_SAE, default_texts
-from saecompress.models import TopKSAE
+from saecompress.models import ExpanderSAE, TopKSAE
 from saecompress.sources import load_source
 from saecompress.formats.saelens import save_dense
 
@@ -87,6 +88,16 @@ def test_demo_refuses_a_work_folder_inside_its_inputs(setup):
     assert result.exit_code == 2
     assert "lies inside the input folder" in result.output
     assert not (root / "sae" / "work").exists()
+
+
+def test_demo_refuses_an_expander_source_before_loading_the_lm(setup, tmp_path):
+    root, _, text = setup
+    compact = tmp_path / "expander.safetensors"
+    save_compact(ExpanderSAE(16, 64, 4, 4, seed=0), compact)
+    result = CliRunner().invoke(cli, ["demo", "--model", str(tmp_path / "no-such-model"), "--sae", str(compact),
+                                      "--text", str(text), "--work", str(tmp_path / "work")])
+    assert result.exit_code == 2
+    assert "already an Expander SAE" in result.output  # the missing model was never reached
 
 
 def test_shipped_sae_is_a_dense_topk_sae_for_smollm2():

@@ -11,7 +11,7 @@ import click
 
 from .._io import check_outputs
 from ..convert import source_bytes
-from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoReport, default_model,
+from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoReport, default_model, dense_model,
                     default_texts, needs_more_steps, run_demo)
 from ..errors import SaeCompressError
 from ..lm import SITES, load_model
@@ -71,6 +71,7 @@ def demo(model_path, gguf_file, sae_src, texts, layer, site, d, eval_tokens, ce_
     say = (lambda message: click.echo(message, err=True))
     sae_path, hookpoint = resolve(sae_src or DEFAULT_SAE)
     source = load_source(sae_path, hookpoint)
+    dense_model(source)  # refuse an expander source before the LM loads
     held_out = list(read_texts(text_files(texts))) if texts else [default_texts()[1]]
     model_src, gguf = (model_path, gguf_file) if model_path else default_model()
     say(f"loading the LM {gguf or model_src} ...")
