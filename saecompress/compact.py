@@ -2,7 +2,8 @@
 
 Tensors: ``values [n, d]`` (float32 / float16 / bfloat16, or int8 with ``values_scale [n]``),
 optional ``enc_values`` (untied encoders, same scheme), ``b_enc [n]`` and ``b_dec [m]`` (float32),
-and ``indices [n, d]`` only when the mask is not seed-generated. The header's ``__metadata__``
+``threshold [n]`` (float32) for the threshold activations, and ``indices [n, d]`` only when the mask
+is not seed-generated. The header's ``__metadata__``
 holds the configuration, the mask seed and the sha256 of the index array, checked on load.
 
 Files are written canonically (sorted header keys, tensors in a fixed order), so saving the same
@@ -25,7 +26,7 @@ from ._io import atomic_path
 from ._json import dumps
 from .errors import SaeCompressError, check_choice, first_line
 from .mask import MASK_ALGORITHM, expander_mask, indices_sha256
-from .models import ACTIVATIONS, ENCODERS, ExpanderSAE
+from .models import ALL_ACTIVATIONS, ENCODERS, THRESHOLD_ACTIVATIONS, ExpanderSAE
 from .provenance import shareable
 
 FORMAT_NAME = "saecompress.expander"
@@ -74,6 +75,8 @@ def compact_tensors(sae: ExpanderSAE, dtype: str) -> dict[str, torch.Tensor]:
         tensors |= _stored_values("enc_values", sae.enc_values, dtype)
     tensors["b_enc"] = sae.b_enc.detach().float().contiguous()
     tensors["b_dec"] = sae.b_dec.detach().float().contiguous()
+    if sae.threshold is not None:
+        tensors["threshold"] = sae.threshold.detach().float().contiguous()
     if sae.mask_seed is None:
         tensors["indices"] = sae.indices.to(index_dtype(sae.m)).contiguous()
     return tensors
@@ -228,7 +231,7 @@ def parse_compact_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         raise _fail(path, f"malformed metadata ({first_line(err)})", "the file is damaged; re-create it") from None
     meta["normalize_input"] = raw["normalize_input"] == "true"
     checks = [
-        (meta["activation"] in ACTIVATIONS, f"unknown activation {meta['activation']!r}"),
+        (meta["activation"] in ALL_ACTIVATIONS, f"unknown activation {meta['activation']!r}"),
         (meta["encoder"] in ENCODERS, f"unknown encoder {meta['encoder']!r}"),
         (meta["dtype"] in STORAGE_DTYPES, f"unknown dtype {meta['dtype']!r}"),
         (meta["mask"] in ("seed", "explicit"), f"unknown mask kind {meta['mask']!r}"),
@@ -255,6 +258,8 @@ def _expected_shapes(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], t
             shapes[f"{name}_scale"] = ((n,), ("F32",))
     shapes["b_enc"] = ((n,), ("F32",))
     shapes["b_dec"] = ((m,), ("F32",))
+    if meta["activation"] in THRESHOLD_ACTIVATIONS:
+        shapes["threshold"] = ((n,), ("F32",))
     if meta["mask"] == "explicit":
         shapes["indices"] = ((n, d), ("I16", "I32"))
     return shapes
@@ -321,7 +326,8 @@ def load_compact(path: str | os.PathLike) -> ExpanderSAE:
                     "the file is corrupt or was written by an incompatible saecompress; re-create it")
     sae = ExpanderSAE(m, n, d, meta["k"], seed=meta.get("mask_seed", 0), activation=meta["activation"],
                       encoder=meta["encoder"], normalize_input=meta["normalize_input"],
-                      indices=None if meta["mask"] == "seed" else indices)
+                      indices=None if meta["mask"] == "seed" else indices,
+                      threshold=tensors.get("threshold"))
     with torch.no_grad():
         sae.values.copy_(_dequantized(tensors, "values"))
         if sae.enc_values is not None:

@@ -8,7 +8,14 @@ Both compute, for activations ``x [..., m]``::
     x̂'   = z @ W_dec + b_dec;  x̂ = x̂' un-normalised
 
 ``activation`` is the ordering the source library used: ``topk_relu`` (top-k by value, then ReLU
-on the kept values), ``relu_topk`` (ReLU, then top-k) or ``signed_topk`` (top-k by value, no ReLU).
+on the kept values), ``relu_topk`` (ReLU, then top-k) or ``signed_topk`` (top-k by value, no ReLU);
+or a threshold activation: ``jumprelu`` (per-latent threshold θ [n], code = ReLU(pre)·[pre > θ],
+as SAELens / Gemma Scope / dictionary_learning JumpReLU) or ``batchtopk`` (BatchTopK inference: the
+same with one global θ, stored as the [n] buffer filled with that value). θ is a float32 buffer
+whatever the values' dtype (``.to(dtype)`` leaves it float32). A threshold SAE fires a variable
+number of latents; ``k`` caps what ``encode`` returns (the top-k of the thresholded code): where
+fewer fire, the remaining slots hold value 0 at latents that did not fire. Readers set ``k = n``.
+A threshold model built without ``threshold`` starts at θ = 0.
 
 An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``indices[i, j]``;
 its encoder column ``i`` has the same support, with the same values (``encoder="tied"``) or its
@@ -35,8 +42,11 @@ from .mask import MASK_ALGORITHM, expander_mask
 ORDERINGS: dict[str, tuple[bool, bool]] = {
     "topk_relu": (False, True), "relu_topk": (True, False), "signed_topk": (False, False)}
 ACTIVATIONS = tuple(ORDERINGS)
+# Activations gated by a learned threshold (the per-latent / global θ buffer ``threshold``).
+THRESHOLD_ACTIVATIONS = ("jumprelu", "batchtopk")
+ALL_ACTIVATIONS = ACTIVATIONS + THRESHOLD_ACTIVATIONS
 ENCODERS = ("tied", "untied")
-Activation = Literal["topk_relu", "relu_topk", "signed_topk"]
+Activation = Literal["topk_relu", "relu_topk", "signed_topk", "jumprelu", "batchtopk"]
 
 LAYER_NORM_EPS = 1e-5
 # Encode works on this many (latent, row) pre-activations at a time: bounds memory at any n.
@@ -56,21 +66,55 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def topk_scores(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """What top-k ranks under ``activation``: ``pre``, or ``ReLU(pre)`` for ``relu_topk``."""
+def topk_scores(pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """What top-k ranks under ``activation``: ``pre``, ``ReLU(pre)`` for ``relu_topk``, or the
+    thresholded code ``ReLU(pre)·[pre > threshold]`` for a threshold activation."""
+    if activation in THRESHOLD_ACTIVATIONS:
+        return torch.relu(pre) * (pre > threshold)  # compared in float32: θ never rounds to pre's dtype
     return torch.relu(pre) if ORDERINGS[activation][0] else pre
 
 
 def topk_kept(values: torch.Tensor, activation: str) -> torch.Tensor:
     """The kept values under ``activation``: the top-k scores, or their ReLU for ``topk_relu``."""
-    return torch.relu(values) if ORDERINGS[activation][1] else values
+    return torch.relu(values) if activation in ORDERINGS and ORDERINGS[activation][1] else values
 
 
-def select_topk(pre: torch.Tensor, k: int, activation: str, *,
-                sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k kept ``(values, indices)`` of pre-activations ``pre [..., n]`` under ``activation``."""
-    values, indices = topk_scores(pre, activation).topk(k, dim=-1, sorted=sorted)
+def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = True,
+                threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k kept ``(values, indices)`` of pre-activations ``pre [..., n]`` under ``activation``
+    (``threshold [n]`` for the threshold activations)."""
+    values, indices = topk_scores(pre, activation, threshold).topk(k, dim=-1, sorted=sorted)
     return topk_kept(values, activation), indices
+
+
+def require_topk(activation: str, command: str) -> None:
+    """Refuse a threshold activation in ``command``, which supports top-k orderings only so far."""
+    if activation in THRESHOLD_ACTIVATIONS:
+        raise SaeCompressError(
+            f"activation {activation!r} (a threshold SAE) is not supported by {command} yet; "
+            f"{command} supports the top-k activations {', '.join(ACTIVATIONS)}"
+        )
+
+
+def _checked_threshold(threshold: torch.Tensor | None, n: int, activation: str) -> torch.Tensor | None:
+    if activation not in THRESHOLD_ACTIVATIONS:
+        if threshold is not None:
+            raise SaeCompressError(f"activation {activation!r} takes no threshold; "
+                                   f"thresholds go with {', '.join(THRESHOLD_ACTIVATIONS)}")
+        return None
+    if threshold is None:
+        return torch.zeros(n)
+    threshold = torch.as_tensor(threshold)
+    if not threshold.dtype.is_floating_point or tuple(threshold.shape) != (n,):
+        raise SaeCompressError(f"a {activation} threshold must be a float tensor of shape ({n},), "
+                               f"got {threshold.dtype} {tuple(threshold.shape)}")
+    threshold = threshold.detach().to(torch.float32).clone()
+    if not bool(torch.isfinite(threshold).all()):
+        raise SaeCompressError(f"the {activation} threshold contains NaN or inf")
+    if activation == "batchtopk" and not bool((threshold == threshold[0]).all()):
+        raise SaeCompressError("a batchtopk threshold is one global value; got different values per latent "
+                               "(use activation 'jumprelu' for per-latent thresholds)")
+    return threshold
 
 
 def _check_config(m: int, n: int, k: int, activation: str) -> None:
@@ -78,7 +122,7 @@ def _check_config(m: int, n: int, k: int, activation: str) -> None:
         raise SaeCompressError(f"an SAE needs m >= 1 and n >= 1, got m={m}, n={n}")
     if not 1 <= k <= n:
         raise SaeCompressError(f"k={k} must be between 1 and the number of latents n={n}")
-    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("activation", activation, ALL_ACTIVATIONS)
 
 
 class SparseAutoencoder(nn.Module):
@@ -90,11 +134,21 @@ class SparseAutoencoder(nn.Module):
     activation: str
     normalize_input: bool
 
-    def _init_common(self, m: int, n: int, k: int, activation: str, normalize_input: bool) -> None:
+    def _init_common(self, m: int, n: int, k: int, activation: str, normalize_input: bool,
+                     threshold: torch.Tensor | None) -> None:
         _check_config(m, n, k, activation)
         self.m, self.n, self.k = int(m), int(n), int(k)
         self.activation = activation
         self.normalize_input = bool(normalize_input)
+        self.register_buffer("threshold", _checked_threshold(threshold, n, activation))
+
+    def _apply(self, fn, recurse=True):
+        """Move and cast as ``nn.Module`` does, but keep ``threshold`` float32 (only its device follows)."""
+        threshold = self.threshold
+        super()._apply(fn, recurse)
+        if threshold is not None:
+            self._buffers["threshold"] = threshold.to(self.b_enc.device)
+        return self
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
         if x.shape[-1] != self.m:
@@ -161,7 +215,7 @@ class SparseAutoencoder(nn.Module):
                 indices.reshape(*lead, self.k))
 
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_topk(self._pre_activations(centred), self.k, self.activation)
+        return select_topk(self._pre_activations(centred), self.k, self.activation, threshold=self.threshold)
 
     @property
     def decoder_rows(self) -> nn.Parameter:
@@ -180,10 +234,10 @@ class TopKSAE(SparseAutoencoder):
 
     def __init__(
         self, m: int, n: int, k: int, *, activation: Activation = "topk_relu",
-        normalize_input: bool = False,
+        normalize_input: bool = False, threshold: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self._init_common(m, n, k, activation, normalize_input)
+        self._init_common(m, n, k, activation, normalize_input, threshold)
         W_dec = unit_rows(torch.randn(n, m))
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone())
@@ -216,9 +270,10 @@ class ExpanderSAE(SparseAutoencoder):
         self, m: int, n: int, d: int, k: int, *, seed: int = 0,
         activation: Activation = "signed_topk", encoder: str = "tied",
         indices: torch.Tensor | None = None, normalize_input: bool = False,
+        threshold: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self._init_common(m, n, k, activation, normalize_input)
+        self._init_common(m, n, k, activation, normalize_input, threshold)
         check_choice("encoder", encoder, ENCODERS)
         self.d = int(d)
         self.encoder = encoder
@@ -268,7 +323,8 @@ class ExpanderSAE(SparseAutoencoder):
         x_t = centred.T.contiguous()
         best_vals = best_idx = None
         for start, stop in self._latent_chunks(centred.shape[0]):
-            scores = topk_scores(self._chunk_pre(x_t, start, stop).T, self.activation)
+            threshold = None if self.threshold is None else self.threshold[start:stop]
+            scores = topk_scores(self._chunk_pre(x_t, start, stop).T, self.activation, threshold)
             vals, idx = scores.topk(min(self.k, stop - start), dim=-1)
             idx = idx + start
             if best_vals is not None:
@@ -289,7 +345,7 @@ class ExpanderSAE(SparseAutoencoder):
     def to_dense(self) -> TopKSAE:
         """The equivalent dense ``TopKSAE`` (same outputs; ``n·m`` floats per matrix)."""
         dense = TopKSAE(self.m, self.n, self.k, activation=self.activation,
-                        normalize_input=self.normalize_input)
+                        normalize_input=self.normalize_input, threshold=self.threshold)
         dtype = self.values.dtype
         rows = torch.arange(self.n).unsqueeze(1).expand(-1, self.d)
         W_dec = torch.zeros(self.n, self.m, dtype=dtype)

@@ -43,6 +43,31 @@ def test_float32_round_trip_is_bit_exact(tmp_path, encoder):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jumprelu_threshold_round_trips_bit_exactly_in_float32(tmp_path, dtype):
+    threshold = torch.rand(300, generator=torch.Generator().manual_seed(1)) + 1 / 3  # not a bf16 number
+    sae = random_sae("untied", k=300, activation="jumprelu", threshold=threshold)
+    assert sae.threshold.dtype == torch.float32 and sae.to(torch.bfloat16).threshold.dtype == torch.float32
+    path = save_compact(sae, tmp_path / "a.safetensors", dtype=dtype)
+    loaded = load_compact(path)
+    assert loaded.activation == "jumprelu" and loaded.threshold.dtype == torch.float32
+    assert torch.equal(loaded.threshold, threshold)
+    save_compact(loaded, tmp_path / "b.safetensors", dtype=dtype)
+    assert path.read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    x = torch.randn(50, 40)
+    fired = (loaded.encode(x, dense=True) != 0).sum(-1)
+    assert 0 < int(fired.max()) <= loaded.k and int(fired.min()) < int(fired.max())  # a varying L0
+
+
+def test_nan_threshold_is_refused(tmp_path):
+    sae = random_sae(activation="jumprelu", threshold=torch.ones(300))
+    path = save_compact(sae, tmp_path / "a.safetensors")
+    bad = _rewrite(path, tmp_path / "bad.safetensors", tensors={"threshold": torch.full((300,), float("nan"))})
+    result = CliRunner().invoke(cli, ["info", str(bad)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "threshold contains NaN" in result.output
+
+
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_every_dtype_round_trips_bit_exactly_and_within_the_size_bound(tmp_path, dtype):
     sae = random_sae("tied", m=64, n=2000, d=7)
@@ -137,7 +162,10 @@ BAD_CASES = {
     "nan values": (lambda p, o: _rewrite(p, o, tensors={"values": torch.full((300, 6), float("nan"))}), "NaN"),
     "missing tensor": (lambda p, o: _rewrite(p, o, drop=("b_dec",)), "missing b_dec"),
     "wrong dtype": (lambda p, o: _rewrite(p, o, tensors={"b_enc": torch.zeros(300, dtype=torch.float64)}), "metadata says"),
-    "unknown activation": (lambda p, o: _rewrite(p, o, meta={"activation": "jumprelu"}), "unknown activation"),
+    "unknown activation": (lambda p, o: _rewrite(p, o, meta={"activation": "topafa"}), "unknown activation 'topafa'"),
+    "jumprelu without threshold": (lambda p, o: _rewrite(p, o, meta={"activation": "jumprelu"}), "missing threshold"),
+    "threshold of a top-k file": (lambda p, o: _rewrite(p, o, tensors={"threshold": torch.ones(300)}),
+                                  "unexpected threshold"),
 }
 
 

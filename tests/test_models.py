@@ -120,7 +120,15 @@ def test_bad_configurations_and_inputs_are_clear_errors():
     with pytest.raises(SaeCompressError, match="k=0"):
         TopKSAE(8, 16, 0)
     with pytest.raises(SaeCompressError, match="activation"):
-        ExpanderSAE(8, 16, 2, 2, activation="jumprelu")
+        ExpanderSAE(8, 16, 2, 2, activation="topafa")
+    with pytest.raises(SaeCompressError, match=r"shape \(16,\)"):
+        ExpanderSAE(8, 16, 2, 2, activation="jumprelu", threshold=torch.ones(15))
+    with pytest.raises(SaeCompressError, match="NaN"):
+        TopKSAE(8, 16, 2, activation="jumprelu", threshold=torch.full((16,), float("nan")))
+    with pytest.raises(SaeCompressError, match="one global value"):
+        TopKSAE(8, 16, 2, activation="batchtopk", threshold=torch.arange(16.0))
+    with pytest.raises(SaeCompressError, match="takes no threshold"):
+        TopKSAE(8, 16, 2, threshold=torch.ones(16))
     with pytest.raises(SaeCompressError, match="d=9"):
         ExpanderSAE(8, 16, 9, 2)
     with pytest.raises(SaeCompressError, match="repeat"):
