@@ -4,7 +4,9 @@ Supported layouts (``detect_format`` names):
 
 - ``saelens``: a folder with ``cfg.json`` + ``sae_weights.safetensors``;
 - ``sparsify``: a folder with ``cfg.json`` + ``sae.safetensors``;
-- ``dictionary_learning``: a folder with ``ae.pt`` + ``config.json`` (``AutoEncoderTopK``);
+- ``dictionary_learning``: a folder with ``ae.pt`` + ``config.json`` (``AutoEncoderTopK``,
+  ``BatchTopKSAE``, ``MatryoshkaBatchTopKSAE``, ``JumpReluAutoEncoder``);
+- ``gemma_scope``: a folder with Gemma Scope's ``params.npz`` (JumpReLU);
 - ``openai``: a ``.pt`` state dict of openai/sparse_autoencoder;
 - ``paper``: a ``.pt`` state dict of the Expander-SAE paper's code (dense mask + values, or one
   of their dense baselines).
@@ -15,11 +17,12 @@ A path may also be a folder holding many of these (a sparsify repo with ``layers
 relative to it (``"layers.10"``, ``"resid_post_layer_3/trainer_0"``, ``"layer_6.pt"``).
 ``list_hookpoints`` on a single SAE returns ``[""]``.
 
-``read_sae`` returns each source in its own form — a ``TopKSAE`` for dense SAEs, and for paper
+``read_sae`` returns each source in its own form — a ``TopKSAE`` for dense SAEs (TopK, or a
+threshold activation ``jumprelu`` / ``batchtopk`` with ``k = n``), and for paper
 checkpoints the exact ``ExpanderSAE`` (their mask as explicit indices) — and, beside it, its
 provenance (``library``, local ``path``, ``hookpoint`` …). Readers fold constant scalings and
 non-subtracted ``b_dec`` into the weights, so ``TopKSAE.forward`` reproduces the source library's
-forward pass; non-TopK sources are refused with a ``SaeCompressError``.
+forward pass; other sources (ReLU/L1, gated, transcoders) are refused with a ``SaeCompressError``.
 """
 
 from __future__ import annotations
@@ -33,17 +36,19 @@ from typing import Any
 from ..compact import is_compact_file
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
-from . import dictionary_learning, openai, paper, saelens, sparsify
+from . import dictionary_learning, gemma_scope, openai, paper, saelens, sparsify
 from ._common import read_torch
 
-FORMATS = ("saelens", "sparsify", "openai", "dictionary_learning", "paper")
-_FOLDER_FORMATS = {"saelens": saelens, "sparsify": sparsify, "dictionary_learning": dictionary_learning}
+FORMATS = ("saelens", "sparsify", "openai", "dictionary_learning", "gemma_scope", "paper")
+_FOLDER_FORMATS = {"saelens": saelens, "sparsify": sparsify, "dictionary_learning": dictionary_learning,
+                   "gemma_scope": gemma_scope}
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 _DL_FILES = (dictionary_learning.CONFIG, dictionary_learning.WEIGHTS)
 _MAX_DEPTH = 4
 SUPPORTED = (
     "SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors, or a repo of "
-    "hookpoint folders), dictionary_learning (ae.pt + config.json), openai/sparse_autoencoder (.pt state "
+    "hookpoint folders), dictionary_learning (ae.pt + config.json), Gemma Scope (params.npz), "
+    "openai/sparse_autoencoder (.pt state "
     "dict), Expander-SAE paper (.pt with mask/decoder_vals, or a dense W_dec_param baseline)"
 )
 
@@ -86,7 +91,7 @@ def _single(path: Path) -> _Source | None:
         return _Source(name, path) if name else None
     if not path.is_file():
         raise SaeCompressError(f"{path}: no such file or folder")
-    if path.name in (saelens.WEIGHTS, sparsify.WEIGHTS, saelens.CFG, *_DL_FILES):
+    if path.name in (saelens.WEIGHTS, sparsify.WEIGHTS, saelens.CFG, gemma_scope.WEIGHTS, *_DL_FILES):
         name = _folder_format(path.parent)
         if name:
             return _Source(name, path.parent)

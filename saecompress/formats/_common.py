@@ -1,4 +1,4 @@
-"""Helpers the format readers share: safe file loading, shape checks, building a ``TopKSAE``.
+"""Helpers the format readers share: safe file loading, shape checks, building a dense ``TopKSAE``.
 
 Every reader returns ``(model, provenance)``: the model, and where it came from (``library``, the
 local ``path``, ``hookpoint``, ``source_dtype`` …) beside it; models carry no file state."""
@@ -116,20 +116,23 @@ def int_value(value: Any, what: str, where: Path) -> int:
     return value
 
 
-def build_topk(
-    *, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
-    activation: str, normalize_input: bool = False, provenance: dict[str, Any],
+def build_dense(
+    *, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int | None,
+    activation: str, normalize_input: bool = False, threshold: torch.Tensor | None = None,
+    provenance: dict[str, Any],
 ) -> tuple[TopKSAE, dict[str, Any]]:
     """A float32 ``TopKSAE`` from weights already folded into its conventions, and its ``provenance``
     without the unknown (``None``) entries.
 
     ``W_enc [m, n]``, ``W_dec [n, m]``; the encoder subtracts ``b_dec`` (fold it into ``b_enc``
-    first when the source does not).
+    first when the source does not). Threshold activations take ``threshold [n]`` and ``k=None``
+    (``k = n``: every latent above its threshold is kept).
     """
     m, n = W_enc.shape
+    k = n if k is None else k
     if k > n:
         raise SaeCompressError(f"{provenance.get('path')}: k={k} exceeds the number of latents n={n}")
-    sae = TopKSAE(m, n, k, activation=activation, normalize_input=normalize_input)
+    sae = TopKSAE(m, n, k, activation=activation, normalize_input=normalize_input, threshold=threshold)
     with torch.no_grad():
         sae.W_enc.data = W_enc.to(torch.float32).contiguous()
         sae.W_dec.data = W_dec.to(torch.float32).contiguous()
@@ -144,8 +147,8 @@ def known(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def refuse(where: Path, what: str) -> SaeCompressError:
-    """The error for a source that is not a TopK SAE saecompress can convert."""
+    """The error for a source that is neither a TopK nor a threshold (JumpReLU / BatchTopK) SAE."""
     return SaeCompressError(
-        f"{where}: {what}; saecompress converts TopK SAEs only (JumpReLU, threshold/BatchTopK, ReLU/L1, "
-        "gated and transcoder checkpoints are not supported)"
+        f"{where}: {what}; saecompress reads TopK and threshold (JumpReLU, BatchTopK, Matryoshka) SAEs only "
+        "(ReLU/L1, gated and transcoder checkpoints are not supported)"
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import SaeCompressError
 from ..models import TopKSAE
-from ._common import build_topk, dims_of, int_value, read_torch, refuse, source_dtype, tensor
+from ._common import build_dense, dims_of, int_value, read_torch, refuse, source_dtype, tensor
 
 KEYS = ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight")
 _POSTACT = {"ReLU": "topk_relu", "Identity": "signed_topk"}
@@ -44,7 +44,7 @@ def read(path: Path, hookpoint: str | None = None,
     n, d = dims_of(sd, "encoder.weight", path, 2)
     enc = tensor(sd, "encoder.weight", path, (n, d))
     dec = tensor(sd, "decoder.weight", path, (d, n))
-    return build_topk(
+    return build_dense(
         W_enc=enc.T, W_dec=dec.T, b_enc=tensor(sd, "latent_bias", path, (n,)),
         b_dec=tensor(sd, "pre_bias", path, (d,)), k=k, activation=_POSTACT[postact],
         normalize_input=True,

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import SaeCompressError
 from ..models import ExpanderSAE, TopKSAE
-from ._common import build_topk, dims_of, int_value, known, read_torch, refuse, source_dtype, tensor
+from ._common import build_dense, dims_of, int_value, known, read_torch, refuse, source_dtype, tensor
 
 KEYS = ("mask", "decoder_vals", "b_dec", "b_enc")
 DENSE_KEYS = ("W_dec_param", "b_dec", "b_enc")
@@ -90,7 +90,7 @@ def read_paper_dense(path: str | Path, k: int | None = None,
     path, k, sd, m, n = _open(path, k, sd, "W_dec_param")
     W_dec = _colnorm(tensor(sd, "W_dec_param", path, (m, n)))
     W_enc = tensor(sd, "W_enc_param", path, (n, m)).T if "W_enc_param" in sd else W_dec
-    return build_topk(W_enc=W_enc, W_dec=W_dec.T, b_enc=tensor(sd, "b_enc", path, (n,)),
+    return build_dense(W_enc=W_enc, W_dec=W_dec.T, b_enc=tensor(sd, "b_enc", path, (n,)),
                       b_dec=tensor(sd, "b_dec", path, (m,)), k=k, activation="signed_topk",
                       provenance=_provenance(path, sd))
 

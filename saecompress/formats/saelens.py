@@ -5,7 +5,13 @@ Math (``sae_lens.saes.topk_sae.TopKSAE``)::
     x'  = layer_norm(x) if normalize_activations == "layer_norm" else x
     pre = (x' - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
     z   = ReLU(top-k(pre))                                    # TopK, then ReLU on kept values
+    z   = ReLU(pre) * (pre > threshold)                       # architecture "jumprelu" instead
     x̂'  = z @ W_dec + b_dec   (un-normalised afterwards)
+
+``architecture: "jumprelu"`` (SAELens 5 and 6) carries ``threshold [d_sae]``; BatchTopK and
+Matryoshka BatchTopK SAEs are saved that way with their global threshold repeated
+(``metadata.training_architecture``, kept in the provenance): they read as ``batchtopk``, every
+other one as ``jumprelu``, with ``k = d_sae``. Matryoshka latents keep their order.
 
 SAELens ≥ 6 writes ``architecture: "topk"`` and ``k``; configs before 6.0 write
 ``activation_fn`` (or ``activation_fn_str``) ``"topk"`` with ``activation_fn_kwargs.k``.
@@ -13,7 +19,7 @@ Folded losslessly into the ``TopKSAE`` conventions: ``apply_b_dec_to_input: fals
 (``b_enc -= b_dec @ W_enc``), a v5 ``scaling_factor`` tensor (finetuning scale, into ``W_dec``
 rows), ``rescale_acts_by_decoder_norm`` (norms into the encoder, unit-norm decoder rows) and
 ``normalize_activations: "expected_average_only_in"`` when the config carries the dataset's
-``norm_scaling_factor``.
+``norm_scaling_factor`` (folded so that the pre-activations, and so the thresholds, stay the same).
 """
 
 from __future__ import annotations
@@ -29,15 +35,15 @@ from .._json import dumps
 from ..errors import SaeCompressError
 from ..models import TopKSAE
 from ..provenance import shareable
-from ._common import build_topk, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
+from ._common import build_dense, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 _TOPK_ARCHITECTURES = ("topk",)
 _REFUSED = {
-    "jumprelu": "a JumpReLU SAE (thresholded, not TopK)",
-    "batchtopk": "a BatchTopK SAE (inference uses a learned threshold, not per-token TopK)",
-    "matryoshka_batchtopk": "a Matryoshka BatchTopK SAE (threshold inference, not per-token TopK)",
+    "batchtopk": "a BatchTopK training SAE (save it for inference: SAELens writes it as 'jumprelu')",
+    "matryoshka_batchtopk": "a Matryoshka BatchTopK training SAE (save it for inference: SAELens writes it "
+                            "as 'jumprelu')",
     "gated": "a gated SAE",
     "standard": "a standard ReLU SAE",
     "transcoder": "a transcoder",
@@ -49,9 +55,12 @@ def matches(folder: Path) -> bool:
     return (folder / CFG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def _k_and_architecture(cfg: dict, where: Path) -> int:
+def _k_and_architecture(cfg: dict, where: Path) -> int | None:
+    """``k`` of a TopK SAE, ``None`` for a JumpReLU one; refuses every other architecture."""
     architecture = cfg.get("architecture")
     activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    if architecture == "jumprelu":
+        return None
     if architecture in _TOPK_ARCHITECTURES or (architecture in (None, "standard") and activation_fn == "topk"):
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))  # SAELens < 6: activation_fn_kwargs
         return int_value(k, "k (cfg k or activation_fn_kwargs.k)", where)
@@ -63,7 +72,7 @@ def _k_and_architecture(cfg: dict, where: Path) -> int:
 
 
 def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """Load the SAELens TopK SAE in ``folder`` as a ``TopKSAE``, and its provenance."""
+    """Load the SAELens TopK or JumpReLU SAE in ``folder`` as a ``TopKSAE``, and its provenance."""
     cfg_path, weights_path = folder / CFG, folder / WEIGHTS
     cfg = read_json(cfg_path)
     k = _k_and_architecture(cfg, cfg_path)
@@ -74,6 +83,7 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
     W_dec = tensor(sd, "W_dec", weights_path, (d_sae, d_in))
     b_enc = tensor(sd, "b_enc", weights_path, (d_sae,))
     b_dec = tensor(sd, "b_dec", weights_path, (d_in,))
+    threshold = None if k is not None else tensor(sd, "threshold", weights_path, (d_sae,))
 
     normalize = cfg.get("normalize_activations") or "none"
     if normalize == "expected_average_only_in":
@@ -100,12 +110,19 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
     if cfg.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=1).clamp_min(1e-12)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+        threshold = None if threshold is None else threshold * norms  # the pre-activations scale with them
     if cfg.get("apply_b_dec_to_input", True) is False:
         b_enc = b_enc + b_dec @ W_enc
 
     meta = cfg.get("metadata") or cfg.get("meta") or {}
-    return build_topk(
-        W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec, k=k, activation="topk_relu",
+    training = meta.get("training_architecture")
+    activation = "topk_relu"
+    if threshold is not None:
+        global_threshold = bool((threshold == threshold[0]).all())
+        activation = "batchtopk" if "batchtopk" in str(training) and global_threshold else "jumprelu"
+    details = meta.get("training_architecture_details") or {}
+    return build_dense(
+        W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec, k=k, activation=activation, threshold=threshold,
         normalize_input=normalize == "layer_norm",
         provenance={
             "library": "saelens",
@@ -116,6 +133,8 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
             "architecture": cfg.get("architecture") or "topk",
             "source_dtype": source_dtype(sd),
             "sae_lens_version": meta.get("sae_lens_version") or cfg.get("sae_lens_version"),
+            "training_architecture": training,
+            "matryoshka_widths": details.get("matryoshka_widths"),
         },
     )
 
@@ -128,13 +147,17 @@ def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = 
     folder = Path(folder)
     with output_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": "topk", "k": sae.k, "d_in": sae.m, "d_sae": sae.n,
+    kind = {"architecture": "topk", "k": sae.k} if sae.threshold is None else {"architecture": "jumprelu"}
+    training = {"training_architecture": "batchtopk"} if sae.activation == "batchtopk" else {}
+    cfg = {**kind, "d_in": sae.m, "d_sae": sae.n,
            "normalize_activations": "layer_norm" if sae.normalize_input else "none",
            "apply_b_dec_to_input": True, "dtype": "float32",
-           "metadata": {"saecompress": metadata or {}, **{k: v for k, v in shareable(source or {}).items()
+           "metadata": {"saecompress": metadata or {}, **training, **{k: v for k, v in shareable(source or {}).items()
                                                           if isinstance(v, (str, int, float))}}}
     tensors = {name: getattr(sae, name).detach().float().contiguous()
                for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    if sae.threshold is not None:
+        tensors["threshold"] = sae.threshold.detach().float().contiguous()
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
     with atomic_path(folder / CFG) as tmp:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import SaeCompressError
 from ..models import TopKSAE
-from ._common import build_topk, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
+from ._common import build_dense, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
 
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
@@ -67,7 +67,7 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
     bias = tensor(sd, "encoder.bias", weights_path, (n,))
     W_dec = tensor(sd, "W_dec", weights_path, (n, d_in))
     b_dec = tensor(sd, "b_dec", weights_path, (d_in,))
-    return build_topk(
+    return build_dense(
         W_enc=enc.T, W_dec=W_dec, b_enc=bias, b_dec=b_dec, k=k, activation="relu_topk",
         provenance={
             "library": "sparsify",
