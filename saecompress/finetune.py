@@ -42,7 +42,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
-from .models import ExpanderSAE, SparseAutoencoder
+from .models import ExpanderSAE, SparseAutoencoder, require_topk
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -155,6 +155,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
+    require_topk(sae.activation, "finetune", "the threshold gradients of JumpReLU / BatchTopK come later")
     if out is not None:
         check_outputs([out], kind="file" if isinstance(sae, ExpanderSAE) else "folder")
     module = site_module(model, layer, site)

@@ -87,12 +87,13 @@ def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = Tr
     return topk_kept(values, activation), indices
 
 
-def require_topk(activation: str, command: str) -> None:
-    """Refuse a threshold activation in ``command``, which supports top-k orderings only so far."""
+def require_topk(activation: str, command: str, why: str) -> None:
+    """Refuse a threshold activation in ``command``, which supports the top-k orderings only so far
+    (``why``: what it still needs)."""
     if activation in THRESHOLD_ACTIVATIONS:
         raise SaeCompressError(
-            f"activation {activation!r} (a threshold SAE) is not supported by {command} yet; "
-            f"{command} supports the top-k activations {', '.join(ACTIVATIONS)}"
+            f"activation {activation!r} (a threshold SAE) is not supported by {command} yet ({why}); "
+            f"it supports the top-k activations {', '.join(ACTIVATIONS)}"
         )
 
 

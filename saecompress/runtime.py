@@ -21,7 +21,7 @@ import numpy as np
 from .activations import open_activations
 from .errors import SaeCompressError, first_line
 from .exporters.onnx import build_onnx, read_onnx_metadata
-from .models import ExpanderSAE, TopKSAE
+from .models import ExpanderSAE, TopKSAE, require_topk
 from .sources import load_source
 
 CUDA = "CUDAExecutionProvider"
@@ -65,6 +65,7 @@ def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
     if isinstance(model, (ExpanderSAE, TopKSAE)):
         return build_onnx(model, "autoencoder").SerializeToString()
     loaded = load_source(model, hookpoint, hub=hub)
+    require_topk(loaded.model.activation, "monitor", "its graphs need a max_l0 cap on the active latents")
     return build_onnx(loaded.model, "autoencoder", storage_dtype=loaded.storage_dtype,
                       source=loaded.provenance).SerializeToString()
 

@@ -33,7 +33,7 @@ from .convert import DEFAULT_MASK, convert
 from .distill import latent_agreement
 from .errors import SaeCompressError
 from .metrics import evaluate
-from .models import ExpanderSAE, TopKSAE
+from .models import ExpanderSAE, TopKSAE, require_topk
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
@@ -184,6 +184,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if teacher is not None and not isinstance(teacher, TopKSAE):
         raise SaeCompressError("the distillation teacher must be a dense TopK SAE")
     if teacher is not None:
+        require_topk(teacher.activation, "train --teacher", "the JumpReLU / BatchTopK training rules come later")
         teacher.eval().requires_grad_(False)
     sae, start = _initial_model(cfg, source.m, teacher, init, hub)
     origin = start or origin

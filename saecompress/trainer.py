@@ -32,7 +32,7 @@ import torch
 from .distill import DistillTerm
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
-from .models import ExpanderSAE, TopKSAE, unit_rows
+from .models import ExpanderSAE, TopKSAE, require_topk, unit_rows
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
 from .sparse_ops import MaskLayout, SparseForward
 
@@ -72,6 +72,8 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_choice("decay", self.decay, DECAYS)
+        if self.activation is not None:
+            require_topk(self.activation, "train", "the JumpReLU / BatchTopK training rules come later")
         if self.d is not None and self.d < 1:
             raise SaeCompressError(f"d must be at least 1, got {self.d}")
         if self.reaim_every < 0:
@@ -116,6 +118,7 @@ class Trainer:
 
     def __init__(self, sae: ExpanderSAE | TopKSAE, cfg: TrainConfig, total_steps: int,
                  teacher: TopKSAE | None = None):
+        require_topk(sae.activation, "train", "the JumpReLU / BatchTopK training rules come later")
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
         self.teacher = teacher
         self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))

@@ -7,7 +7,7 @@ import click
 from .._json import dumps
 from ..convert import MASKS
 from ..errors import SaeCompressError
-from ..models import ACTIVATIONS, ENCODERS
+from ..models import ALL_ACTIVATIONS, ENCODERS
 from ..train import TrainConfig
 from ..train import train as run_training
 from .options import config_option, hub_options
@@ -40,8 +40,9 @@ from .options import config_option, hub_options
 @click.option("--lr", type=float, default=None,
               help="Adam learning rate [default: 3e-3 / sqrt(n / 16384) for expanders, "
                    "2e-4 / sqrt(n / 16384) with --dense].")
-@click.option("--activation", type=click.Choice(ACTIVATIONS), default=None,
-              help="Top-k ordering of a fresh SAE [default: signed_topk, dense: topk_relu].")
+@click.option("--activation", type=click.Choice(ALL_ACTIVATIONS), default=None,
+              help="Top-k ordering of a fresh SAE [default: signed_topk, dense: topk_relu]; jumprelu and "
+                   "batchtopk are not trainable yet.")
 @config_option(TrainConfig, "encoder", "--encoder", type=click.Choice(ENCODERS),
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")

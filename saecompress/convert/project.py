@@ -28,7 +28,7 @@ import torch
 from ..activations import ActivationSource
 from ..errors import SaeCompressError, check_choice
 from ..mask import expander_mask
-from ..models import ENCODERS, ExpanderSAE, TopKSAE
+from ..models import ENCODERS, ExpanderSAE, TopKSAE, require_topk
 
 MASKS = ("expander", "topd", "search")
 DEFAULT_D = 7
@@ -77,6 +77,7 @@ def convert(dense: TopKSAE, d: int, *, mask: str = DEFAULT_MASK, seed: int = 0, 
     """Project ``dense`` onto a ``d``-per-latent mask; returns the ``ExpanderSAE``."""
     if not isinstance(dense, TopKSAE):
         raise SaeCompressError(f"convert needs a dense TopKSAE, got {type(dense).__name__}")
+    require_topk(dense.activation, "convert", "its thresholds need recalibrating after projection")
     check_choice("mask", mask, MASKS)
     check_choice("encoder", encoder, ENCODERS)
     if not isinstance(d, int) or not 1 <= d <= dense.m:

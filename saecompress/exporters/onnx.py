@@ -29,7 +29,7 @@ from .._io import atomic_path, check_outputs
 from .._json import dumps
 from ..compact import STORAGE_DTYPES, index_dtype, quantize_int8
 from ..errors import SaeCompressError, check_choice
-from ..models import ExpanderSAE, TopKSAE
+from ..models import ExpanderSAE, TopKSAE, require_topk
 from ..provenance import shareable
 from ..sources import load_source
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout, expander_decode_function,
@@ -83,6 +83,7 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
     if not isinstance(sae, (ExpanderSAE, TopKSAE)):
         raise SaeCompressError(f"build_onnx takes an ExpanderSAE or TopKSAE, not {type(sae).__name__}; "
                                "load a source with saecompress.load first")
+    require_topk(sae.activation, "export", "its graphs need a max_l0 cap on the active latents")
     check_choice("graph", graph, GRAPHS)
     check_choice("ONNX dtype", dtype, DTYPES)
     check_choice("storage dtype", storage_dtype, STORAGE_DTYPES)
