@@ -76,7 +76,7 @@ def test_saelens_folds_b_dec_layer_norm_scalings(dense_io, tmp_path):
     close(sae(x.float()), dense_io.saelens_forward(x, w_big, K, rescale=True))
 
 
-@pytest.mark.parametrize("architecture", ["jumprelu", "batchtopk", "standard", "gated"])
+@pytest.mark.parametrize("architecture", ["batchtopk", "standard", "gated"])
 def test_saelens_non_topk_refused(dense_io, tmp_path, architecture):
     folder = dense_io.write_saelens(tmp_path / "s", dense_io.weights(), architecture=architecture)
     with pytest.raises(SaeCompressError, match="TopK"):
@@ -205,9 +205,11 @@ def test_dictionary_learning_round_trip(dense_io, tmp_path):
     close(sae(x.float()), dense_io.topk_then(pre, K, lambda v: v) @ w["W_dec"] + w["b_dec"])
 
 
-def test_dictionary_learning_batchtopk_refused_and_config_required(dense_io, tmp_path):
+def test_dictionary_learning_batchtopk_read_others_refused_and_config_required(dense_io, tmp_path):
     folder = dense_io.write_dictionary_learning(tmp_path / "t", dense_io.weights(), dict_class="BatchTopKSAE")
-    with pytest.raises(SaeCompressError, match="TopK"):
+    assert read_sae(folder)[0].activation == "batchtopk"
+    (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
+    with pytest.raises(SaeCompressError, match="dict_class 'GatedAutoEncoder'"):
         read_sae(folder)
     (folder / "config.json").unlink()
     with pytest.raises(SaeCompressError, match="config.json"):
