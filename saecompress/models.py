@@ -8,7 +8,8 @@ Both compute, for activations ``x [..., m]``::
     x̂'   = z @ W_dec + b_dec;  x̂ = x̂' un-normalised
 
 ``activation`` is the ordering the source library used: ``topk_relu`` (top-k by value, then ReLU
-on the kept values), ``relu_topk`` (ReLU, then top-k) or ``signed_topk`` (top-k by value, no ReLU);
+on the kept values), ``relu_topk`` (ReLU, then top-k), ``signed_topk`` (top-k by value, no ReLU) or
+``abs_topk`` (the k of largest |pre|, sign kept: AbsTopK);
 or a threshold activation: ``jumprelu`` (per-latent threshold θ [n], code = ReLU(pre)·[pre > θ],
 as SAELens / Gemma Scope / dictionary_learning JumpReLU) or ``batchtopk`` (BatchTopK inference: the
 same with one global θ, stored as the [n] buffer filled with that value). θ is a float32 buffer
@@ -37,16 +38,18 @@ from torch.nn import functional as F
 from .errors import SaeCompressError, check_choice
 from .mask import MASK_ALGORITHM, expander_mask
 
-# The one definition of the top-k orderings: activation -> (ReLU before top-k, ReLU on the kept
-# values). Every spelling (chunked encode, sparse training ops, ONNX graphs) reads this table.
-ORDERINGS: dict[str, tuple[bool, bool]] = {
-    "topk_relu": (False, True), "relu_topk": (True, False), "signed_topk": (False, False)}
+# The one definition of the top-k orderings: activation -> (what top-k ranks: "value" (pre),
+# "relu" (ReLU(pre)) or "abs" (|pre|, the kept values keep their sign); ReLU on the kept values).
+# Every spelling (chunked encode, sparse training ops, ONNX graphs) reads this table.
+ORDERINGS: dict[str, tuple[str, bool]] = {
+    "topk_relu": ("value", True), "relu_topk": ("relu", False), "signed_topk": ("value", False),
+    "abs_topk": ("abs", False)}
 ACTIVATIONS = tuple(ORDERINGS)
 # Activations gated by a learned threshold (the per-latent / global θ buffer ``threshold``).
 THRESHOLD_ACTIVATIONS = ("jumprelu", "batchtopk")
 ALL_ACTIVATIONS = ACTIVATIONS + THRESHOLD_ACTIVATIONS
 ENCODERS = ("tied", "untied")
-Activation = Literal["topk_relu", "relu_topk", "signed_topk", "jumprelu", "batchtopk"]
+Activation = Literal["topk_relu", "relu_topk", "signed_topk", "abs_topk", "jumprelu", "batchtopk"]
 
 LAYER_NORM_EPS = 1e-5
 # Encode works on this many (latent, row) pre-activations at a time: bounds memory at any n.
@@ -67,24 +70,41 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def topk_scores(pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """What top-k ranks under ``activation``: ``pre``, ``ReLU(pre)`` for ``relu_topk``, or the
-    thresholded code ``ReLU(pre)·[pre > threshold]`` for a threshold activation."""
+    """What top-k ranks under ``activation``: ``pre``, ``ReLU(pre)`` for ``relu_topk``, ``|pre|``
+    for ``abs_topk``, or the thresholded code ``ReLU(pre)·[pre > threshold]`` for a threshold activation."""
     if activation in THRESHOLD_ACTIVATIONS:
         return torch.relu(pre) * (pre > threshold)  # compared in float32: θ never rounds to pre's dtype
-    return torch.relu(pre) if ORDERINGS[activation][0] else pre
+    rank = ORDERINGS[activation][0]
+    return torch.relu(pre) if rank == "relu" else pre.abs() if rank == "abs" else pre
+
+
+def ranked_values(pre: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, activation: str) -> torch.Tensor:
+    """The values of the top-k ``scores`` at ``indices`` of ``pre``: the scores themselves, or the
+    signed pre-activations under ``abs_topk``."""
+    return pre.gather(-1, indices) if ORDERINGS.get(activation, ("",))[0] == "abs" else scores
 
 
 def topk_kept(values: torch.Tensor, activation: str) -> torch.Tensor:
-    """The kept values under ``activation``: the top-k scores, or their ReLU for ``topk_relu``."""
+    """The kept values under ``activation``: the ranked values, or their ReLU for ``topk_relu``."""
     return torch.relu(values) if activation in ORDERINGS and ORDERINGS[activation][1] else values
 
 
+def relu_cuts(activation: str) -> bool:
+    """Whether a ReLU (before or after top-k, or a threshold) zeroes some kept values' gradient."""
+    return activation in THRESHOLD_ACTIVATIONS or ORDERINGS[activation][0] == "relu" or ORDERINGS[activation][1]
+
+
 def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = True,
-                threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                threshold: torch.Tensor | None = None,
+                among: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k kept ``(values, indices)`` of pre-activations ``pre [..., n]`` under ``activation``
-    (``threshold [n]`` for the threshold activations)."""
-    values, indices = topk_scores(pre, activation, threshold).topk(k, dim=-1, sorted=sorted)
-    return topk_kept(values, activation), indices
+    (``threshold [n]`` for the threshold activations), only among the latents flagged in ``among``
+    when given (the others rank last; their values may be ``-inf``)."""
+    scores = topk_scores(pre, activation, threshold)
+    if among is not None:
+        scores = scores.masked_fill(~among, float("-inf"))
+    scores, indices = scores.topk(k, dim=-1, sorted=sorted)
+    return topk_kept(ranked_values(pre, scores, indices, activation), activation), indices
 
 
 def require_topk(activation: str, command: str, why: str) -> None:
@@ -322,17 +342,19 @@ class ExpanderSAE(SparseAutoencoder):
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over latent chunks with a running merge: memory O(B·(chunk + k)), not O(B·n)."""
         x_t = centred.T.contiguous()
-        best_vals = best_idx = None
+        best_scores = best_vals = best_idx = None
         for start, stop in self._latent_chunks(centred.shape[0]):
             threshold = None if self.threshold is None else self.threshold[start:stop]
-            scores = topk_scores(self._chunk_pre(x_t, start, stop).T, self.activation, threshold)
-            vals, idx = scores.topk(min(self.k, stop - start), dim=-1)
+            pre = self._chunk_pre(x_t, start, stop).T
+            scores, idx = topk_scores(pre, self.activation, threshold).topk(min(self.k, stop - start), dim=-1)
+            vals = ranked_values(pre, scores, idx, self.activation)
             idx = idx + start
-            if best_vals is not None:
-                vals, pos = torch.cat([best_vals, vals], 1).topk(
-                    min(self.k, best_vals.shape[1] + vals.shape[1]), dim=-1)
+            if best_scores is not None:
+                scores, pos = torch.cat([best_scores, scores], 1).topk(
+                    min(self.k, best_scores.shape[1] + scores.shape[1]), dim=-1)
+                vals = torch.cat([best_vals, vals], 1).gather(1, pos)
                 idx = torch.cat([best_idx, idx], 1).gather(1, pos)
-            best_vals, best_idx = vals, idx
+            best_scores, best_vals, best_idx = scores, vals, idx
         return topk_kept(best_vals, self.activation), best_idx
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

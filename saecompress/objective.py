@@ -31,8 +31,7 @@ def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_au
     recon = sae.decode(top_vals, top_idx)
     aux = None
     if dead is not None and k_aux > 0 and bool(dead.any()):
-        aux_pre = pre.masked_fill(~dead, float("-inf"))
-        aux_vals, aux_idx = select_topk(aux_pre, min(k_aux, int(dead.sum())), sae.activation)
+        aux_vals, aux_idx = select_topk(pre, min(k_aux, int(dead.sum())), sae.activation, among=dead)
         aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
         aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals) @ sae.W_dec
     return SparseForward(recon, top_vals, top_idx, aux)

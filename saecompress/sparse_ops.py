@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .models import ORDERINGS, select_topk
+from .models import relu_cuts, select_topk
 
 _ROW_BLOCK = 256  # batch rows per CSR product in sparse_pre_activations
 
@@ -94,15 +94,14 @@ class SparseEncodeTopK(torch.autograd.Function):
         top_vals, top_idx = select_topk(pre, k, activation, sorted=False)
         if dead is not None and k_aux > 0 and bool(dead.any()):
             k_aux = min(k_aux, int(dead.sum()))
-            pre.masked_fill_(~dead, float("-inf"))
-            aux_vals, aux_idx = select_topk(pre, k_aux, activation, sorted=False)
+            aux_vals, aux_idx = select_topk(pre, k_aux, activation, sorted=False, among=dead)
             aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
         else:
             aux_vals = x.new_zeros(x.shape[0], 0)
             aux_idx = torch.zeros(x.shape[0], 0, dtype=torch.int64)
         del pre
         ctx.layout = layout
-        ctx.relu = any(ORDERINGS[activation])  # a ReLU before or after top-k: no gradient where it cut
+        ctx.relu = relu_cuts(activation)  # a ReLU before or after top-k: no gradient where it cut
         ctx.x_requires_grad = x.requires_grad
         ctx.save_for_backward(xc, enc_values, top_vals, top_idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(top_idx, aux_idx)

@@ -30,7 +30,11 @@ def reference_forward(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torc
     pre = (xin - b_dec) @ W_enc + b_enc
     if sae.activation == "relu_topk":
         pre = pre.relu()
-    vals, idx = pre.topk(sae.k, dim=-1)
+    if sae.activation == "abs_topk":
+        idx = pre.abs().topk(sae.k, dim=-1).indices
+        vals = pre.gather(-1, idx)
+    else:
+        vals, idx = pre.topk(sae.k, dim=-1)
     if sae.activation == "topk_relu":
         vals = vals.relu()
     code = torch.zeros_like(pre).scatter(-1, idx, vals)

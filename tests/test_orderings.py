@@ -39,10 +39,10 @@ def reference(sae: ExpanderSAE, x: torch.Tensor):
     """Float64 pre-activations, each ordering stated directly, and the rows whose choice is clear."""
     dense = sae.to_dense().double()
     pre = (x.double() - dense.b_dec) @ dense.W_enc + dense.b_enc
-    scores = pre.clamp_min(0) if sae.activation == "relu_topk" else pre
+    scores = {"relu_topk": pre.clamp_min(0), "abs_topk": pre.abs()}.get(sae.activation, pre)
     ordered = scores.topk(K + 1, dim=1)
     idx = ordered.indices[:, :K]
-    vals = ordered.values[:, :K]
+    vals = pre.gather(1, idx) if sae.activation == "abs_topk" else ordered.values[:, :K]
     if sae.activation == "topk_relu":
         vals = vals.clamp_min(0)
     clear = ordered.values[:, K - 1] - ordered.values[:, K] > MARGIN
@@ -74,7 +74,7 @@ def test_every_spelling_keeps_the_same_topk(activation, one_thread):
     assert float(clear.double().mean()) > 0.9
     few_positive = ((pre > 0).sum(1) < K)
     assert 0.2 < float(few_positive.double().mean()) < 0.9  # rows on which the orderings differ
-    if activation == "signed_topk":
+    if activation in ("signed_topk", "abs_topk"):
         assert bool((ref_vals[few_positive] < 0).any())
     else:
         assert bool((ref_vals[few_positive] == 0).any())

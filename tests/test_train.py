@@ -19,14 +19,17 @@ def _dense_masked_loss(sae: ExpanderSAE, V, EV, b_enc, b_dec, x, target, dead, k
     W_dec = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, V)
     W_enc = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, EV).T
     pre = (x - b_dec) @ W_enc + b_enc
-    relu = sae.activation != "signed_topk"
-    vals, idx = pre.topk(sae.k, dim=-1)
+    relu = sae.activation == "topk_relu"
+    scores = pre.abs() if sae.activation == "abs_topk" else pre  # abs_topk: largest |pre|, sign kept
+    idx = scores.topk(sae.k, dim=-1).indices
+    vals = pre.gather(1, idx)
     vals = vals.clamp_min(0) if relu else vals
     z = torch.zeros_like(pre).scatter(1, idx, vals)
     recon = z @ W_dec + b_dec
     loss = (recon - target).pow(2).sum()
     if k_aux:
-        aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
+        aux_idx = scores.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1).indices
+        aux_vals = pre.gather(1, aux_idx)
         aux_vals = aux_vals.clamp_min(0) if relu else aux_vals
         z_aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals)
         loss = loss + 0.5 * (z_aux @ W_dec - (target - recon.detach())).pow(2).sum()
@@ -34,7 +37,7 @@ def _dense_masked_loss(sae: ExpanderSAE, V, EV, b_enc, b_dec, x, target, dead, k
 
 
 @pytest.mark.parametrize("encoder", ["tied", "untied"])
-@pytest.mark.parametrize("activation", ["signed_topk", "topk_relu"])
+@pytest.mark.parametrize("activation", ["signed_topk", "topk_relu", "abs_topk"])
 def test_sparse_gradients_match_dense_masked_reference(encoder, activation):
     torch.manual_seed(0)
     m, n, d, k, B, k_aux = 24, 96, 5, 6, 40, 8
@@ -277,6 +280,28 @@ def test_cli_train_and_errors(planted, tmp_path):
     no_ckpt = runner.invoke(cli, ["train", "--acts", str(path), "--d", "4", "--n", "64", "--resume",
                                   "--out", str(tmp_path / "y.safetensors")])
     assert no_ckpt.exit_code == 2 and "no checkpoint" in no_ckpt.output
+
+
+def test_abs_topk_trains_converts_and_monitors(planted, tmp_path):
+    """AbsTopK is a top-k ordering: train, convert (a dense abs_topk SAE) and the onnxruntime Monitor take it."""
+    from saecompress import convert
+    from saecompress.runtime import Monitor
+
+    path, _, _ = planted
+    out = tmp_path / "abs.safetensors"
+    result = CliRunner().invoke(cli, ["train", "--acts", str(path), "--d", "4", "--k", "4", "--n", "64",
+                                      "--tokens", "5120", "--batch", "256", "--activation", "abs_topk",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    dense = load_compact(out).to_dense()
+    x = np.load(path)[:64]
+    for sae in (load_compact(out), convert(dense, 4)):
+        assert sae.activation == "abs_topk"
+        values, indices = sae.encode(torch.from_numpy(x))
+        assert bool((values < 0).any())  # signs kept
+        got_idx, got_vals = Monitor(sae, threads=1).encode(x)
+        assert np.array_equal(np.sort(got_idx, 1), np.sort(indices.numpy(), 1))
+        np.testing.assert_allclose(np.sort(got_vals, 1), np.sort(values.detach().numpy(), 1), rtol=1e-5, atol=1e-5)
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(planted, tmp_path, read_until):

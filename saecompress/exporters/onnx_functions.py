@@ -55,11 +55,12 @@ class EncodeLayout:
 
 def select_topk(b: GraphBuilder, pre: str, k: int, activation: str) -> tuple[str, str]:
     """``(values, indices)`` of the top-k of ``pre [B, N]`` under ``activation``: the graph form of
-    ``models.select_topk``, from the same ``ORDERINGS`` table (ReLU before top-k, ReLU after)."""
-    relu_before, relu_after = ORDERINGS[activation]
-    if relu_before:
-        pre = b.op("Relu", pre)
-    values, indices = b.op("TopK", pre, b.ints(k), outputs=2, axis=-1, largest=1, sorted=1)
+    ``models.select_topk``, from the same ``ORDERINGS`` table (what top-k ranks, ReLU after)."""
+    rank, relu_after = ORDERINGS[activation]
+    scores = b.op("Relu", pre) if rank == "relu" else b.op("Abs", pre) if rank == "abs" else pre
+    values, indices = b.op("TopK", scores, b.ints(k), outputs=2, axis=-1, largest=1, sorted=1)
+    if rank == "abs":  # the kept values keep their sign
+        values = b.op("GatherElements", pre, indices, axis=-1)
     if relu_after:
         values = b.op("Relu", values)
     return values, indices
@@ -81,8 +82,9 @@ def _ones_column(b: GraphBuilder, x: str) -> str:
 
 
 def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: str,
-                       n: int, width: int, layout: EncodeLayout, group: int) -> str:
-    """Group maxima ``[B, n/group]`` (the pre-activations themselves when group = 1)."""
+                       n: int, width: int, layout: EncodeLayout, group: int, absolute: bool) -> str:
+    """Group maxima ``[B, n/group]`` (of ``|pre|`` when ``absolute``; the pre-activations themselves
+    when group = 1)."""
     maxima = []
     for start in range(0, n, layout.chunk):
         stop = min(start + layout.chunk, n)
@@ -93,7 +95,8 @@ def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: 
         rows = b.op("Gather", x_t, idx, axis=0)  # [latents, d+1, B]
         pre = b.op("Reshape", b.op("MatMul", val, rows), b.ints(groups, group, -1))  # [groups, G, B]
         if group > 1:
-            maxima.append(b.op("ReduceMax", pre, b.ints(1), keepdims=1))  # [groups, 1, B]
+            ranked = b.op("Abs", pre) if absolute else pre
+            maxima.append(b.op("ReduceMax", ranked, b.ints(1), keepdims=1))  # [groups, 1, B]
         else:
             maxima.append(pre)
     stacked = b.op("Concat", *maxima, axis=0) if len(maxima) > 1 else maxima[0]
@@ -121,7 +124,8 @@ def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str,
     ones = b.op("Expand", b.const(np.ones((1, 1), dtype=np.float32)),
                 b.op("Concat", b.ints(1), b.op("Shape", x, start=0, end=1), axis=0))
     x_t = b.op("Concat", b.op("Transpose", x, perm=[1, 0]), ones, axis=0)  # [m+1, B]
-    maxima = _chunked_group_max(b, x_t, indices_aug, values_aug, n, d + 1, layout, group)
+    maxima = _chunked_group_max(b, x_t, indices_aug, values_aug, n, d + 1, layout, group,
+                                ORDERINGS[activation][0] == "abs")
     if group == 1:
         return select_topk(b, maxima, k, activation)
     _, group_ids = b.op("TopK", maxima, b.ints(k), outputs=2, axis=-1, largest=1, sorted=0)
