@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import saecompress
 from saecompress.cli.main import cli
+from saecompress.formats import saelens
 from saecompress.models import ExpanderSAE, TopKSAE
 from saecompress.sources import load_source
 
@@ -187,6 +188,17 @@ def test_readers_match_the_library_forward(name):
     assert torch.equal(codes != 0, io["codes"] != 0)  # the same latents fire (no ties in this data)
     _close(codes, io["codes"])
     _close(sae(io["x"]), io["recon"])
+
+
+@pytest.mark.parametrize("name", ["saelens_batchtopk", "dl_jumprelu"])
+def test_threshold_saes_save_as_saelens_jumprelu_and_read_back(name, tmp_path):
+    sae = saecompress.load(FAMILIES / name)
+    saelens.save_dense(sae, tmp_path / "saved")
+    back = saecompress.load(tmp_path / "saved")
+    assert (back.activation, back.k) == (sae.activation, sae.n)
+    assert torch.equal(back.threshold, sae.threshold)
+    x = _io(name)["x"]
+    assert torch.equal(back.encode(x, dense=True), sae.encode(x, dense=True))
 
 
 def test_threshold_families_keep_what_they_were_trained_as():
