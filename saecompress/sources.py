@@ -73,8 +73,8 @@ def what_is(path: Path) -> str:
     if path.suffix.lower() == ".onnx":
         return f"an ONNX model; run it with `saecompress monitor {path} --input ACTS`"
     try:
-        return (f"a dense {detect_format(path)} SAE; convert it with `saecompress convert {path} OUT` or "
-                f"measure it with `saecompress eval {path} --acts ACTS`")
+        return (f"a dense {detect_format(path)} SAE; measure it with `saecompress eval {path} --acts ACTS`, "
+                f"or (a TopK SAE) convert it with `saecompress convert {path} OUT`")
     except SaeCompressError:
         pass
     try:
