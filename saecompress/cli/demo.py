@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import click
 
 from .._io import check_outputs
+from .._json import dumps
 from ..convert import source_bytes
 from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoReport, default_model, dense_model,
                     default_texts, needs_more_steps, run_demo)
@@ -81,7 +81,7 @@ def demo(model_path, gguf_file, sae_src, texts, layer, site, d, eval_tokens, ce_
     report = run_demo(model, tokenizer, source, held_out, work, dense_bytes=source_bytes(sae_path), cfg=cfg,
                       log=say, progress=not as_json)
     if as_json:
-        click.echo(json.dumps(report.to_dict()))
+        click.echo(dumps(report.to_dict()))
         return
     _print_monitor(report)
     text_note = ("the King James New Testament (the shipped SAE was trained on the Old Testament)"
