@@ -17,6 +17,13 @@ The defaults (``topd`` mask, untied encoder) are the recipe that keeps the most 
 ``calibrate`` fits, on activations, one reconstruction scale and the output bias by least squares;
 ``encode`` stays the same (tied: up to the same positive factor), so the fit can only lower the
 error on those rows, to at most predicting their mean (FVU ≤ 1).
+
+Threshold SAEs (``jumprelu``, ``batchtopk``) keep their activation and copy θ, but the projected
+pre-activations differ from the dense ones, so θ no longer fires as often. With activations,
+``recalibrate_thresholds`` comes first: it sets θ so that every latent (``batchtopk``: the one
+global θ, the mean L0) fires as often as the dense SAE's on those rows, and the cap ``k`` from the
+result's per-row L0 (``models.l0_cap``). ``calibrate`` then fits the decoder on the codes those
+thresholds give, and keeps them (tied: θ scales with the encoder).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from ..activations import ActivationSource
 from ..errors import SaeCompressError, check_choice
 from ..mask import expander_mask
-from ..models import ENCODERS, ExpanderSAE, TopKSAE, require_topk
+from ..models import ENCODERS, ExpanderSAE, TopKSAE, active_counts, l0_cap
 
 MASKS = ("expander", "topd", "search")
 DEFAULT_D = 7
@@ -77,7 +84,6 @@ def convert(dense: TopKSAE, d: int, *, mask: str = DEFAULT_MASK, seed: int = 0, 
     """Project ``dense`` onto a ``d``-per-latent mask; returns the ``ExpanderSAE``."""
     if not isinstance(dense, TopKSAE):
         raise SaeCompressError(f"convert needs a dense TopKSAE, got {type(dense).__name__}")
-    require_topk(dense.activation, "convert", "its thresholds need recalibrating after projection")
     check_choice("mask", mask, MASKS)
     check_choice("encoder", encoder, ENCODERS)
     if not isinstance(d, int) or not 1 <= d <= dense.m:
@@ -85,7 +91,8 @@ def convert(dense: TopKSAE, d: int, *, mask: str = DEFAULT_MASK, seed: int = 0, 
     if search_seeds < 1:
         raise SaeCompressError(f"--search-seeds must be at least 1, got {search_seeds}")
     W = _decoder(dense)
-    common = dict(activation=dense.activation, encoder=encoder, normalize_input=dense.normalize_input)
+    common = dict(activation=dense.activation, encoder=encoder, normalize_input=dense.normalize_input,
+                  threshold=dense.threshold)
     if mask == "topd":
         sae = ExpanderSAE(dense.m, dense.n, d, dense.k, indices=topd_indices(W, d), **common)
     else:
@@ -109,8 +116,8 @@ def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4
     ``c = cov(x, r) / var(r)`` (clipped at 0), ``b = mean(x) − c·mean(r)``. Decoder values are
     scaled by ``c`` (tied: values and ``b_enc`` by ``√c``, which keeps the top-k choice) and
     ``b_dec`` becomes ``b``, with ``b_enc`` shifted by ``<e_i, Δb>`` so every pre-activation, hence
-    the code, is unchanged. ``c = 0`` predicts the mean, so the fitted error is at most the
-    variance. Returns the fit: ``{"scale": c, "rows": rows used}``.
+    the code, is unchanged (a threshold θ scales with the tied encoder). ``c = 0`` predicts the
+    mean, so the fitted error is at most the variance. Returns the fit: ``{"scale": c, "rows": rows used}``.
     """
     if max_rows is not None:
         source = source.select(0, min(max_rows, source.num_rows))
@@ -134,4 +141,59 @@ def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4
     sae.b_enc.add_((sae.encoder_values * shift[sae.indices]).sum(1)).mul_(enc_scale)
     sae.values.mul_(c / enc_scale if enc_scale > 0 else 0.0)
     sae.b_dec.add_(shift)
+    if sae.threshold is not None:
+        sae.threshold.mul_(enc_scale)
     return {"scale": c, "rows": rows}
+
+
+def _cut(ranked: torch.Tensor, fires: torch.Tensor) -> torch.Tensor:
+    """Thresholds ``[c]`` under which exactly ``fires [c]`` of each row of ``ranked [c, N]`` (sorted
+    descending) lie strictly above (fewer only at ties): midway between the last value kept and the
+    first one dropped; beyond the extreme value (finite) when all or none are kept."""
+    last = ranked.shape[1] - 1
+    kept = ranked.gather(1, (fires - 1).clamp(0, last)[:, None])[:, 0]
+    dropped = ranked.gather(1, fires.clamp(0, last)[:, None])[:, 0]
+    mid = dropped + (kept - dropped) / 2
+    theta = torch.where(mid < kept, mid, dropped)  # adjacent floats: the dropped one, still not above
+    margin = ranked.abs().amax(1) * 1e-3 + 1e-6
+    theta = torch.where(fires <= 0, ranked[:, 0] + margin, theta)
+    return torch.where(fires > last, ranked[:, -1] - margin, theta)
+
+
+@torch.no_grad()
+def recalibrate_thresholds(sae: ExpanderSAE, dense: TopKSAE, x: torch.Tensor) -> dict[str, float | int]:
+    """Set the threshold θ and the cap ``k`` of the threshold SAE ``sae`` (projected from ``dense``)
+    from the rows ``x [N, m]``, in place.
+
+    ``jumprelu``: each latent's θ is the cut of its pre-activations on ``x`` above which it fires on
+    as many rows as the dense latent does (a latent the dense SAE never fires: above its largest
+    pre-activation there). ``batchtopk``: the one θ over all pre-activations that fires as many
+    (latent, row) pairs as the dense SAE, i.e. the same mean L0. Both work in latent chunks (memory
+    O(N·chunk); ``batchtopk`` also keeps its N·L0 largest values). Then ``k = models.l0_cap`` of the
+    per-row L0. Returns ``{"rows", "l0_dense", "l0_before" (θ as it was), "l0_after", "max_l0"}``.
+    """
+    if sae.threshold is None or dense.activation != sae.activation:
+        raise SaeCompressError(f"recalibrating thresholds needs a threshold SAE and its dense source; got "
+                               f"{sae.activation!r} and {dense.activation!r}")
+    rows = x.reshape(-1, sae.m).shape[0]
+    if rows < 1:
+        raise SaeCompressError("recalibrating thresholds needs at least 1 activation row")
+    dense_rows, dense_fires = active_counts(dense, x)
+    before = active_counts(sae, x)[0]
+    if sae.activation == "batchtopk":
+        total = int(dense_fires.sum())
+        best = None
+        for _, pre in sae.pre_activation_chunks(x):
+            pool = pre.reshape(-1) if best is None else torch.cat([best, pre.reshape(-1)])
+            best = pool.topk(min(total + 1, pool.numel())).values
+        theta = _cut(best[None], torch.tensor([total])).expand(sae.n)
+    else:
+        theta = torch.empty(sae.n)
+        for start, pre in sae.pre_activation_chunks(x):
+            ranked = pre.T.sort(dim=1, descending=True).values
+            theta[start:start + pre.shape[1]] = _cut(ranked, dense_fires[start:start + pre.shape[1]])
+    sae.threshold.copy_(theta)
+    after = active_counts(sae, x)[0]
+    sae.k = l0_cap(after, sae.n)
+    return {"rows": rows, "l0_dense": float(dense_rows.double().mean()), "l0_before": float(before.double().mean()),
+            "l0_after": float(after.double().mean()), "max_l0": sae.k}
