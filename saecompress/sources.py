@@ -14,7 +14,7 @@ from typing import Any
 from .activations import open_activations
 from .compact import is_compact_file, load_compact, read_compact_metadata, save_compact
 from .errors import SaeCompressError
-from .formats import detect_format, read_sae
+from .formats import read_sae
 from .formats.saelens import save_dense
 from .models import ExpanderSAE, TopKSAE
 
@@ -69,14 +69,9 @@ def compact_files(path: Path, hookpoint: str | None = None) -> list[Path]:
 
 
 def what_is(path: Path) -> str:
-    """What a local file or folder that is not a compact file holds, and which command takes it."""
+    """What a local file or folder that is not a compact file or a dense SAE holds, and which command takes it."""
     if path.suffix.lower() == ".onnx":
         return f"an ONNX model; run it with `saecompress monitor {path} --input ACTS`"
-    try:
-        return (f"a dense {detect_format(path)} SAE; measure it with `saecompress eval {path} --acts ACTS`, "
-                f"or (a TopK SAE) convert it with `saecompress convert {path} OUT`")
-    except SaeCompressError:
-        pass
     try:
         acts = open_activations(path)
     except SaeCompressError:

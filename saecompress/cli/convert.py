@@ -1,4 +1,4 @@
-"""``saecompress convert``: dense TopK SAE(s) → compact Expander SAE file(s)."""
+"""``saecompress convert``: dense TopK or threshold SAE(s) → compact Expander SAE file(s)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ from .options import hub_options
               help="Activations (.npy, .safetensors or a shard folder): fit the reconstruction scale and "
                    "output bias to them by least squares (the codes do not change; the fit never does worse "
                    "than predicting their mean), then report FVU, L0 and dead fraction of source and result "
-                   "on the same rows.")
-@click.option("--no-calibrate", is_flag=True, help="With --acts: only measure, do not fit.")
+                   "on the same rows. A JumpReLU / BatchTopK SAE's thresholds are recalibrated on them first "
+                   "(each latent fires as often as in the dense SAE; the rows are held in memory) and k is "
+                   "set to cap the active latents.")
+@click.option("--no-calibrate", is_flag=True,
+              help="With --acts: only measure, do not fit (thresholds stay uncalibrated).")
 @click.option("--max-rows", type=click.IntRange(min=1), default=None,
               help="Use at most this many rows of --acts.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
@@ -51,7 +54,7 @@ from .options import hub_options
 def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str | None, seed: int | None,
             search_seeds: int | None, encoder: str | None, dtype: str, hub, acts: str | None, no_calibrate: bool,
             max_rows: int | None, k: int | None, as_json: bool) -> None:
-    """Convert the dense TopK SAE at SRC into a compact Expander SAE file OUT.
+    """Convert the dense TopK, JumpReLU or BatchTopK SAE at SRC into a compact Expander SAE file OUT.
 
     SRC: a SAELens, sparsify, dictionary_learning or openai/sparse_autoencoder SAE, an Expander-SAE
     paper checkpoint, a folder holding many of them, or hf://owner/repo[/hookpoint][@revision].
@@ -59,7 +62,8 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
 
     The defaults (--mask topd --encoder untied) keep the most of the dense SAE, but at small d a
     converted SAE usually still needs `saecompress train --init OUT` and `saecompress finetune`
-    before use: the report says so (measure with --acts).
+    before use: the report says so (measure with --acts). A threshold SAE's thresholds need --acts
+    to be recalibrated after the projection.
     """
     reports = convert_path(src, out, hookpoint=hookpoint, d=d, mask=mask, seed=seed, search_seeds=search_seeds,
                            encoder=encoder, dtype=dtype, acts=acts, calibrate_on_acts=not no_calibrate, k=k,
@@ -75,4 +79,11 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
             line += (f"; FVU {r.fvu_source:.4f} -> {r.fvu:.4f}, L0 {r.l0:.1f}, "
                      f"dead {r.dead_fraction_source:.1%} -> {r.dead_fraction:.1%}")
         click.echo(line)
+        if r.thresholds == "recalibrated":
+            click.echo(f"  {r.activation} thresholds recalibrated on {r.num_rows} rows: L0 {r.l0_dense:.2f} dense, "
+                       f"{r.l0_before:.2f} with the copied thresholds, {r.l0_after:.2f} after; k={r.k} caps the "
+                       "active latents (99.9th percentile of the per-row L0)")
+        elif r.thresholds == "uncalibrated":
+            click.echo(f"  {r.activation} thresholds uncalibrated (copied from the dense SAE); this result needs "
+                       "--acts to recalibrate them")
         click.echo(f"  {'needs training: ' if r.needs_training else ''}{r.advice}")

@@ -19,7 +19,8 @@ from ..formats import list_hookpoints, read_sae
 from ..metrics import evaluate
 from ..models import ExpanderSAE, TopKSAE
 from ..sources import HubAccess, resolve
-from .project import DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, calibrate, convert, kept_energy
+from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, calibrate, convert, kept_energy,
+                      recalibrate_thresholds)
 
 # A conversion whose FVU on --acts exceeds its source's by more than this needs `train --init` / `finetune`.
 FVU_MARGIN = 0.1
@@ -30,8 +31,12 @@ class ConvertReport:
     """What one conversion kept and cost; ``to_dict`` is the ``--json`` object.
 
     ``needs_training``: the result should be retrained (``train --init``) and fine-tuned before
-    use — always when it was not measured (no ``acts``), else when its FVU exceeds the source's
-    by more than ``FVU_MARGIN``; ``advice`` says so in words.
+    use — always when it was not measured (no ``acts``) or its thresholds were not recalibrated,
+    else when its FVU exceeds the source's by more than ``FVU_MARGIN``; ``advice`` says so in words.
+
+    Threshold SAEs: ``thresholds`` is ``"recalibrated"`` (on ``acts``; ``l0_dense``, ``l0_before``
+    with θ as copied, ``l0_after`` on those rows before the cap, and ``k`` the cap) or
+    ``"uncalibrated"`` (θ copied from the dense SAE; ``k = n``); ``None`` for top-k SAEs.
     """
 
     source_format: str | None
@@ -64,6 +69,10 @@ class ConvertReport:
     l0: float | None = None
     dead_fraction_source: float | None = None
     dead_fraction: float | None = None
+    thresholds: str | None = None
+    l0_dense: float | None = None
+    l0_before: float | None = None
+    l0_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict."""
@@ -72,12 +81,14 @@ class ConvertReport:
 
 def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str | None = None,
                       hookpoint: str | None = None, mask: str | None = None, dtype: str = "float32",
-                      seconds: float = 0.0, calibration_scale: float | None = None, acts: Any = None,
+                      seconds: float = 0.0, calibration_scale: float | None = None,
+                      thresholds: dict[str, Any] | None = None, acts: Any = None,
                       batch_size: int = 4096, max_rows: int | None = None) -> ConvertReport:
     """Kept energy and storage of ``sparse`` vs ``dense``; with ``acts`` (path or ActivationSource) also
     FVU, L0 and dead fraction of both (via ``saecompress.metrics.evaluate``), and the verdict
     ``needs_training`` / ``advice``. ``source_format``, ``hookpoint``, ``mask`` (how the mask was
-    chosen, default ``explicit``) and ``calibration_scale`` are reported as given.
+    chosen, default ``explicit``), ``calibration_scale`` and ``thresholds`` (the result of
+    ``recalibrate_thresholds``, if it ran) are reported as given.
 
     ``storage_ratio`` counts values (dense ``2mn + m + n`` vs learned ``nd (+nd untied) + n + m``);
     ``convert_path`` sets the byte ratios: ``compression_ratio`` (the dense TopK SAE in float32
@@ -93,6 +104,11 @@ def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str
         storage_ratio=dense_values(dense.m, dense.n) / learned, convert_seconds=seconds,
         calibration_scale=calibration_scale,
     )
+    if sparse.threshold is not None:
+        report.thresholds = "recalibrated" if thresholds else "uncalibrated"
+        if thresholds:
+            report.l0_dense, report.l0_before, report.l0_after = (
+                thresholds["l0_dense"], thresholds["l0_before"], thresholds["l0_after"])
     if acts is not None:
         source = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
         before = evaluate(dense, source, batch_size=batch_size, max_rows=max_rows)
@@ -111,6 +127,12 @@ def _verdict(report: ConvertReport) -> tuple[bool, str]:
                "`saecompress finetune RETRAINED ...`, before use")
     if report.mask == "imported":
         return False, "exact import of an Expander SAE checkpoint"
+    if report.thresholds == "uncalibrated":
+        how = ("convert again with --acts to recalibrate them" if report.fvu is None
+               else "convert again without --no-calibrate to recalibrate them on --acts")
+        return True, (f"the {report.activation} thresholds are uncalibrated (copied from the dense SAE; the "
+                      f"projection changes the pre-activations, so latents fire at other rates): {how}; "
+                      f"then {retrain}")
     if report.fvu is None:
         return True, (f"not measured: pass --acts to measure FVU; a converted SAE at d={report.d} usually "
                       f"needs training: {retrain}")
@@ -140,7 +162,7 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
         raise SaeCompressError(f"--k is only for Expander-SAE paper checkpoints; this {library} "
                                f"SAE stores its own k={native.k} (drop --k)")
     start = time.perf_counter()
-    fit = None
+    fit = thresholds = None
     if isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None and encoder in (None, "tied"):
         sparse, dense, used_mask = native, native.to_dense(), "imported"
     else:
@@ -150,12 +172,14 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
                          search_seeds=search_seeds, encoder=encoder or DEFAULT_ENCODER)
         if acts is not None and calibrate_on_acts:
             acts = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
+            if sparse.threshold is not None:  # first, so the least-squares fit sees the final codes
+                thresholds = _recalibrated(sparse, dense, acts, dtype, max_rows)
             fit = calibrate(sparse, acts, batch_size=batch_size, max_rows=max_rows)
     seconds = time.perf_counter() - start
     stored = stored_copy(sparse, dtype) if acts is not None else sparse  # measured at the stored precision
     report = conversion_report(dense, stored, source_format=library, hookpoint=provenance.get("hookpoint"),
                                mask=used_mask, dtype=dtype, seconds=seconds,
-                               calibration_scale=fit["scale"] if fit else None, acts=acts,
+                               calibration_scale=fit["scale"] if fit else None, thresholds=thresholds, acts=acts,
                                batch_size=batch_size, max_rows=max_rows)
     metrics = {key: value for key, value in report.to_dict().items()
                if value is not None and key not in ("convert_seconds", "file_bytes", "advice")}
@@ -164,13 +188,26 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
     if used_mask != "imported":  # how the projection was made
         user["conversion"] = {"mask": used_mask, "d": report.d, "kept_energy": report.kept_energy,
                               **({"search_seeds": search_seeds} if used_mask == "search" else {}),
-                              **({"calibration": fit} if fit else {})}
+                              **({"calibration": fit} if fit else {}),
+                              **({"thresholds": thresholds} if thresholds else {})}
     save_compact(sparse, out, dtype=dtype, metadata=with_metrics(user, measured), source=provenance)
     report.file_bytes = out.stat().st_size
     report.source_bytes = source_bytes(Path(provenance["path"]))
     report.compression_ratio = compression_ratio(sparse.m, sparse.n, report.file_bytes)
     report.source_ratio = report.source_bytes / report.file_bytes
     return report
+
+
+def _recalibrated(sparse: ExpanderSAE, dense: TopKSAE, acts: Any, dtype: str,
+                  max_rows: int | None) -> dict[str, Any]:
+    """``recalibrate_thresholds`` of ``sparse`` at its storage precision on the first ``max_rows`` rows
+    of ``acts`` (held in memory), copied into ``sparse``; returns the recalibration's facts."""
+    rows = acts.select(0, min(max_rows, acts.num_rows)) if max_rows is not None else acts
+    stored = stored_copy(sparse, dtype)  # θ cuts the pre-activations the file will compute
+    facts = recalibrate_thresholds(stored, dense, rows.read(0, rows.num_rows))
+    sparse.threshold.copy_(stored.threshold)
+    sparse.k = stored.k
+    return facts
 
 
 def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: str | None = None,
@@ -186,8 +223,8 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     ``out`` (one ``<hookpoint>.safetensors`` each, ``/`` written as ``__``); otherwise ``out`` is
     one file. ``d``/``mask``/``encoder`` default to 7/``topd``/``untied``; an Expander-SAE paper
     checkpoint given none of them is imported exactly. ``acts`` (single SAE only) first ``calibrate``s
-    the result on those rows (unless ``calibrate_on_acts=False``), then adds FVU/L0/dead metrics of
-    source and result. ``seed`` (default 0) and ``search_seeds`` (default 64) apply only to the
+    the result on those rows (unless ``calibrate_on_acts=False``; a threshold SAE's thresholds and
+    cap are recalibrated before, see ``project``), then adds FVU/L0/dead metrics of source and result. ``seed`` (default 0) and ``search_seeds`` (default 64) apply only to the
     masks that use them, ``k`` only to paper checkpoints and ``max_rows`` only with ``acts``: given
     elsewhere they are refused, not ignored. ``hub`` says where ``hf://`` sources come from.
     ``out`` is checked before any work (it must not be, hold or lie inside ``src`` or ``acts``: see
