@@ -4,7 +4,8 @@
 Each folder holds the library's own files and ``io.safetensors``: an input ``x`` and the library's
 own ``codes`` (encode) and ``recon`` (decode of those codes) in float64. These tests pin the layout
 the libraries actually wrote and check every reader against the libraries' own outputs; the threshold
-families (JumpReLU, BatchTopK, Matryoshka) are read, and the commands that cannot take them yet say so.
+families (JumpReLU, BatchTopK, Matryoshka) are read (converted: ``test_threshold_convert.py``), and the
+commands that cannot take them yet say so.
 """
 
 from __future__ import annotations
@@ -293,13 +294,6 @@ def test_unknown_activation_in_a_config_is_one_error_line(tmp_path):
     (folder / "cfg.json").write_text(json.dumps(_json("saelens_jumprelu", "cfg.json") | {"architecture": "topafa"}))
     out = tmp_path / "out.safetensors"
     _one_error_line(["convert", str(folder), str(out)], "architecture 'topafa'", unwritten=out)
-
-
-@pytest.mark.parametrize("name", sorted(THRESHOLD))
-def test_convert_says_threshold_saes_are_not_supported_yet(name, tmp_path):
-    out = tmp_path / "out.safetensors"
-    _one_error_line(["convert", str(FAMILIES / name), str(out)],
-                    f"activation '{THRESHOLD[name]}'", "not supported by convert yet", unwritten=out)
 
 
 def test_export_monitor_and_train_say_threshold_saes_are_not_supported_yet(tmp_path):

@@ -84,6 +84,7 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
                        f"{r.l0_before:.2f} with the copied thresholds, {r.l0_after:.2f} after; k={r.k} caps the "
                        "active latents (99.9th percentile of the per-row L0)")
         elif r.thresholds == "uncalibrated":
-            click.echo(f"  {r.activation} thresholds uncalibrated (copied from the dense SAE); this result needs "
-                       "--acts to recalibrate them")
+            click.echo(f"  {r.activation} thresholds uncalibrated (copied from the dense SAE)"
+                       + ("; this result needs --acts to recalibrate them" if r.num_rows is None else
+                          " under --no-calibrate"))
         click.echo(f"  {'needs training: ' if r.needs_training else ''}{r.advice}")

@@ -172,8 +172,10 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
                          search_seeds=search_seeds, encoder=encoder or DEFAULT_ENCODER)
         if acts is not None and calibrate_on_acts:
             acts = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
+            sparse = stored_copy(sparse, dtype)  # fitted at the precision the file stores the encoder in
             if sparse.threshold is not None:  # first, so the least-squares fit sees the final codes
-                thresholds = _recalibrated(sparse, dense, acts, dtype, max_rows)
+                held = acts.select(0, min(max_rows, acts.num_rows)) if max_rows is not None else acts
+                thresholds = recalibrate_thresholds(sparse, dense, held.read(0, held.num_rows))  # rows in memory
             fit = calibrate(sparse, acts, batch_size=batch_size, max_rows=max_rows)
     seconds = time.perf_counter() - start
     stored = stored_copy(sparse, dtype) if acts is not None else sparse  # measured at the stored precision
@@ -196,18 +198,6 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
     report.compression_ratio = compression_ratio(sparse.m, sparse.n, report.file_bytes)
     report.source_ratio = report.source_bytes / report.file_bytes
     return report
-
-
-def _recalibrated(sparse: ExpanderSAE, dense: TopKSAE, acts: Any, dtype: str,
-                  max_rows: int | None) -> dict[str, Any]:
-    """``recalibrate_thresholds`` of ``sparse`` at its storage precision on the first ``max_rows`` rows
-    of ``acts`` (held in memory), copied into ``sparse``; returns the recalibration's facts."""
-    rows = acts.select(0, min(max_rows, acts.num_rows)) if max_rows is not None else acts
-    stored = stored_copy(sparse, dtype)  # θ cuts the pre-activations the file will compute
-    facts = recalibrate_thresholds(stored, dense, rows.read(0, rows.num_rows))
-    sparse.threshold.copy_(stored.threshold)
-    sparse.k = stored.k
-    return facts
 
 
 def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: str | None = None,

@@ -167,7 +167,8 @@ def recalibrate_thresholds(sae: ExpanderSAE, dense: TopKSAE, x: torch.Tensor) ->
 
     ``jumprelu``: each latent's θ is the cut of its pre-activations on ``x`` above which it fires on
     as many rows as the dense latent does (a latent the dense SAE never fires: above its largest
-    pre-activation there). ``batchtopk``: the one θ over all pre-activations that fires as many
+    pre-activation there; a latent fires only where its pre-activation is positive, which can keep it
+    below the dense rate). ``batchtopk``: the one θ over all pre-activations that fires as many
     (latent, row) pairs as the dense SAE, i.e. the same mean L0. Both work in latent chunks (memory
     O(N·chunk); ``batchtopk`` also keeps its N·L0 largest values). Then ``k = models.l0_cap`` of the
     per-row L0. Returns ``{"rows", "l0_dense", "l0_before" (θ as it was), "l0_after", "max_l0"}``.
@@ -175,10 +176,10 @@ def recalibrate_thresholds(sae: ExpanderSAE, dense: TopKSAE, x: torch.Tensor) ->
     if sae.threshold is None or dense.activation != sae.activation:
         raise SaeCompressError(f"recalibrating thresholds needs a threshold SAE and its dense source; got "
                                f"{sae.activation!r} and {dense.activation!r}")
-    rows = x.reshape(-1, sae.m).shape[0]
+    dense_rows, dense_fires = active_counts(dense, x)
+    rows = dense_rows.numel()
     if rows < 1:
         raise SaeCompressError("recalibrating thresholds needs at least 1 activation row")
-    dense_rows, dense_fires = active_counts(dense, x)
     before = active_counts(sae, x)[0]
     if sae.activation == "batchtopk":
         total = int(dense_fires.sum())
