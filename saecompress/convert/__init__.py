@@ -1,4 +1,4 @@
-"""Dense TopK SAE → Expander SAE: the projection (``project``) and the file pipeline (``pipeline``)."""
+"""Dense SAE → Expander SAE: the projection (``project``) and the file pipeline (``pipeline``)."""
 
 from .pipeline import FVU_MARGIN, ConvertReport, conversion_report, convert_path, source_bytes
 from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, calibrate, convert, kept_energy,

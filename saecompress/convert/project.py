@@ -1,4 +1,4 @@
-"""Prune a dense TopK SAE to an Expander SAE: keep ``d`` decoder entries per latent.
+"""Prune a dense SAE (TopK, JumpReLU or BatchTopK) to an Expander SAE: keep ``d`` decoder entries per latent.
 
 Masks (which ``d`` model dims each latent keeps):
 
