@@ -111,6 +111,7 @@ def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = Tr
     return topk_kept(ranked_values(pre, scores, indices, activation), activation), indices
 
 
+@torch.no_grad()
 def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per_row [B], per_latent [n])``: how many latents each row of a threshold SAE fires on ``x``
     (flattened to ``[B, m]``) before the cap ``k``, and on how many rows each latent fires (int64)."""
@@ -129,7 +130,7 @@ def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor
 def l0_cap(per_row: torch.Tensor, n: int) -> int:
     """The cap ``k`` of a threshold SAE from its per-row L0 on data: their ``L0_CAP_QUANTILE`` quantile
     (a value some row reaches), at least 1 and at most ``n``."""
-    return min(n, max(1, int(np.quantile(per_row.numpy(), L0_CAP_QUANTILE, method="higher"))))
+    return min(n, max(1, int(np.quantile(per_row.cpu().numpy(), L0_CAP_QUANTILE, method="higher"))))
 
 
 def require_topk(activation: str, command: str, why: str) -> None:
