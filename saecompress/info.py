@@ -35,7 +35,7 @@ def threshold_facts(threshold: torch.Tensor | None) -> dict[str, Any]:
     """A threshold SAE's θ: its dtype and range (min, median, max); nothing for a top-k SAE."""
     if threshold is None:
         return {}
-    values = threshold.double().numpy()
+    values = threshold.detach().cpu().double().numpy()
     return {"threshold_dtype": str(threshold.dtype).removeprefix("torch."), "threshold_min": float(values.min()),
             "threshold_median": float(np.median(values)), "threshold_max": float(values.max())}
 

@@ -15,7 +15,8 @@ as SAELens / Gemma Scope / dictionary_learning JumpReLU) or ``batchtopk`` (Batch
 same with one global θ, stored as the [n] buffer filled with that value). θ is a float32 buffer
 whatever the values' dtype (``.to(dtype)`` leaves it float32). A threshold SAE fires a variable
 number of latents; ``k`` caps what ``encode`` returns (the top-k of the thresholded code): where
-fewer fire, the remaining slots hold value 0 at latents that did not fire. Readers set ``k = n``.
+fewer fire, the remaining slots hold value 0 at latents that did not fire. Readers set ``k = n``;
+with data, ``l0_cap`` sets it from the per-row L0 (``active_counts``).
 A threshold model built without ``threshold`` starts at θ = 0.
 
 An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``indices[i, j]``;

@@ -82,6 +82,27 @@ def reachable(dense, sae, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- core
 
+def test_pre_activation_chunks_and_active_counts_match_the_full_pass(monkeypatch):
+    import saecompress.models as models
+
+    monkeypatch.setattr(models, "_CHUNK_ELEMENTS", 3000)  # many latent chunks
+    dense = dense_threshold_sae("jumprelu")
+    x = rows(n=40)
+    for sae in (dense, convert(dense, 6, encoder="untied")):
+        chunks = list(sae.pre_activation_chunks(x))
+        assert len(chunks) > 3 and [start for start, _ in chunks] == sorted({start for start, _ in chunks})
+        assert torch.equal(torch.cat([pre for _, pre in chunks], dim=1), sae.pre_activations(x))
+        per_row, per_latent = models.active_counts(sae, x)
+        fires = fires64(sae, x)
+        assert torch.equal(per_row, fires.sum(1)) and torch.equal(per_latent, fires.sum(0))
+    with pytest.raises(SaeCompressError, match="no threshold"):
+        models.active_counts(TopKSAE(M, N, 4), x)
+    assert models.l0_cap(torch.arange(1000), 64) == 64 and models.l0_cap(torch.zeros(5, dtype=torch.long), 64) == 1
+    # the 99.9th percentile, rounded up to a value some row reaches: 1 outlier row in 2000 is left out, not in 1000
+    assert models.l0_cap(torch.cat([torch.full((1999,), 3), torch.tensor([9])]), 64) == 3
+    assert models.l0_cap(torch.cat([torch.full((999,), 3), torch.tensor([9])]), 64) == 9
+
+
 @pytest.mark.parametrize("mask, encoder", [("topd", "untied"), ("expander", "tied"), ("search", "untied")])
 def test_jumprelu_recalibration_matches_each_latents_firing_rate(mask, encoder):
     dense = dense_threshold_sae("jumprelu")

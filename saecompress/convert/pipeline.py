@@ -213,8 +213,9 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     ``out`` (one ``<hookpoint>.safetensors`` each, ``/`` written as ``__``); otherwise ``out`` is
     one file. ``d``/``mask``/``encoder`` default to 7/``topd``/``untied``; an Expander-SAE paper
     checkpoint given none of them is imported exactly. ``acts`` (single SAE only) first ``calibrate``s
-    the result on those rows (unless ``calibrate_on_acts=False``; a threshold SAE's thresholds and
-    cap are recalibrated before, see ``project``), then adds FVU/L0/dead metrics of source and result. ``seed`` (default 0) and ``search_seeds`` (default 64) apply only to the
+    the result on those rows at its storage precision (unless ``calibrate_on_acts=False``; a threshold
+    SAE's thresholds and cap are recalibrated before, see ``project``), then adds FVU/L0/dead metrics
+    of source and result. ``seed`` (default 0) and ``search_seeds`` (default 64) apply only to the
     masks that use them, ``k`` only to paper checkpoints and ``max_rows`` only with ``acts``: given
     elsewhere they are refused, not ignored. ``hub`` says where ``hf://`` sources come from.
     ``out`` is checked before any work (it must not be, hold or lie inside ``src`` or ``acts``: see
