@@ -27,18 +27,24 @@ from .options import hub_options
               help="Inputs [batch, seq, m] instead of [batch, m] (both axes dynamic).")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset (18..21; IR version 10). onnxruntime >= 1.16 reads opset 18.")
+@click.option("--max-l0", type=click.IntRange(min=1), default=None,
+              help="Threshold SAEs (jumprelu, batchtopk): latents kept per row (default: the model's k when "
+                   "k < n); the graph outputs how many latents each row had beyond it (overflow).")
 def export(src: str, out: str, hookpoint: str | None, hub, graph: str, dtype: str, dense_output: bool, seq: bool,
-           opset: int) -> None:
+           opset: int, max_l0: int | None) -> None:
     """Export the SAE SRC (compact file, dense SAE folder/file, or hf://owner/repo[/hookpoint][@rev])
     to the ONNX file OUT.
 
     Expander SAEs use the custom-domain ops ai.saecompress::ExpanderEncode / ExpanderDecode, stored
     as ONNX model-local functions of standard ops: stock onnxruntime runs the file, no plugin needed.
-    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Prints one JSON object
+    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Threshold SAEs keep the
+    max_l0 largest latents of their thresholded code (index -1 where fewer fire) and add an output
+    overflow. Prints one JSON object
     {"hookpoints": [summary]}, the schema of convert/info/eval --json.
     """
     path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
-                       hookpoint=hookpoint, hub=hub)
+                       hookpoint=hookpoint, hub=hub, max_l0=max_l0)
     click.echo(dumps({"hookpoints": [{"hookpoint": hookpoint, "path": str(path), "graph": graph, "dtype": dtype,
                                            "dense_output": dense_output, "seq": seq, "opset": opset,
+                                           **({} if max_l0 is None else {"max_l0": max_l0}),
                                            "file_bytes": path.stat().st_size}]}))
