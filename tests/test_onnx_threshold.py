@@ -118,8 +118,10 @@ def test_expander_threshold_graph_matches_torch(tmp_path, activation, kind, enco
 @pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
 def test_dense_and_ungrouped_threshold_graphs_match_torch(activation):
     x = inputs()
+    expander = make_sae(activation, encoder="untied")
     for sae, layout in ((make_sae(activation, "dense"), EncodeLayout()),
-                        (make_sae(activation, encoder="untied"), EncodeLayout(chunk=100, group=1))):
+                        (expander, EncodeLayout(chunk=100, group=1)),
+                        (expander, EncodeLayout(chunk=64, group=4, single_row_branch=False))):
         model = build_onnx(sae, "autoencoder", layout=layout)
         onnx.checker.check_model(model, full_check=True)
         code, spilled, recon = reference(sae, x, K)
@@ -240,5 +242,8 @@ def test_export_cli_takes_max_l0(tmp_path):
     assert read_onnx_metadata(model)["max_l0"] == "12"
     assert [o.name for o in model.graph.output] == ["reconstruction", "top_indices", "top_values", "overflow"]
     assert next(t for t in model.graph.initializer if t.name == "threshold").data_type == onnx.TensorProto.FLOAT
+    got = run(model, activations=inputs().astype(np.float16))
+    assert got["top_values"].dtype == np.float16 and got["overflow"].dtype == np.int64
+    assert ((got["top_indices"] == -1) == (got["top_values"] == 0)).all() and (got["overflow"] > 0).any()
     bad = CliRunner().invoke(cli, ["export", str(src), str(tmp_path / "x.onnx"), "--max-l0", "9999"])
     assert bad.exit_code == 2 and "error: --max-l0 9999" in bad.output and not (tmp_path / "x.onnx").exists()

@@ -97,9 +97,9 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
                                "weights are stored in the graph dtype")
     if opset not in OPSETS:
         raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
+    k = sae.k if graph == "decode" and max_l0 is None else _kept_latents(sae, max_l0)  # decode takes any j
     model = _Exporter(sae, dtype, opset, layout, ["batch", "seq"] if seq else ["batch"], storage_dtype,
-                      source or {}, sae.k if graph == "decode" and max_l0 is None else kept_latents(sae, max_l0),
-                      ).model(graph, dense_output)
+                      source or {}, k).model(graph, dense_output)
     if model.ByteSize() >= 2**31:
         raise SaeCompressError(f"the {graph} graph of this SAE is {model.ByteSize() / 2**30:.1f} GiB, over "
                                "ONNX's 2 GiB single-file limit; export --graph encode or decode alone, "
@@ -107,7 +107,7 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
     return model
 
 
-def kept_latents(sae: ExpanderSAE | TopKSAE, max_l0: int | None) -> int:
+def _kept_latents(sae: ExpanderSAE | TopKSAE, max_l0: int | None) -> int:
     """The k of the graph: the model's k, or for a threshold SAE its cap ``max_l0`` (given, or the
     model's k when k < n)."""
     if sae.activation not in THRESHOLD_ACTIVATIONS:
@@ -307,7 +307,8 @@ class _Exporter:
 
 
 _DOC = {
-    "encode": "saecompress SAE encoder: activations [..., m] -> top_indices [..., k] (int64), top_values [..., k].",
+    "encode": "saecompress SAE encoder: activations [..., m] -> top_indices [..., k] (int64), top_values [..., k] "
+              "(threshold SAEs: k = max_l0, index -1 where fewer fire, overflow [...]).",
     "decode": "saecompress SAE decoder: top_indices, top_values [..., k] -> reconstruction [..., m].",
     "autoencoder": "saecompress SAE: activations [..., m] -> reconstruction [..., m], top_indices, top_values.",
 }
