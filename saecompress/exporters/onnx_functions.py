@@ -56,15 +56,17 @@ class EncodeLayout:
         return self.group if self.group > 1 and n % self.group == 0 and n // self.group >= k else 1
 
 
-def thresholded(b: GraphBuilder, pre: str, threshold: str) -> str:
-    """The code ``ReLU(pre)·[pre > θ]`` of float32 ``pre`` against float32 ``threshold`` (broadcast)."""
-    return b.op("Where", b.op("Greater", pre, threshold), b.op("Relu", pre), b.const(np.array(0, dtype=np.float32)))
+def thresholded(b: GraphBuilder, pre: str, threshold: str) -> tuple[str, str]:
+    """``(code, fired)``: the code ``ReLU(pre)·[pre > θ]`` of float32 ``pre`` against float32
+    ``threshold`` (broadcast), spelled ``Where(pre > max(θ, 0), pre, 0)``, and that boolean mask."""
+    zero = b.const(np.array(0, dtype=np.float32))
+    fired = b.op("Greater", pre, b.op("Max", threshold, zero))  # max(θ, 0): folded once, θ is constant
+    return b.op("Where", fired, pre, zero), fired
 
 
-def count_fired(b: GraphBuilder, code: str, axes: tuple[int, ...] = (-1,)) -> str:
-    """How many entries of a thresholded ``code`` are nonzero, over ``axes`` (int64)."""
-    fired = b.op("Cast", b.op("Greater", code, b.const(np.array(0, dtype=np.float32))), to=TensorProto.INT64)
-    return b.op("ReduceSum", fired, b.ints(*axes), keepdims=0)
+def count_fired(b: GraphBuilder, fired: str, axes: tuple[int, ...] = (-1,)) -> str:
+    """How many latents ``fired`` (a boolean mask) flags, summed over ``axes`` (int64)."""
+    return b.op("ReduceSum", b.op("Cast", fired, to=TensorProto.INT64), b.ints(*axes), keepdims=0)
 
 
 def select_topk(b: GraphBuilder, pre: str, k: int, activation: str, threshold: str | None = None,
@@ -74,7 +76,7 @@ def select_topk(b: GraphBuilder, pre: str, k: int, activation: str, threshold: s
     A threshold activation ranks ``thresholded(pre, threshold)`` (:func:`select_fired`).
     ``ids [B, N]``: the latent id of each column of ``pre`` (default: the column)."""
     if activation in THRESHOLD_ACTIVATIONS:
-        return select_fired(b, thresholded(b, pre, threshold), k, ids)
+        return select_fired(b, thresholded(b, pre, threshold)[0], k, ids)
     rank, relu_after = ORDERINGS[activation]
     scores = b.op("Relu", pre) if rank == "relu" else b.op("Abs", pre) if rank == "abs" else pre
     values, indices = b.op("TopK", scores, b.ints(k), outputs=2, axis=-1, largest=1, sorted=1)
@@ -100,8 +102,8 @@ def select_counted(b: GraphBuilder, pre: str, k: int, activation: str,
     """:func:`select_topk` of ``pre [B, N]`` plus, for a threshold activation, the overflow ``[B]``."""
     if threshold is None:
         return (*select_topk(b, pre, k, activation), None)
-    code = thresholded(b, pre, threshold)
-    return (*select_fired(b, code, k), overflow(b, count_fired(b, code), k))
+    code, fired = thresholded(b, pre, threshold)
+    return (*select_fired(b, code, k), overflow(b, count_fired(b, fired), k))
 
 
 def overflow(b: GraphBuilder, fired: str, k: int) -> str:
@@ -144,8 +146,9 @@ def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: 
             maxima.append(pre)
             continue
         if threshold is not None:
-            ranked = thresholded(b, pre, b.op("Reshape", b.op("Slice", threshold, *bounds), b.ints(groups, group, 1)))
-            counts.append(b.op("Unsqueeze", count_fired(b, ranked, (0, 1)), b.ints(0)))  # [1, B]
+            bound = b.op("Reshape", b.op("Slice", threshold, *bounds), b.ints(groups, group, 1))
+            ranked, fired = thresholded(b, pre, bound)
+            counts.append(b.op("Unsqueeze", count_fired(b, fired, (0, 1)), b.ints(0)))  # [1, B]
         else:
             ranked = b.op("Abs", pre) if absolute else pre
         maxima.append(b.op("ReduceMax", ranked, b.ints(1), keepdims=1))  # [groups, 1, B]
