@@ -60,7 +60,7 @@ def thresholded(b: GraphBuilder, pre: str, threshold: str) -> tuple[str, str]:
     """``(code, fired)``: the code ``ReLU(pre)·[pre > θ]`` of float32 ``pre`` against float32
     ``threshold`` (broadcast), spelled ``Where(pre > max(θ, 0), pre, 0)``, and that boolean mask."""
     zero = b.const(np.array(0, dtype=np.float32))
-    fired = b.op("Greater", pre, b.op("Max", threshold, zero))  # max(θ, 0): folded once, θ is constant
+    fired = b.op("Greater", pre, b.op("Max", threshold, zero))  # max(θ, 0): a constant, θ is an initializer
     return b.op("Where", fired, pre, zero), fired
 
 
