@@ -8,6 +8,10 @@ back to CPU silently when CUDA is missing, so it is read from ``session.get_prov
 
 Rows holding NaN or Inf are skipped (never sent to onnxruntime): ``encode`` gives them index -1
 and value NaN, ``reconstruct`` NaN, ``scan`` no alerts; ``monitor.skipped_rows`` lists them.
+
+Threshold SAEs (``jumprelu``, ``batchtopk``) keep at most ``k`` = max_l0 latents per row (slots
+that did not fire: index -1, value 0); ``monitor.overflow`` holds each row's latents beyond the cap
+(last call) and ``overflow_rows`` / ``overflow_latents`` count them over the monitor's life.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from .activations import open_activations
 from .errors import SaeCompressError, first_line
 from .exporters.onnx import build_onnx, read_onnx_metadata
-from .models import ExpanderSAE, TopKSAE, require_topk
+from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE
 from .sources import load_source
 
 CUDA = "CUDAExecutionProvider"
@@ -52,7 +56,7 @@ def choose_providers(requested: list[str] | None = None, available: list[str] | 
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
+def _load_model_bytes(model, hookpoint: str | None = None, hub=None, max_l0: int | None = None) -> bytes:
     """Serialized ONNX for ``model``: an .onnx file's bytes, or an in-memory autoencoder export."""
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
         path = Path(model)
@@ -61,13 +65,15 @@ def _load_model_bytes(model, hookpoint: str | None = None, hub=None) -> bytes:
         if hookpoint:
             raise SaeCompressError(f"{path}: an ONNX file holds one SAE; --hookpoint selects one of a multi-SAE "
                                    "source (drop it)")
+        if max_l0 is not None:
+            raise SaeCompressError(f"{path}: an exported file's max_l0 is fixed; drop --max-l0 or re-export "
+                                   "with `saecompress export --max-l0`")
         return path.read_bytes()
     if isinstance(model, (ExpanderSAE, TopKSAE)):
-        return build_onnx(model, "autoencoder").SerializeToString()
+        return build_onnx(model, "autoencoder", max_l0=max_l0).SerializeToString()
     loaded = load_source(model, hookpoint, hub=hub)
-    require_topk(loaded.model.activation, "monitor", "its graphs need a max_l0 cap on the active latents")
     return build_onnx(loaded.model, "autoencoder", storage_dtype=loaded.storage_dtype,
-                      source=loaded.provenance).SerializeToString()
+                      source=loaded.provenance, max_l0=max_l0).SerializeToString()
 
 
 class Monitor:
@@ -75,17 +81,19 @@ class Monitor:
 
     ``batch_size`` rows go to onnxruntime per call; ``threads`` sets intra-op threads (default:
     onnxruntime's choice); ``providers`` forces execution providers (default: CUDA if usable, else CPU).
-    ``hookpoint`` and ``hub`` (a ``sources.HubAccess``) pick the SAE of a source, as for ``saecompress.load``.
+    ``hookpoint`` and ``hub`` (a ``sources.HubAccess``) pick the SAE of a source, as for ``saecompress.load``;
+    ``max_l0`` caps a threshold SAE exported in memory (as ``build_onnx``).
     """
 
     def __init__(self, model, providers: list[str] | None = None, batch_size: int = 512,
-                 threads: int | None = None, hookpoint: str | None = None, hub=None) -> None:
+                 threads: int | None = None, hookpoint: str | None = None, hub=None,
+                 max_l0: int | None = None) -> None:
         import onnxruntime as ort
 
         if batch_size < 1:
             raise SaeCompressError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
-        data = _load_model_bytes(model, hookpoint, hub)
+        data = _load_model_bytes(model, hookpoint, hub, max_l0)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
@@ -110,6 +118,7 @@ class Monitor:
                                    "export --graph encode or autoencoder")
         self.m, self.n, self.k = int(meta["m"]), int(meta["n"]), int(meta["k"])
         self.metadata = meta
+        self.threshold = meta.get("activation") in THRESHOLD_ACTIVATIONS
         first = self.session.get_inputs()[0]
         self._input_rank = len(first.shape)
         self._input_dtype = np.float16 if "float16" in first.type else np.float32
@@ -117,6 +126,8 @@ class Monitor:
         self._thresholds = np.full(self.n, np.inf, dtype=np.float32)
         self.watched: dict[int, float] = {}
         self.skipped_rows: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.overflow: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.overflow_rows = self.overflow_latents = 0
 
     def __repr__(self) -> str:
         return f"Monitor(graph={self.graph}, m={self.m}, n={self.n}, k={self.k}, provider={self.provider})"
@@ -157,13 +168,21 @@ class Monitor:
 
     # ------------------------------------------------------------------ public API
     def encode(self, x) -> tuple[np.ndarray, np.ndarray]:
-        """``(top_indices [..., k] int64, top_values [..., k] float32)``; skipped rows: -1 / NaN."""
+        """``(top_indices [..., k] int64, top_values [..., k] float32)``; skipped rows: -1 / NaN.
+        A threshold SAE's slots that did not fire are -1 / 0; its overflow per row goes to
+        ``overflow`` (leading shape of ``x``) and the counters."""
         flat, lead, finite = self._rows(x)
         indices = np.full((len(flat), self.k), -1, dtype=np.int64)
         values = np.full((len(flat), self.k), np.nan, dtype=np.float32)
-        out = self._run(flat, finite, ["top_indices", "top_values"])
+        spilled = np.zeros(len(flat), dtype=np.int64)
+        out = self._run(flat, finite, ["top_indices", "top_values"] + (["overflow"] if self.threshold else []))
         if out:
             indices[finite], values[finite] = out[0][finite], out[1][finite]
+            if self.threshold:
+                spilled[finite] = out[2][finite]
+        self.overflow = spilled.reshape(lead)
+        self.overflow_rows += int((spilled > 0).sum())
+        self.overflow_latents += int(spilled.sum())
         return indices.reshape(*lead, self.k), values.reshape(*lead, self.k)
 
     def reconstruct(self, x) -> np.ndarray:

@@ -232,7 +232,8 @@ def _float64_sae(sae, x: np.ndarray):
     pre = (x - b_dec) @ W_enc + b_enc
     if sae.activation == "relu_topk":
         pre = np.maximum(pre, 0)
-    top = np.argsort(-pre, axis=1, kind="stable")[:, :sae.k]
+    ranked = np.abs(pre) if sae.activation == "abs_topk" else pre  # abs_topk: largest |pre|, sign kept
+    top = np.argsort(-ranked, axis=1, kind="stable")[:, :sae.k]
     vals = np.take_along_axis(pre, top, 1)
     if sae.activation == "topk_relu":
         vals = np.maximum(vals, 0)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -296,14 +297,39 @@ def test_unknown_activation_in_a_config_is_one_error_line(tmp_path):
     _one_error_line(["convert", str(folder), str(out)], "architecture 'topafa'", unwritten=out)
 
 
-def test_export_monitor_and_train_say_threshold_saes_are_not_supported_yet(tmp_path):
-    source = FAMILIES / "saelens_jumprelu"
+@pytest.mark.parametrize("name", sorted(THRESHOLD))
+def test_threshold_families_export_and_monitor_like_the_library(name, tmp_path):
+    """ONNX codes and reconstruction match the library's own; a small max_l0 counts the rest as overflow."""
+    io = _io(name)
+    x, fired = io["x"].numpy(), (io["codes"] != 0).sum(-1).numpy()
+    acts = tmp_path / "x.npy"
+    np.save(acts, x)
+    out = tmp_path / "sae.onnx"
+    _one_error_line(["export", str(FAMILIES / name), str(out)], "no cap", "--max-l0", unwritten=out)
+    _one_error_line(["monitor", str(FAMILIES / name), "--input", str(acts)], "--max-l0", unwritten=out)
+    assert max(fired) <= 20 < D_SAE and (fired > 3).any()
+    for max_l0 in (3, 20):  # 20: every row's latents fit, the codes are the library's
+        result = CliRunner().invoke(cli, ["export", str(FAMILIES / name), str(out), "--graph", "autoencoder",
+                                          "--dense-output", "--max-l0", str(max_l0)])
+        assert result.exit_code == 0, result.output
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"activations": x})))
+        np.testing.assert_array_equal(got["overflow"], np.maximum(fired - max_l0, 0))
+        assert ((got["top_indices"] == -1) == (got["top_values"] == 0)).all()
+    assert np.array_equal(got["codes"] != 0, io["codes"].numpy() != 0)
+    _close(torch.from_numpy(got["codes"]), io["codes"])
+    _close(torch.from_numpy(got["reconstruction"]), io["recon"])
+    result = CliRunner().invoke(cli, ["monitor", str(FAMILIES / name), "--input", str(acts), "--max-l0", "3",
+                                      "--jsonl"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
+    assert summary["overflow_rows"] == int((fired > 3).sum())
+    assert summary["overflow_latents"] == int(np.maximum(fired - 3, 0).sum())
+
+
+def test_train_says_threshold_saes_are_not_supported_yet(tmp_path):
     acts = tmp_path / "x.npy"
     np.save(acts, _io("saelens_jumprelu")["x"].numpy())
-    out = tmp_path / "out.onnx"
-    _one_error_line(["export", str(source), str(out)], "'jumprelu'", "not supported by export yet", unwritten=out)
-    _one_error_line(["monitor", str(source), "--input", str(acts)], "'jumprelu'", "not supported by monitor yet",
-                    unwritten=out)
     compact = tmp_path / "sae.safetensors"
     sae = ExpanderSAE(D_IN, D_SAE, 4, D_SAE, activation="jumprelu", threshold=torch.ones(D_SAE))
     saecompress.save_compact(sae, compact)

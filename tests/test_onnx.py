@@ -52,6 +52,7 @@ def assert_codes_match(indices, values, ref_idx, ref_vals, tol):
 
 
 CASES = [  # (activation, encoder, normalize, storage dtype): every ordering, dtype, encoder, norm
+    # (threshold activations: tests/test_onnx_threshold.py)
     ("signed_topk", "tied", False, "float32"),
     ("topk_relu", "untied", True, "float32"),
     ("relu_topk", "tied", True, "float32"),
@@ -59,6 +60,7 @@ CASES = [  # (activation, encoder, normalize, storage dtype): every ordering, dt
     ("topk_relu", "tied", False, "bfloat16"),
     ("relu_topk", "untied", False, "int8"),
     ("topk_relu", "tied", True, "int8"),
+    ("abs_topk", "untied", True, "bfloat16"),
 ]
 
 
@@ -151,7 +153,7 @@ def test_sequence_inputs_keep_their_axes(float64_sae):
     assert rel_err(out["reconstruction"].reshape(-1, M), ref_recon) < 1e-5
 
 
-@pytest.mark.parametrize("activation", ["topk_relu", "relu_topk", "signed_topk"])
+@pytest.mark.parametrize("activation", ["topk_relu", "relu_topk", "signed_topk", "abs_topk"])
 def test_dense_topk_sae_exports_with_the_same_contract(float64_sae, activation):
     torch.manual_seed(0)
     dense = TopKSAE(M, 256, K, activation=activation, normalize_input=activation == "topk_relu")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import click
+import onnx
 
 from .._json import dumps
-from ..exporters.onnx import DTYPES, GRAPHS, export_onnx
+from ..exporters.onnx import CAP_ROWS, DTYPES, GRAPHS, export_onnx, read_onnx_metadata
 from .options import hub_options
 
 
@@ -27,18 +28,28 @@ from .options import hub_options
               help="Inputs [batch, seq, m] instead of [batch, m] (both axes dynamic).")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset (18..21; IR version 10). onnxruntime >= 1.16 reads opset 18.")
+@click.option("--max-l0", type=click.IntRange(min=1), default=None,
+              help="Threshold SAEs (jumprelu, batchtopk): latents kept per row (default: the model's k when "
+                   "k < n); the graph outputs how many latents each row had beyond it (overflow).")
+@click.option("--acts", type=click.Path(exists=True), default=None,
+              help=f"Threshold SAEs: take max_l0 from these activations (the 99.9th percentile of the per-row "
+                   f"L0 on their first {CAP_ROWS:,} rows) instead of --max-l0.")
 def export(src: str, out: str, hookpoint: str | None, hub, graph: str, dtype: str, dense_output: bool, seq: bool,
-           opset: int) -> None:
+           opset: int, max_l0: int | None, acts: str | None) -> None:
     """Export the SAE SRC (compact file, dense SAE folder/file, or hf://owner/repo[/hookpoint][@rev])
     to the ONNX file OUT.
 
     Expander SAEs use the custom-domain ops ai.saecompress::ExpanderEncode / ExpanderDecode, stored
     as ONNX model-local functions of standard ops: stock onnxruntime runs the file, no plugin needed.
-    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Prints one JSON object
+    Dense TopK SAEs export as MatMul + TopK with the same inputs and outputs. Threshold SAEs keep the
+    max_l0 largest latents of their thresholded code (index -1 where fewer fire) and add an output
+    overflow. Prints one JSON object
     {"hookpoints": [summary]}, the schema of convert/info/eval --json.
     """
     path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
-                       hookpoint=hookpoint, hub=hub)
+                       hookpoint=hookpoint, hub=hub, max_l0=max_l0, acts=acts)
+    cap = read_onnx_metadata(onnx.load(str(path), load_external_data=False)).get("max_l0")  # the cap used
     click.echo(dumps({"hookpoints": [{"hookpoint": hookpoint, "path": str(path), "graph": graph, "dtype": dtype,
                                            "dense_output": dense_output, "seq": seq, "opset": opset,
+                                           **({} if cap is None else {"max_l0": int(cap)}),
                                            "file_bytes": path.stat().st_size}]}))

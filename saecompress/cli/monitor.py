@@ -38,7 +38,8 @@ def _emit(record: dict, jsonl: bool) -> None:
     elif "feature" in record:
         click.echo(f"row {record['row']}: feature {record['feature']} = {record['value']:.4g}")
     else:
-        click.echo(f"row {record['row']}: " + "  ".join(f"{f}={v:.4g}" for f, v in record["features"]))
+        spilled = f"  (+{record['overflow']} over max_l0)" if "overflow" in record else ""
+        click.echo(f"row {record['row']}: " + "  ".join(f"{f}={v:.4g}" for f, v in record["features"]) + spilled)
 
 
 @click.command("monitor")
@@ -61,20 +62,25 @@ def _emit(record: dict, jsonl: bool) -> None:
               help="Rows per onnxruntime call.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--max-l0", type=click.IntRange(min=1), default=None,
+              help="Threshold SAEs (jumprelu, batchtopk) exported in memory: latents kept per row "
+                   "(default: the model's k when k < n); latents beyond it are counted as overflow.")
 @click.option("--provider", default=None,
               help="Force an execution provider (e.g. CUDAExecutionProvider). Default: CUDA when "
                    "onnxruntime-gpu is installed and a GPU is usable, else CPU.")
 def monitor(model: str, hookpoint: str | None, hub, source: str, watch: str | None, top: int, jsonl: bool,
-            batch_size: int, threads: int | None, provider: str | None) -> None:
+            batch_size: int, threads: int | None, max_l0: int | None, provider: str | None) -> None:
     """Encode activations with the SAE MODEL (an exported .onnx file, a compact file, a dense SAE
     or hf://owner/repo[/hookpoint][@rev]) on onnxruntime.
 
     Rows are numbered across the whole input (flattened leading axes). Rows holding NaN/Inf are
-    skipped and reported on stderr; the provider in use is reported on stderr at start.
+    skipped and reported on stderr; the provider in use is reported on stderr at start, the row count
+    at the end (also as JSON {"summary": ...} with --jsonl). For a threshold SAE, rows with more
+    active latents than max_l0 carry "overflow" (the latents beyond it) and the summary counts them.
     """
     thresholds = parse_watch(watch) if watch is not None else None
     mon = Monitor(model, providers=[provider] if provider else None, batch_size=batch_size, threads=threads,
-                  hookpoint=hookpoint, hub=hub)
+                  hookpoint=hookpoint, hub=hub, max_l0=max_l0)
     if thresholds is not None:
         mon.watch(thresholds)
     click.echo(f"monitor: {mon.graph} graph, m={mon.m}, n={mon.n}, k={mon.k}, provider {mon.provider}", err=True)
@@ -87,16 +93,27 @@ def monitor(model: str, hookpoint: str | None, hub, source: str, watch: str | No
         else:
             indices, values = mon.encode(array)
             indices, values = indices.reshape(-1, mon.k), values.reshape(-1, mon.k)
+            spilled, skipped_here = mon.overflow.reshape(-1), set(mon.skipped_rows.tolist())
             for row in range(len(indices)):
-                if indices[row, 0] < 0:
+                if row in skipped_here:
                     continue
-                order = values[row].argsort()[::-1][:top]
-                _emit({"row": offset + row,
-                       "features": [[int(indices[row, i]), float(values[row, i])] for i in order]}, jsonl)
+                order = [i for i in values[row].argsort()[::-1] if indices[row, i] >= 0][:top]
+                record = {"row": offset + row,
+                          "features": [[int(indices[row, i]), float(values[row, i])] for i in order]}
+                if spilled[row]:
+                    record["overflow"] = int(spilled[row])
+                _emit(record, jsonl)
         for row in mon.skipped_rows:
             click.echo(dumps({"row": offset + int(row), "skipped": "NaN or Inf in the activations"}),
                        err=True)
         skipped += len(mon.skipped_rows)
         offset += int(np.prod(array.shape[:-1]))
         sys.stdout.flush()
-    click.echo(f"monitor: {offset} rows, {skipped} skipped", err=True)
+    summary = {"rows": offset, "skipped": skipped}
+    if mon.threshold:
+        summary |= {"max_l0": mon.k, "overflow_rows": mon.overflow_rows, "overflow_latents": mon.overflow_latents}
+    overflowed = (f", {mon.overflow_rows} over max_l0={mon.k} ({mon.overflow_latents} latents beyond it)"
+                  if mon.threshold else "")
+    click.echo(f"monitor: {offset} rows, {skipped} skipped{overflowed}", err=True)
+    if jsonl:
+        click.echo(dumps({"summary": summary}), err=True)

@@ -6,7 +6,10 @@ it. The bodies are specialised to the exported model's sizes (chunk boundaries, 
 attributes ``k`` and ``activation`` carry what a native kernel needs. See docs/ONNX.md.
 
 ``ExpanderEncode(x [B, m], indices [n, d] int64, values [n, d], b_enc [n]) -> (top_values [B, k],
-top_indices [B, k] int64)``: ``pre = gather-reduce(x, indices, values) + b_enc``, then top-k.
+top_indices [B, k] int64)``: ``pre = gather-reduce(x, indices, values) + b_enc``, then top-k. For a
+threshold activation it takes ``threshold [n]`` (float32) as a fifth input, ranks the thresholded
+code ``ReLU(pre)·[pre > θ]``, gives index -1 to kept slots that did not fire and has a third
+output ``overflow [B]`` int64 (latents that fired beyond the k = max_l0 kept).
 Fast path (``EncodeLayout``, measured in benchmarks/onnx_encode.py):
 
 * ``xᵀ [m+1, B]`` (a row of ones appended, so the bias is one more "input" of every latent);
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
-from ..models import LAYER_NORM_EPS, ORDERINGS
+from ..models import LAYER_NORM_EPS, ORDERINGS, THRESHOLD_ACTIVATIONS
 from .onnx_graph import GraphBuilder
 
 DOMAIN = "ai.saecompress"
@@ -53,9 +56,27 @@ class EncodeLayout:
         return self.group if self.group > 1 and n % self.group == 0 and n // self.group >= k else 1
 
 
-def select_topk(b: GraphBuilder, pre: str, k: int, activation: str) -> tuple[str, str]:
+def thresholded(b: GraphBuilder, pre: str, threshold: str) -> tuple[str, str]:
+    """``(code, fired)``: the code ``ReLU(pre)·[pre > θ]`` of float32 ``pre`` against float32
+    ``threshold`` (broadcast), spelled ``Where(pre > max(θ, 0), pre, 0)``, and that boolean mask."""
+    zero = b.const(np.array(0, dtype=np.float32))
+    fired = b.op("Greater", pre, b.op("Max", threshold, zero))  # max(θ, 0): a constant, θ is an initializer
+    return b.op("Where", fired, pre, zero), fired
+
+
+def count_fired(b: GraphBuilder, fired: str, axes: tuple[int, ...] = (-1,)) -> str:
+    """How many latents ``fired`` (a boolean mask) flags, summed over ``axes`` (int64)."""
+    return b.op("ReduceSum", b.op("Cast", fired, to=TensorProto.INT64), b.ints(*axes), keepdims=0)
+
+
+def select_topk(b: GraphBuilder, pre: str, k: int, activation: str, threshold: str | None = None,
+                ids: str | None = None) -> tuple[str, str]:
     """``(values, indices)`` of the top-k of ``pre [B, N]`` under ``activation``: the graph form of
-    ``models.select_topk``, from the same ``ORDERINGS`` table (what top-k ranks, ReLU after)."""
+    ``models.select_topk``, from the same ``ORDERINGS`` table (what top-k ranks, ReLU after).
+    A threshold activation ranks ``thresholded(pre, threshold)`` (:func:`select_fired`).
+    ``ids [B, N]``: the latent id of each column of ``pre`` (default: the column)."""
+    if activation in THRESHOLD_ACTIVATIONS:
+        return select_fired(b, thresholded(b, pre, threshold)[0], k, ids)
     rank, relu_after = ORDERINGS[activation]
     scores = b.op("Relu", pre) if rank == "relu" else b.op("Abs", pre) if rank == "abs" else pre
     values, indices = b.op("TopK", scores, b.ints(k), outputs=2, axis=-1, largest=1, sorted=1)
@@ -63,7 +84,31 @@ def select_topk(b: GraphBuilder, pre: str, k: int, activation: str) -> tuple[str
         values = b.op("GatherElements", pre, indices, axis=-1)
     if relu_after:
         values = b.op("Relu", values)
-    return values, indices
+    return values, indices if ids is None else b.op("GatherElements", ids, indices, axis=1)
+
+
+def select_fired(b: GraphBuilder, code: str, k: int, ids: str | None = None) -> tuple[str, str]:
+    """``(values, indices)`` of the k largest of a thresholded ``code``; slots that did not fire
+    (value 0) get index -1."""
+    values, indices = b.op("TopK", code, b.ints(k), outputs=2, axis=-1, largest=1, sorted=1)
+    if ids is not None:
+        indices = b.op("GatherElements", ids, indices, axis=1)
+    fired = b.op("Greater", values, b.const(np.array(0, dtype=np.float32)))
+    return values, b.op("Where", fired, indices, b.const(np.array(-1, dtype=np.int64)))
+
+
+def select_counted(b: GraphBuilder, pre: str, k: int, activation: str,
+                   threshold: str | None) -> tuple[str, str, str | None]:
+    """:func:`select_topk` of ``pre [B, N]`` plus, for a threshold activation, the overflow ``[B]``."""
+    if threshold is None:
+        return (*select_topk(b, pre, k, activation), None)
+    code, fired = thresholded(b, pre, threshold)
+    return (*select_fired(b, code, k), overflow(b, count_fired(b, fired), k))
+
+
+def overflow(b: GraphBuilder, fired: str, k: int) -> str:
+    """``max(fired - k, 0)``: the latents of each row that fired beyond the k kept."""
+    return b.op("Max", b.op("Sub", fired, b.ints(k)), b.ints(0))
 
 
 def _augmented(b: GraphBuilder, m: int, n: int) -> tuple[str, str]:
@@ -81,11 +126,14 @@ def _ones_column(b: GraphBuilder, x: str) -> str:
     return b.op("Concat", x, ones, axis=1)
 
 
-def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: str,
-                       n: int, width: int, layout: EncodeLayout, group: int, absolute: bool) -> str:
-    """Group maxima ``[B, n/group]`` (of ``|pre|`` when ``absolute``; the pre-activations themselves
-    when group = 1)."""
-    maxima = []
+def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: str, n: int, width: int,
+                       layout: EncodeLayout, group: int, activation: str,
+                       threshold: str | None) -> tuple[str, str | None]:
+    """Group maxima ``[B, n/group]`` of what top-k ranks (``|pre|`` for ``abs_topk``, the
+    thresholded code with its count of fired latents ``[B]`` for a threshold activation, else
+    ``pre``); with group = 1, the pre-activations themselves (and no count)."""
+    absolute = ORDERINGS.get(activation, ("",))[0] == "abs"
+    maxima, counts = [], []
     for start in range(0, n, layout.chunk):
         stop = min(start + layout.chunk, n)
         latents, groups = stop - start, (stop - start) // group
@@ -94,13 +142,22 @@ def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: 
         val = b.op("Reshape", b.op("Slice", values_aug, *bounds), b.ints(latents, 1, width))
         rows = b.op("Gather", x_t, idx, axis=0)  # [latents, d+1, B]
         pre = b.op("Reshape", b.op("MatMul", val, rows), b.ints(groups, group, -1))  # [groups, G, B]
-        if group > 1:
-            ranked = b.op("Abs", pre) if absolute else pre
-            maxima.append(b.op("ReduceMax", ranked, b.ints(1), keepdims=1))  # [groups, 1, B]
-        else:
+        if group == 1:
             maxima.append(pre)
+            continue
+        if threshold is not None:
+            bound = b.op("Reshape", b.op("Slice", threshold, *bounds), b.ints(groups, group, 1))
+            ranked, fired = thresholded(b, pre, bound)
+            counts.append(b.op("Unsqueeze", count_fired(b, fired, (0, 1)), b.ints(0)))  # [1, B]
+        else:
+            ranked = b.op("Abs", pre) if absolute else pre
+        maxima.append(b.op("ReduceMax", ranked, b.ints(1), keepdims=1))  # [groups, 1, B]
     stacked = b.op("Concat", *maxima, axis=0) if len(maxima) > 1 else maxima[0]
-    return b.op("Transpose", b.op("Squeeze", stacked, b.ints(1)), perm=[1, 0])
+    fired = None
+    if counts:
+        fired = b.op("ReduceSum", b.op("Concat", *counts, axis=0) if len(counts) > 1 else counts[0],
+                     b.ints(0), keepdims=0)
+    return b.op("Transpose", b.op("Squeeze", stacked, b.ints(1)), perm=[1, 0]), fired
 
 
 def _recompute_candidates(b: GraphBuilder, x_aug: str, indices_aug: str, values_aug: str,
@@ -117,25 +174,30 @@ def _recompute_candidates(b: GraphBuilder, x_aug: str, indices_aug: str, values_
     return pre, candidates
 
 
-def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str,
-                    n: int, d: int, k: int, activation: str, layout: EncodeLayout) -> tuple[str, str]:
+def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str, n: int, d: int, k: int,
+                    activation: str, layout: EncodeLayout, threshold: str | None) -> tuple[str, ...]:
     group = layout.group_for(n, k)
     x_aug = _ones_column(b, x)
     ones = b.op("Expand", b.const(np.ones((1, 1), dtype=np.float32)),
                 b.op("Concat", b.ints(1), b.op("Shape", x, start=0, end=1), axis=0))
     x_t = b.op("Concat", b.op("Transpose", x, perm=[1, 0]), ones, axis=0)  # [m+1, B]
-    maxima = _chunked_group_max(b, x_t, indices_aug, values_aug, n, d + 1, layout, group,
-                                ORDERINGS[activation][0] == "abs")
+    maxima, fired = _chunked_group_max(b, x_t, indices_aug, values_aug, n, d + 1, layout, group,
+                                       activation, threshold)
     if group == 1:
-        return select_topk(b, maxima, k, activation)
+        return _outputs(*select_counted(b, maxima, k, activation, threshold))
     _, group_ids = b.op("TopK", maxima, b.ints(k), outputs=2, axis=-1, largest=1, sorted=0)
     pre, candidates = _recompute_candidates(b, x_aug, indices_aug, values_aug, group_ids, group)
-    values, positions = select_topk(b, pre, k, activation)
-    return values, b.op("GatherElements", candidates, positions, axis=1)
+    bound = None if threshold is None else b.op("Gather", threshold, candidates, axis=0)
+    values, indices = select_topk(b, pre, k, activation, bound, ids=candidates)
+    return _outputs(values, indices, None if fired is None else overflow(b, fired, k))
+
+
+def _outputs(values: str, indices: str, spilled: str | None) -> tuple[str, ...]:
+    return (values, indices) if spilled is None else (values, indices, spilled)
 
 
 def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d: int,
-                       k: int, activation: str) -> tuple[str, str]:
+                       k: int, activation: str, threshold: str | None) -> tuple[str, ...]:
     """One row: per mask column j, ``GatherElements`` x at ``indices[:, j]``, scale, accumulate.
 
     ``indices_t``/``values_t`` are ``[d+1, 1, n]`` (the last row is the bias: index m, value b_enc).
@@ -146,23 +208,28 @@ def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d
     for j in range(d):
         gathered = b.op("GatherElements", x, b.op("Squeeze", columns[j], b.ints(0)), axis=1)  # [1, n]
         pre = b.op("Add", pre, b.op("Mul", gathered, b.op("Squeeze", scales[j], b.ints(0))))
-    return select_topk(b, pre, k, activation)
+    return _outputs(*select_counted(b, pre, k, activation, threshold))
 
 
-def _branch(b: GraphBuilder, name: str, outputs: tuple[str, str]) -> object:
-    """A subgraph of ``b``'s nodes whose outputs are ``(values, indices)``."""
-    names = (b.name("values"), b.name("indices"))
+_OUTPUT_TYPES = (("values", TensorProto.FLOAT, [None, None]), ("indices", TensorProto.INT64, [None, None]),
+                 ("overflow", TensorProto.INT64, [None]))
+
+
+def _branch(b: GraphBuilder, name: str, outputs: tuple[str, ...]) -> object:
+    """A subgraph of ``b``'s nodes whose outputs are ``(values, indices[, overflow])``."""
+    names = [b.name(hint) for hint, _, _ in _OUTPUT_TYPES[:len(outputs)]]
     nodes = b.nodes + [helper.make_node("Identity", [src], [dst], name=b.name("Identity"))
                        for src, dst in zip(outputs, names)]
-    return helper.make_graph(nodes, name, [], [
-        helper.make_tensor_value_info(names[0], TensorProto.FLOAT, [None, None]),
-        helper.make_tensor_value_info(names[1], TensorProto.INT64, [None, None])])
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(dst, elem, shape)
+                                               for dst, (_, elem, shape) in zip(names, _OUTPUT_TYPES)])
 
 
 def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, opset: int,
                              layout: EncodeLayout = EncodeLayout()) -> FunctionProto:
-    """``ai.saecompress::ExpanderEncode`` specialised to ``(m, n, d, k, activation)``."""
+    """``ai.saecompress::ExpanderEncode`` specialised to ``(m, n, d, k, activation)``; a threshold
+    activation adds the input ``threshold`` and the output ``overflow`` (k is then max_l0)."""
     b = GraphBuilder("enc", function=True)
+    threshold = "threshold" if activation in THRESHOLD_ACTIVATIONS else None
     indices_aug, values_aug = _augmented(b, m, n)
     if layout.single_row_branch:
         # outside the If, so onnxruntime folds them into initializers once; int32: half the index bytes per row
@@ -172,17 +239,26 @@ def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, op
         is_single = b.op("Equal", b.op("Shape", "x", start=0, end=1), b.ints(1))
         single, batched = GraphBuilder("enc1", function=True), GraphBuilder("encb", function=True)
         then_graph = _branch(single, "single_row", _encode_single_row(
-            single, "x", indices_t, values_t, d, k, activation))
+            single, "x", indices_t, values_t, d, k, activation, threshold))
         else_graph = _branch(batched, "batched", _encode_batched(
-            batched, "x", indices_aug, values_aug, n, d, k, activation, layout))
-        values, indices = b.op("If", is_single, outputs=2, then_branch=then_graph, else_branch=else_graph)
+            batched, "x", indices_aug, values_aug, n, d, k, activation, layout, threshold))
+        results = b.op("If", is_single, outputs=2 if threshold is None else 3,
+                       then_branch=then_graph, else_branch=else_graph)
     else:
-        values, indices = _encode_batched(b, "x", indices_aug, values_aug, n, d, k, activation, layout)
-    b.op("Identity", values, outputs=["top_values"])
-    b.op("Identity", indices, outputs=["top_indices"])
-    return b.function_proto(DOMAIN, "ExpanderEncode", ["x", "indices", "values", "b_enc"],
-                            ["top_values", "top_indices"], opset, attributes=["k", "activation"],
+        results = _encode_batched(b, "x", indices_aug, values_aug, n, d, k, activation, layout, threshold)
+    names = ["top_values", "top_indices", "overflow"][:len(results)]
+    for src, dst in zip(results, names):
+        b.op("Identity", src, outputs=[dst])
+    inputs = ["x", "indices", "values", "b_enc"] + ([threshold] if threshold else [])
+    return b.function_proto(DOMAIN, "ExpanderEncode", inputs, names, opset, attributes=["k", "activation"],
                             doc="Top-k of x·W_enc + b_enc for an expander-masked W_enc (see docs/ONNX.md).")
+
+
+def unused_slots_safe(b: GraphBuilder, indices: str, values: str) -> tuple[str, str]:
+    """``(indices, values)`` with the -1 slots (latents that did not fire) at latent 0 with value 0."""
+    unused = b.op("Less", indices, b.const(np.array(0, dtype=np.int64)))
+    return (b.op("Max", indices, b.const(np.array(0, dtype=np.int64))),
+            b.op("Where", unused, b.const(np.array(0, dtype=np.float32)), values))
 
 
 def expander_decode_function(opset: int) -> FunctionProto:
@@ -190,11 +266,13 @@ def expander_decode_function(opset: int) -> FunctionProto:
 
     ``x̂ = b_dec + Σ_a top_values[a] · W_dec[top_indices[a]]``: gather the k active latents'
     ``d`` (dim, value) pairs and ``ScatterElements(reduction="add")`` them onto ``b_dec``.
+    Slots with index -1 contribute nothing.
     """
     b = GraphBuilder("dec", function=True)
-    dims = b.op("Gather", "indices", "top_indices", axis=0)  # [B, k, d]
-    vals = b.op("Gather", "values", "top_indices", axis=0)
-    contrib = b.op("Mul", vals, b.op("Unsqueeze", "top_values", b.ints(2)))
+    latents, weights = unused_slots_safe(b, "top_indices", "top_values")
+    dims = b.op("Gather", "indices", latents, axis=0)  # [B, k, d]
+    vals = b.op("Gather", "values", latents, axis=0)
+    contrib = b.op("Mul", vals, b.op("Unsqueeze", weights, b.ints(2)))
     rows = b.op("Shape", "top_values", start=0, end=1)
     base = b.op("Expand", b.op("Unsqueeze", "b_dec", b.ints(0)),
                 b.op("Concat", rows, b.op("Shape", "b_dec"), axis=0))
