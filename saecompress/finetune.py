@@ -19,6 +19,11 @@ so no latent wins the top-k by growing its encoder and raising everyone's thresh
 that has not fired for ``dead_tokens`` tokens is put back to its starting parameters (its Adam
 moments reset). The fine-tune refines latents but does not lose them.
 
+**Threshold SAEs** (``jumprelu``, ``batchtopk``) keep their thresholds θ fixed: the code is
+``pre·[pre > θ]`` over the model's ``k`` candidates per row (its cap), with gradient ``[pre > θ]``
+wrt ``pre``; the STE rule that learns θ (``trainer.py``) needs the target-L0 term, which a KL
+fine-tune has no target for. Encoders, decoders and biases learn as for top-k SAEs.
+
 Each step costs two forward passes of the LM and one backward pass through the layers after the
 hookpoint. Adam, cosine decay from ``lr`` to 0 (``objective.lr_factor``), gradient clipping.
 Decoder rows are not renormalised (the file format does not need unit rows).
@@ -42,7 +47,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
-from .models import ExpanderSAE, SparseAutoencoder, require_topk
+from .models import ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -155,7 +160,6 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
-    require_topk(sae.activation, "finetune", "the threshold gradients of JumpReLU / BatchTopK come later")
     if out is not None:
         check_outputs([out], kind="file" if isinstance(sae, ExpanderSAE) else "folder")
     module = site_module(model, layer, site)

@@ -29,8 +29,10 @@ travel beside it (``sources.Loaded``; writers take them explicitly).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,6 +51,8 @@ ACTIVATIONS = tuple(ORDERINGS)
 THRESHOLD_ACTIVATIONS = ("jumprelu", "batchtopk")
 ALL_ACTIVATIONS = ACTIVATIONS + THRESHOLD_ACTIVATIONS
 ENCODERS = ("tied", "untied")
+# A threshold SAE's cap k, set on data: this quantile of its per-row L0 (``l0_cap``).
+L0_CAP_QUANTILE = 0.999
 Activation = Literal["topk_relu", "relu_topk", "signed_topk", "abs_topk", "jumprelu", "batchtopk"]
 
 LAYER_NORM_EPS = 1e-5
@@ -105,6 +109,27 @@ def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = Tr
         scores = scores.masked_fill(~among, float("-inf"))
     scores, indices = scores.topk(k, dim=-1, sorted=sorted)
     return topk_kept(ranked_values(pre, scores, indices, activation), activation), indices
+
+
+def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_row [B], per_latent [n])``: how many latents each row of a threshold SAE fires on ``x``
+    (flattened to ``[B, m]``) before the cap ``k``, and on how many rows each latent fires (int64)."""
+    if sae.threshold is None:
+        raise SaeCompressError(f"activation {sae.activation!r} has no threshold; active counts are for "
+                               f"{', '.join(THRESHOLD_ACTIVATIONS)}")
+    per_latent = torch.zeros(sae.n, dtype=torch.int64)
+    per_row = None
+    for start, pre in sae.pre_activation_chunks(x):
+        fires = topk_scores(pre, sae.activation, sae.threshold[start:start + pre.shape[1]]) > 0
+        per_latent[start:start + pre.shape[1]] = fires.sum(0)
+        per_row = fires.sum(1) if per_row is None else per_row + fires.sum(1)
+    return per_row, per_latent
+
+
+def l0_cap(per_row: torch.Tensor, n: int) -> int:
+    """The cap ``k`` of a threshold SAE from its per-row L0 on data: their ``L0_CAP_QUANTILE`` quantile
+    (a value some row reaches), at least 1 and at most ``n``."""
+    return min(n, max(1, int(np.quantile(per_row.numpy(), L0_CAP_QUANTILE, method="higher"))))
 
 
 def require_topk(activation: str, command: str, why: str) -> None:
@@ -204,6 +229,16 @@ class SparseAutoencoder(nn.Module):
         flat, lead = self._flatten(x)
         return self._pre_activations(self._prepare(flat)).reshape(*lead, self.n)
 
+    def pre_activation_chunks(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, pre)`` over consecutive latent ranges: ``pre [B, c]`` holds the pre-activations of
+        latents ``start:start + c`` for the rows of ``x`` flattened to ``[B, m]``; memory O(B·chunk) at any n."""
+        return self._pre_chunks(self._prepare(self._flatten(x)[0]))
+
+    def _latent_chunks(self, rows: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` latent ranges of about ``_CHUNK_ELEMENTS / rows`` latents each."""
+        step = max(1, _CHUNK_ELEMENTS // max(rows, 1))
+        return [(s, min(s + step, self.n)) for s in range(0, self.n, step)]
+
     def encode(
         self, x: torch.Tensor, dense: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
@@ -246,6 +281,9 @@ class SparseAutoencoder(nn.Module):
     def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _pre_chunks(self, centred: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        raise NotImplementedError
+
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -271,6 +309,10 @@ class TopKSAE(SparseAutoencoder):
 
     def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
         return centred @ self.W_enc + self.b_enc
+
+    def _pre_chunks(self, centred: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in self._latent_chunks(centred.shape[0]):
+            yield start, centred @ self.W_enc[:, start:stop] + self.b_enc[start:stop]
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return (values.unsqueeze(-1) * self.W_dec[indices]).sum(dim=-2) + self.b_dec
@@ -321,11 +363,6 @@ class ExpanderSAE(SparseAutoencoder):
     def decoder_rows(self) -> nn.Parameter:
         return self.values
 
-    def _latent_chunks(self, rows: int) -> list[tuple[int, int]]:
-        """``(start, stop)`` latent ranges of about ``_CHUNK_ELEMENTS / rows`` latents each."""
-        step = max(1, _CHUNK_ELEMENTS // max(rows, 1))
-        return [(s, min(s + step, self.n)) for s in range(0, self.n, step)]
-
     def _chunk_pre(self, x_t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Pre-activations of latents ``start:stop`` as ``[stop - start, B]``, from ``x_t [m, B]``."""
         # Row i of the result is sum_j e[i, j] * x_t[idx[i, j]]: one fused gather-reduce.
@@ -334,18 +371,19 @@ class ExpanderSAE(SparseAutoencoder):
         return pre + self.b_enc[start:stop, None]
 
     def _pre_activations(self, centred: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pre for _, pre in self._pre_chunks(centred)], dim=1)
+
+    def _pre_chunks(self, centred: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         x_t = centred.T.contiguous()
-        chunks = [self._chunk_pre(x_t, start, stop)
-                  for start, stop in self._latent_chunks(centred.shape[0])]
-        return torch.cat(chunks, dim=0).T
+        for start, stop in self._latent_chunks(centred.shape[0]):
+            yield start, self._chunk_pre(x_t, start, stop).T
 
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over latent chunks with a running merge: memory O(B·(chunk + k)), not O(B·n)."""
-        x_t = centred.T.contiguous()
         best_scores = best_vals = best_idx = None
-        for start, stop in self._latent_chunks(centred.shape[0]):
+        for start, pre in self._pre_chunks(centred):
+            stop = start + pre.shape[1]
             threshold = None if self.threshold is None else self.threshold[start:stop]
-            pre = self._chunk_pre(x_t, start, stop).T
             scores, idx = topk_scores(pre, self.activation, threshold).topk(min(self.k, stop - start), dim=-1)
             vals = ranked_values(pre, scores, idx, self.activation)
             idx = idx + start
