@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import saecompress
 from saecompress.cli.main import cli
 from saecompress.formats import saelens
-from saecompress.models import ExpanderSAE, TopKSAE
+from saecompress.models import TopKSAE
 from saecompress.sources import load_source
 
 FAMILIES = Path(__file__).parent / "fixtures" / "families"
