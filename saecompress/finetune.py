@@ -47,7 +47,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
-from .models import ExpanderSAE, SparseAutoencoder
+from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -63,7 +63,8 @@ class FinetuneConfig:
     lr: float = 1e-3
     recon_coef: float = 3.0
     grad_clip: float = 1.0
-    dead_tokens: int | None = None  # default 32 n / k: 32x a latent's mean firing interval
+    dead_tokens: int | None = None  # default 32 n / L0: 32x a latent's mean firing interval (L0: k, or a
+    # threshold SAE's mean L0 on the first batch)
     drop_first: bool = True
     outlier_factor: float | None = 10.0
 
@@ -91,6 +92,7 @@ class _Splice:
         self.act = self.keep = None
         self.fvu: torch.Tensor | None = None
         self.fired: torch.Tensor | None = None  # [n] bool: latents active in the last splice
+        self.l0 = 0.0  # mean active latents per row in the last splice
 
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         if not self.splicing:
@@ -104,6 +106,7 @@ class _Splice:
         out = training_forward(self.sae, xin, self.layout)
         self.fvu = fvu_loss(xin, out.recon)
         self.fired = fired(out.top_vals, out.top_idx, self.sae.n)
+        self.l0 = float((out.top_vals.detach() != 0).sum(1).double().mean())
         spliced = self.act.clone().to(out.recon.dtype)
         spliced[self.keep] = self.sae.unnormalise(out.recon, stats)
         return spliced.to(self.act.dtype)
@@ -191,6 +194,8 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            if step == 0 and cfg.dead_tokens is None and sae.activation in THRESHOLD_ACTIVATIONS:
+                keeper.dead.dead_tokens = max(1, round(32 * sae.n / max(1.0, splice.l0)))  # k is only a cap
             keeper.update(splice.fired, int(splice.keep.sum()))
             history.append((float(kl.detach()), float(splice.fvu.detach())))
             bar.update(ids.numel())

@@ -76,21 +76,28 @@ def test_sparse_gradients_match_dense_masked_reference(encoder, activation):
 
 
 def _threshold_reference(sae, theta, x, target, lam, k_target, bandwidth):
-    """Float64 masked-dense JumpReLU loss and θ gradient by the paper's pseudo-derivatives, written out."""
+    """Float64 masked-dense JumpReLU loss, its parameter gradients and the θ gradient by the paper's
+    pseudo-derivatives, written out."""
     n, m = sae.n, sae.m
-    W_dec = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, sae.values.detach())
-    W_enc = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, sae.encoder_values.detach()).T
-    pre = (x - sae.b_dec.detach()) @ W_enc + sae.b_enc.detach()
-    fire = pre > theta
-    code = (pre * fire).requires_grad_()
-    recon = code @ W_dec + sae.b_dec.detach()
+    V = sae.values.detach().clone().requires_grad_()
+    EV = V if sae.enc_values is None else sae.enc_values.detach().clone().requires_grad_()
+    b_enc = sae.b_enc.detach().clone().requires_grad_()
+    b_dec = sae.b_dec.detach().clone().requires_grad_()
+    W_dec = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, V)
+    W_enc = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, EV).T
+    pre = (x - b_dec) @ W_enc + b_enc
+    fire = (pre > theta).detach()
+    code = pre * fire
+    recon = code @ W_dec + b_dec
     l0 = fire.sum(dtype=x.dtype) / x.shape[0]
     loss = (recon - target).pow(2).sum() + lam * (l0 / k_target - 1) ** 2
-    (g_code,) = torch.autograd.grad(loss, code)
+    params = [V, b_enc, b_dec] + ([EV] if sae.enc_values is not None else [])
+    g_code, *g_params = torch.autograd.grad(loss, [code, *params])
+    pre = pre.detach()
     kernel = ((pre - theta) / bandwidth).abs() < 0.5
     g_theta = (g_code * -(theta / bandwidth) * kernel).sum(0)
     g_theta += 2 * lam * (l0 / k_target - 1) / k_target * -(kernel.sum(0) / (bandwidth * x.shape[0]))
-    return loss.detach(), g_theta, pre
+    return loss.detach(), g_theta, g_params, pre
 
 
 @pytest.mark.parametrize("encoder", ["tied", "untied"])
@@ -107,14 +114,18 @@ def test_sparse_jumprelu_threshold_gradient_matches_dense_reference(encoder):
     layout = MaskLayout.from_indices(sae.indices, m)
     out = sparse_forward(sae, x, layout, threshold=theta, bandwidth=bandwidth)
     loss = (out.recon - target).pow(2).sum() + lam * (out.l0 / k_target - 1) ** 2
-    (g_theta,) = torch.autograd.grad(loss, theta)
-    ref_loss, ref_g_theta, pre = _threshold_reference(sae, theta.detach(), x, target, lam, k_target, bandwidth)
+    params = [sae.values, sae.b_enc, sae.b_dec] + ([sae.enc_values] if encoder == "untied" else [])
+    g_theta, *g_params = torch.autograd.grad(loss, [theta, *params])
+    ref_loss, ref_g_theta, ref_g_params, pre = _threshold_reference(sae, theta.detach(), x, target, lam,
+                                                                    k_target, bandwidth)
     in_window = (((pre - theta.detach()) / bandwidth).abs() < 0.5).sum()
     assert int(in_window) > 10  # the window holds enough (row, latent) pairs for the test to bite
     # every row's firing and window latents fit in the cap: the sparse step sees all of them
     assert int((pre > theta.detach() - bandwidth / 2).sum(1).max()) <= cap
     assert abs(float(loss.detach()) - float(ref_loss)) <= 1e-12 * float(ref_loss)
     assert _rel_err(g_theta, ref_g_theta) < 1e-10
+    for name, g, r in zip(["values", "b_enc", "b_dec", "enc_values"], g_params, ref_g_params):
+        assert float(r.norm()) > 0 and _rel_err(g, r) < 1e-10, name
     # the dense path gives the same gradient
     dense = sae.to_dense()
     out_d = training_forward(dense, x, None, threshold=theta, bandwidth=bandwidth)
