@@ -37,7 +37,7 @@ from torch import Tensor
 from .models import THRESHOLD_ACTIVATIONS, relu_cuts, select_topk
 
 _ROW_BLOCK = 256  # batch rows per CSR product in sparse_pre_activations
-BANDWIDTH = 1e-3  # JumpReLU's rectangle window ε, in the trainer's unit-variance input scale
+BANDWIDTH = 1e-3  # JumpReLU's rectangle window ε at unit mean squared input norm (the papers' scale)
 
 
 def rectangle(u: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 an
 
 * ``jumprelu`` (Rajamanoharan et al. 2024, as dictionary_learning's JumpReLU trainer): the
   per-latent θ is learned as ``log θ`` (θ = exp(log θ) > 0), with straight-through rectangle-kernel
-  pseudo-derivatives of bandwidth ``ε`` (``bandwidth``, in the unit-variance training scale); the
+  pseudo-derivatives of bandwidth ``ε`` (``bandwidth``, given as the papers do in the scale of unit
+  mean squared input norm: ``ε·√m`` in the trainer's unit-variance-per-dim scale); the
   sparsity term is the target-L0 form above (``l0_coef`` λ, default 1). θ starts where the first
   batch fires ``k`` latents per row on average (one value for all latents).
 * ``batchtopk`` (Bussmann et al. 2024, as dictionary_learning's BatchTopK trainer): each step keeps
@@ -87,7 +88,7 @@ class TrainConfig:
     reaim_every: int | None = None  # steps between re-aiming dead expander latents (0: never); default 5,
     # 0 for threshold SAEs (a revived latent jumps in at its threshold θ on top of the others: FVU suffers)
     l0_coef: float = 1.0  # jumprelu: λ of the target-L0 term λ·(L0/k − 1)²
-    bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the threshold pseudo-gradients
+    bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the θ pseudo-gradients (unit-norm scale)
     seed: int = 0
 
     def check(self) -> None:
@@ -154,6 +155,7 @@ class Trainer:
         self.teacher = teacher
         self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
+        self.bandwidth = cfg.bandwidth * math.sqrt(sae.m)  # ε in the training scale (E‖x − mean‖² = m)
         self.reaim_every = cfg.reaim_every if cfg.reaim_every is not None else 0 if self.threshold_rule else 5
         firing_interval = max(1, round(sae.n / self.target_l0))
         self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(32 * firing_interval,
@@ -191,7 +193,7 @@ class Trainer:
         out = training_forward(sae, xin, self.layout, dead, self.k_aux,
                                threshold=None if self.log_threshold is None else self.log_threshold.exp(),
                                batch_k=round(self.target_l0) if self.threshold_rule == "batchtopk" else None,
-                               bandwidth=cfg.bandwidth)
+                               bandwidth=self.bandwidth)
         recon_loss = fvu_loss(xin, out.recon)
         loss = recon_loss
         stats: dict[str, float] = {}
@@ -250,7 +252,7 @@ class Trainer:
             return
         code = topk_scores(self.sae.pre_activations(self.inputs(x)), "relu_topk").flatten()
         keep = min(code.numel(), max(1, round(x.shape[0] * self.target_l0)))
-        theta = max(float(code.topk(keep).values[-1]), self.cfg.bandwidth)
+        theta = max(float(code.topk(keep).values[-1]), self.bandwidth)
         self.sae.threshold.fill_(theta)
         if self.log_threshold is not None:
             self.log_threshold.fill_(math.log(theta))

@@ -236,9 +236,10 @@ def test_dense_baseline_recovers_planted_features(planted, tmp_path):
     assert torch.equal(again.W_dec, sae.W_dec.detach())
 
 
-def test_resume_reproduces_uninterrupted_run(planted, tmp_path):
+@pytest.mark.parametrize("activation", [None, "jumprelu", "batchtopk"])
+def test_resume_reproduces_uninterrupted_run(planted, tmp_path, activation):
     path, _, _ = planted
-    cfg = TrainConfig(k=4, d=D, n=N, tokens=30 * 256, batch_size=256, checkpoint_every=7,
+    cfg = TrainConfig(k=4, d=D, n=N, tokens=30 * 256, batch_size=256, checkpoint_every=7, activation=activation,
                       held_out_rows=2000, dead_tokens=2000, reaim_every=9, seed=5)
     full, _ = train(path, tmp_path / "a.safetensors", cfg, progress=False)
     _, partial = train(path, tmp_path / "b.safetensors", cfg, progress=False, stop_after=12)
@@ -431,7 +432,7 @@ from saecompress.sources import load  # noqa: E402
 @pytest.mark.parametrize("activation,d,extra", [
     ("jumprelu", None, {}),
     # a short expander run needs a wider rectangle window to move θ in time (few rows per step sit in it)
-    ("jumprelu", D, {"bandwidth": 0.05, "lr": 1e-2}),
+    ("jumprelu", D, {"bandwidth": 0.01, "lr": 1e-2}),
     ("batchtopk", None, {}),
     ("batchtopk", D, {}),
 ])

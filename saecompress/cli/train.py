@@ -50,8 +50,8 @@ from .options import config_option, hub_options
 @config_option(TrainConfig, "l0_coef", "--l0-coef", type=click.FloatRange(min=0),
               help="jumprelu: weight of the sparsity term l0_coef * (L0 / k - 1)^2.")
 @config_option(TrainConfig, "bandwidth", "--bandwidth", type=click.FloatRange(min=0, min_open=True),
-              help="jumprelu: width of the rectangle kernel of the threshold gradients (in the trainer's "
-                   "unit-variance input scale).")
+              help="jumprelu: width of the rectangle kernel of the threshold gradients, for inputs scaled to "
+                   "unit mean squared norm (as in the papers; widen it for short runs).")
 @config_option(TrainConfig, "encoder", "--encoder", type=click.Choice(ENCODERS),
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
