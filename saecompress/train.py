@@ -216,7 +216,8 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if teacher is not None and not isinstance(teacher, TopKSAE):
         raise SaeCompressError("the distillation teacher must be a dense TopK SAE")
     if teacher is not None:
-        require_topk(teacher.activation, "train --teacher", "the JumpReLU / BatchTopK training rules come later")
+        require_topk(teacher.activation, "train --teacher", "distilling from a threshold teacher comes later; "
+                     "train a threshold SAE natively with --activation")
         teacher.eval().requires_grad_(False)
     sae, start = _initial_model(cfg, source.m, teacher, init, hub)
     origin = start or origin

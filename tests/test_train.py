@@ -487,7 +487,8 @@ def test_cli_trains_threshold_saes_and_refuses_misfits(planted, tmp_path):
 
     misfits = [(["--d", "4", "--activation", "topk_relu", "--l0-coef", "2", "--k", "2", "--tokens", "512"],
                 "tunes the jumprelu training rule"),
-               (["--init", str(first), "--activation", "batchtopk", "--tokens", "512"], "drop --activation")]
+               (["--init", str(first), "--activation", "batchtopk", "--tokens", "512"], "drop --activation"),
+               (["--d", "4", "--teacher", str(dense), "--tokens", "512"], "not supported by train --teacher")]
     for args, message in misfits:
         bad = runner.invoke(cli, ["train", *common, *args, "--out", str(tmp_path / "bad.safetensors")])
         assert bad.exit_code == 2 and message in bad.output, bad.output
