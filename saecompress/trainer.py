@@ -47,7 +47,7 @@ import torch
 from .distill import DistillTerm
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
-from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, require_topk, topk_scores, unit_rows
+from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, require_topk, unit_rows
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
 from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
 
@@ -157,8 +157,7 @@ class Trainer:
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
         self.bandwidth = cfg.bandwidth * math.sqrt(sae.m)  # ε in the training scale (E‖x − mean‖² = m)
         self.reaim_every = cfg.reaim_every if cfg.reaim_every is not None else 0 if self.threshold_rule else 5
-        firing_interval = max(1, round(sae.n / self.target_l0))
-        self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(32 * firing_interval,
+        self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(int(32 * sae.n / self.target_l0),
                                                                                    cfg.tokens // 10)))
         # JumpReLU learns log θ (float32 whatever the model's dtype); sae.threshold follows it
         self.log_threshold = (torch.nn.Parameter(sae.threshold.clamp_min(1e-12).log())
@@ -250,7 +249,7 @@ class Trainer:
         per row on average: the batch's ``B·k``-th largest ``ReLU(pre)``."""
         if self.threshold_rule is None:
             return
-        code = topk_scores(self.sae.pre_activations(self.inputs(x)), "relu_topk").flatten()
+        code = self.sae.pre_activations(x * self.input_scale).relu().flatten()  # scale 1 with layer norm
         keep = min(code.numel(), max(1, round(x.shape[0] * self.target_l0)))
         theta = max(float(code.topk(keep).values[-1]), self.bandwidth)
         self.sae.threshold.fill_(theta)
@@ -333,7 +332,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
-                "input_scale": self.input_scale, "target_l0": self.target_l0,
+                "input_scale": self.input_scale,
                 **({"log_threshold": self.log_threshold.detach()} if self.log_threshold is not None else {}),
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
 
