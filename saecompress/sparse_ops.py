@@ -104,7 +104,7 @@ def aux_activation(activation: str) -> str:
     return "relu_topk" if activation in THRESHOLD_ACTIVATIONS else activation
 
 
-def gated_code(top: Tensor, idx: Tensor, rows: int, threshold: Tensor | None, counts: tuple[Tensor, Tensor],
+def gated_code(top: Tensor, idx: Tensor, rows: int, threshold: Tensor | None, counts: tuple[Tensor, Tensor] | None,
                batch_k: int | None, bandwidth: float) -> tuple[Tensor, Tensor | None]:
     """``(code values [B, cap], mean L0 or None)`` from the encode's ``top`` outputs: JumpReLU of the
     candidates' pre-activations with ``threshold``, the BatchTopK of ``batch_k``, or ``top`` as is."""
