@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from .models import THRESHOLD_ACTIVATIONS, SparseAutoencoder, TopKSAE, select_topk, unit_rows
+from .models import SparseAutoencoder, TopKSAE, select_topk, unit_rows
 from .sparse_ops import (BANDWIDTH, MaskLayout, SparseForward, aux_activation, gated_code, sparse_forward,
-                         threshold_candidates, threshold_counts)
+                         threshold_candidates, threshold_counts, training_rule)
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -32,9 +32,7 @@ def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_au
     """The dense baseline's forward (ordinary autograd, m×n matmul) with the same outputs
     (``threshold``, ``batch_k``: as for ``sparse_ops.sparse_forward``)."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    activation = "relu_topk" if batch_k is not None else sae.activation
-    if threshold is None and batch_k is None and activation in THRESHOLD_ACTIVATIONS:
-        threshold = sae.threshold
+    activation, threshold = training_rule(sae, threshold, batch_k)
     counts = None
     if threshold is not None:
         top_idx = threshold_candidates(pre.detach(), threshold.detach(), sae.k, bandwidth)

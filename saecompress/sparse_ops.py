@@ -104,6 +104,16 @@ def aux_activation(activation: str) -> str:
     return "relu_topk" if activation in THRESHOLD_ACTIVATIONS else activation
 
 
+def training_rule(sae, threshold: Tensor | None, batch_k: int | None) -> tuple[str, Tensor | None]:
+    """``(ordering the encode selects by, θ to gate with)`` of a training forward: BatchTopK training
+    ranks ``ReLU(pre)``; a threshold SAE is gated by ``threshold``, by default its own (fixed) θ."""
+    if batch_k is not None:
+        return "relu_topk", None
+    if threshold is None and sae.activation in THRESHOLD_ACTIVATIONS:
+        threshold = sae.threshold
+    return sae.activation, threshold
+
+
 def gated_code(top: Tensor, idx: Tensor, rows: int, threshold: Tensor | None, counts: tuple[Tensor, Tensor] | None,
                batch_k: int | None, bandwidth: float) -> tuple[Tensor, Tensor | None]:
     """``(code values [B, cap], mean L0 or None)`` from the encode's ``top`` outputs: JumpReLU of the
@@ -290,9 +300,7 @@ def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = Non
     its own buffer; a learned θ gets the JumpReLU pseudo-gradients) over ``sae.k`` candidates per
     row; ``batch_k`` trains BatchTopK instead (``sae.k`` ReLU candidates per row, ``B·batch_k`` kept).
     """
-    activation = "relu_topk" if batch_k is not None else sae.activation
-    if threshold is None and batch_k is None and activation in THRESHOLD_ACTIVATIONS:
-        threshold = sae.threshold
+    activation, threshold = training_rule(sae, threshold, batch_k)
     top, top_idx, aux_vals, aux_idx, fires, window = SparseEncodeTopK.apply(
         x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, activation, dead, k_aux,
         None if threshold is None else threshold.detach(), bandwidth)
