@@ -222,7 +222,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     sae, start = _initial_model(cfg, source.m, teacher, init, hub)
     origin = start or origin
     fresh = init is None and teacher is None
-    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth")
+    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth", "threshold_lr")
                      if getattr(cfg, name) != getattr(TrainConfig, name)]
     if jumprelu_only and sae.activation != "jumprelu":
         raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
@@ -289,7 +289,8 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             rule=trainer.threshold_rule, target_l0=target, max_l0=cap[0],
             max_l0_rule=f"quantile {L0_CAP_QUANTILE} of per-row L0 on {cap[1]} "
                         f"{'held-out' if held_src is not None else 'training'} rows",
-            **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth} if trainer.threshold_rule == "jumprelu"
+            **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth, "threshold_lr": cfg.threshold_lr}
+               if trainer.threshold_rule == "jumprelu"
                else {"threshold": float(sae.threshold[0])}))
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True

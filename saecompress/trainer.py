@@ -24,7 +24,8 @@ truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 an
   per-latent θ is learned as ``log θ`` (θ = exp(log θ) > 0), with straight-through rectangle-kernel
   pseudo-derivatives of bandwidth ``ε`` (``bandwidth``, given as the papers do in the scale of unit
   mean squared input norm: ``ε·√m`` in the trainer's unit-variance-per-dim scale); the
-  sparsity term is the target-L0 form above (``l0_coef`` λ, default 1). θ starts where the first
+  sparsity term is the target-L0 form above (``l0_coef`` λ, default 1); log θ has its own learning
+  rate (``threshold_lr``: it is dimensionless, and at the SAE's rate θ trails the encoders). θ starts where the first
   batch fires ``k`` latents per row on average (one value for all latents).
 * ``batchtopk`` (Bussmann et al. 2024, as dictionary_learning's BatchTopK trainer): each step keeps
   the ``B·k`` largest ``ReLU(pre)`` of the batch; the global θ the saved model thresholds at is an
@@ -89,6 +90,7 @@ class TrainConfig:
     # 0 for threshold SAEs (a revived latent jumps in at its threshold θ on top of the others: FVU suffers)
     l0_coef: float = 1.0  # jumprelu: λ of the target-L0 term λ·(L0/k − 1)²
     bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the θ pseudo-gradients (unit-norm scale)
+    threshold_lr: float = 1e-2  # jumprelu: Adam learning rate of log θ (same warm-up and decay)
     seed: int = 0
 
     def check(self) -> None:
@@ -104,8 +106,9 @@ class TrainConfig:
             raise SaeCompressError(f"reaim_every must be 0 (never) or more, got {self.reaim_every}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SaeCompressError(f"--lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
-            raise SaeCompressError(f"bandwidth must be a positive number, got {self.bandwidth}")
+        for name in ("bandwidth", "threshold_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise SaeCompressError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -162,8 +165,10 @@ class Trainer:
         # JumpReLU learns log θ (float32 whatever the model's dtype); sae.threshold follows it
         self.log_threshold = (torch.nn.Parameter(sae.threshold.clamp_min(1e-12).log())
                               if self.threshold_rule == "jumprelu" else None)
-        params = list(sae.parameters()) + ([self.log_threshold] if self.log_threshold is not None else [])
-        self.optimizer = torch.optim.Adam(params, lr=self.base_lr)
+        groups = [{"params": list(sae.parameters()), "base_lr": self.base_lr}]
+        if self.log_threshold is not None:  # log θ is dimensionless: one rate for every model size
+            groups.append({"params": [self.log_threshold], "base_lr": cfg.threshold_lr})
+        self.optimizer = torch.optim.Adam(groups, lr=self.base_lr)
         self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
         self.step = 0
         self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
@@ -211,12 +216,12 @@ class Trainer:
             loss = loss + cfg.distill_coef * d_loss
             stats["distill"] = float(d_loss.detach())
         for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * cfg.lr_factor(self.step, self.total_steps)
+            group["lr"] = group["base_lr"] * cfg.lr_factor(self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         remove_parallel_grad(sae)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         normalize_decoder(sae)
         self._update_threshold(out)

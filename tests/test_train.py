@@ -431,8 +431,8 @@ from saecompress.sources import load  # noqa: E402
 
 @pytest.mark.parametrize("activation,d,extra", [
     ("jumprelu", None, {}),
-    # a short expander run needs a wider rectangle window to move θ in time (few rows per step sit in it)
-    ("jumprelu", D, {"bandwidth": 0.01, "lr": 1e-2}),
+    # a short expander run: a wider rectangle window (few rows per step sit in the default one)
+    ("jumprelu", D, {"bandwidth": 0.01}),
     ("batchtopk", None, {}),
     ("batchtopk", D, {}),
 ])

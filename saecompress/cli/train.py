@@ -52,6 +52,8 @@ from .options import config_option, hub_options
 @config_option(TrainConfig, "bandwidth", "--bandwidth", type=click.FloatRange(min=0, min_open=True),
               help="jumprelu: width of the rectangle kernel of the threshold gradients, for inputs scaled to "
                    "unit mean squared norm (as in the papers; widen it for short runs).")
+@config_option(TrainConfig, "threshold_lr", "--threshold-lr", type=click.FloatRange(min=0, min_open=True),
+              help="jumprelu: Adam learning rate of the log thresholds (same warm-up and decay as --lr).")
 @config_option(TrainConfig, "encoder", "--encoder", type=click.Choice(ENCODERS),
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
@@ -82,7 +84,7 @@ from .options import config_option, hub_options
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation, l0_coef,
-          bandwidth, encoder,
+          bandwidth, threshold_lr, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, hub, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
@@ -103,7 +105,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
                                "has no mask or expander encoder: drop it, or drop --dense")
     batch = batch_size if batch_alias is None else batch_alias
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation, l0_coef=l0_coef,
-                      bandwidth=bandwidth,
+                      bandwidth=bandwidth, threshold_lr=threshold_lr,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
