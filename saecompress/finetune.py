@@ -19,6 +19,11 @@ so no latent wins the top-k by growing its encoder and raising everyone's thresh
 that has not fired for ``dead_tokens`` tokens is put back to its starting parameters (its Adam
 moments reset). The fine-tune refines latents but does not lose them.
 
+**Threshold SAEs** (``jumprelu``, ``batchtopk``) keep their thresholds θ fixed: the code is
+``pre·[pre > θ]`` over the model's ``k`` candidates per row (its cap), with gradient ``[pre > θ]``
+wrt ``pre``; the STE rule that learns θ (``trainer.py``) needs the target-L0 term, which a KL
+fine-tune has no target for. Encoders, decoders and biases learn as for top-k SAEs.
+
 Each step costs two forward passes of the LM and one backward pass through the layers after the
 hookpoint. Adam, cosine decay from ``lr`` to 0 (``objective.lr_factor``), gradient clipping.
 Decoder rows are not renormalised (the file format does not need unit rows).
@@ -42,7 +47,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
-from .models import ExpanderSAE, SparseAutoencoder, require_topk
+from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -58,7 +63,8 @@ class FinetuneConfig:
     lr: float = 1e-3
     recon_coef: float = 3.0
     grad_clip: float = 1.0
-    dead_tokens: int | None = None  # default 32 n / k: 32x a latent's mean firing interval
+    dead_tokens: int | None = None  # default 32 n / L0: 32x a latent's mean firing interval (L0: k, or a
+    # threshold SAE's mean L0 on the first batch)
     drop_first: bool = True
     outlier_factor: float | None = 10.0
 
@@ -86,6 +92,7 @@ class _Splice:
         self.act = self.keep = None
         self.fvu: torch.Tensor | None = None
         self.fired: torch.Tensor | None = None  # [n] bool: latents active in the last splice
+        self.l0 = 0.0  # mean active latents per row in the last splice
 
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         if not self.splicing:
@@ -99,6 +106,7 @@ class _Splice:
         out = training_forward(self.sae, xin, self.layout)
         self.fvu = fvu_loss(xin, out.recon)
         self.fired = fired(out.top_vals, out.top_idx, self.sae.n)
+        self.l0 = float((out.top_vals.detach() != 0).sum(1).double().mean())
         spliced = self.act.clone().to(out.recon.dtype)
         spliced[self.keep] = self.sae.unnormalise(out.recon, stats)
         return spliced.to(self.act.dtype)
@@ -155,7 +163,6 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
-    require_topk(sae.activation, "finetune", "the threshold gradients of JumpReLU / BatchTopK come later")
     if out is not None:
         check_outputs([out], kind="file" if isinstance(sae, ExpanderSAE) else "folder")
     module = site_module(model, layer, site)
@@ -187,6 +194,8 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            if step == 0 and cfg.dead_tokens is None and sae.activation in THRESHOLD_ACTIVATIONS:
+                keeper.dead.dead_tokens = max(1, round(32 * sae.n / max(1.0, splice.l0)))  # k is only a cap
             keeper.update(splice.fired, int(splice.keep.sum()))
             history.append((float(kl.detach()), float(splice.fvu.detach())))
             bar.update(ids.numel())

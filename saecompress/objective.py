@@ -3,7 +3,8 @@ the unit-norm decoder constraint and the learning-rate schedule (``train`` and `
 
 The forward of an ``ExpanderSAE`` goes through the truly sparse ops of ``sparse_ops.py``; a dense
 ``TopKSAE`` (the baseline) uses ordinary autograd. Both return a ``SparseForward`` and pick
-latents with ``models.select_topk``.
+latents with ``models.select_topk``, or for threshold SAEs with the JumpReLU / BatchTopK training
+rules of ``sparse_ops.py`` (one spelling of their pseudo-gradients for both models).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 import torch
 
 from .models import SparseAutoencoder, TopKSAE, select_topk, unit_rows
-from .sparse_ops import MaskLayout, SparseForward, sparse_forward
+from .sparse_ops import (BANDWIDTH, MaskLayout, SparseForward, aux_activation, gated_code, sparse_forward,
+                         threshold_candidates, threshold_counts, training_rule)
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -24,25 +26,41 @@ def fvu_loss(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (recon - target).pow(2).sum() / var
 
 
-def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int) -> SparseForward:
-    """The dense baseline's forward (ordinary autograd, m×n matmul) with the same outputs."""
+def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int, *,
+                  threshold: torch.Tensor | None = None, batch_k: int | None = None,
+                  bandwidth: float = BANDWIDTH) -> SparseForward:
+    """The dense baseline's forward (ordinary autograd, m×n matmul) with the same outputs
+    (``threshold``, ``batch_k``: as for ``sparse_ops.sparse_forward``)."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    top_vals, top_idx = select_topk(pre, sae.k, sae.activation)
-    recon = sae.decode(top_vals, top_idx)
+    activation, threshold = training_rule(sae, threshold, batch_k)
+    counts = None
+    if threshold is not None:
+        top_idx = threshold_candidates(pre.detach(), threshold.detach(), sae.k, bandwidth)
+        top = pre.gather(1, top_idx)
+        counts = threshold_counts(pre.detach(), threshold.detach(), bandwidth)
+    else:
+        top, top_idx = select_topk(pre, sae.k, activation)
+    code, l0 = gated_code(top, top_idx, x.shape[0], threshold, counts, batch_k, bandwidth)
+    recon = sae.decode(code, top_idx)
     aux = None
     if dead is not None and k_aux > 0 and bool(dead.any()):
-        aux_vals, aux_idx = select_topk(pre, min(k_aux, int(dead.sum())), sae.activation, among=dead)
+        aux_vals, aux_idx = select_topk(pre, min(k_aux, int(dead.sum())), aux_activation(activation), among=dead)
         aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
         aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals) @ sae.W_dec
-    return SparseForward(recon, top_vals, top_idx, aux)
+    return SparseForward(recon, code, top_idx, aux, l0)
 
 
 def training_forward(sae: SparseAutoencoder, x: torch.Tensor, layout: MaskLayout | None,
-                     dead: torch.Tensor | None = None, k_aux: int = 0) -> SparseForward:
-    """Differentiable forward of either model on ``x`` in its input space (sparse ops for expanders)."""
+                     dead: torch.Tensor | None = None, k_aux: int = 0, *, threshold: torch.Tensor | None = None,
+                     batch_k: int | None = None, bandwidth: float = BANDWIDTH) -> SparseForward:
+    """Differentiable forward of either model on ``x`` in its input space (sparse ops for expanders).
+
+    A threshold SAE is gated by ``threshold`` (default: its buffer, fixed) over ``sae.k`` candidates
+    per row; ``batch_k`` trains BatchTopK (``B·batch_k`` kept per batch)."""
     if layout is not None:
-        return sparse_forward(sae, x, layout, dead, k_aux)
-    return dense_forward(sae, x, dead, k_aux)
+        return sparse_forward(sae, x, layout, dead, k_aux, threshold=threshold, batch_k=batch_k,
+                              bandwidth=bandwidth)
+    return dense_forward(sae, x, dead, k_aux, threshold=threshold, batch_k=batch_k, bandwidth=bandwidth)
 
 
 @torch.no_grad()

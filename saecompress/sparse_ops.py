@@ -12,6 +12,16 @@ training step needs no ``m×n`` matrix at all:
   backward is the matching gather, again O(B·k·d).
 
 Both functions take plain tensors; :func:`sparse_forward` wires them to an ``ExpanderSAE``.
+
+Threshold SAEs train with the same step. **JumpReLU** (Rajamanoharan et al. 2024, "Jumping
+Ahead"): the encode returns, per row, the pre-activations of a training cap of candidates (the
+latents that fire, ``pre > θ``, largest first, then those just below θ, inside the rectangle
+window of width ``bandwidth``); :class:`JumpReLU` gates them (``pre·[pre > θ]``) with the
+straight-through pseudo-derivative ``−(θ/ε)·K((pre − θ)/ε)`` wrt θ, and :class:`L0` is the batch
+mean of ``Σ_i [pre_i > θ_i]`` with pseudo-derivative ``−(1/ε)·K`` (K: the rectangle kernel), from
+per-latent counts the encode takes over all ``n``. **BatchTopK** (Bussmann et al. 2024): the
+encode keeps a cap of ``ReLU(pre)`` per row and :func:`batch_topk` keeps the ``B·k`` largest of the
+batch.
 Gradients equal those of the dense masked model (``W = mask ⊙ V``) exactly up to rounding
 (checked in float64 by ``tests/test_train.py``).
 """
@@ -24,9 +34,96 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .models import relu_cuts, select_topk
+from .models import THRESHOLD_ACTIVATIONS, relu_cuts, select_topk
 
 _ROW_BLOCK = 256  # batch rows per CSR product in sparse_pre_activations
+BANDWIDTH = 1e-3  # JumpReLU's rectangle window ε at unit mean squared input norm (the papers' scale)
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = [|u| < 1/2]."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+def threshold_candidates(pre: Tensor, threshold: Tensor, cap: int, bandwidth: float) -> Tensor:
+    """``[B, cap]`` latents per row: those firing (``pre > θ``), largest first, then those inside the
+    rectangle window below θ (their θ gradient needs them), then any other."""
+    theta = threshold.to(pre.dtype)
+    score = torch.where(pre > theta, pre, torch.where(pre > theta - bandwidth / 2, -1.0, -2.0))
+    return score.topk(cap, dim=-1, sorted=False).indices
+
+
+def threshold_counts(pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+    """``([n] rows where each latent fires, [n] rows where it lies in the rectangle window)``."""
+    theta = threshold.to(pre.dtype)
+    return (pre > theta).sum(0).to(pre.dtype), rectangle((pre - theta) / bandwidth).sum(0)
+
+
+class JumpReLU(torch.autograd.Function):
+    """``(pre, θ, ε) -> pre·[pre > θ]`` elementwise; the θ gradient is the rectangle pseudo-derivative."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth: float):
+        ctx.bandwidth = bandwidth
+        ctx.save_for_backward(pre, theta)
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        g_theta = -(theta / ctx.bandwidth) * rectangle((pre - theta) / ctx.bandwidth) * g
+        return g * (pre > theta), g_theta, None
+
+
+class L0(torch.autograd.Function):
+    """``(θ [n], fires [n], window [n], rows, ε) -> Σ fires / rows`` (mean L0) with the step
+    function's pseudo-derivative ``−window / (ε·rows)`` wrt θ."""
+
+    @staticmethod
+    def forward(ctx, theta, fires, window, rows: int, bandwidth: float):
+        ctx.scale = -1.0 / (bandwidth * rows)
+        ctx.save_for_backward(window)
+        return (fires.sum() / rows).to(theta.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (window,) = ctx.saved_tensors
+        return g * ctx.scale * window.to(g.dtype), None, None, None, None
+
+
+def batch_topk(values: Tensor, k: int) -> Tensor:
+    """``values [B, cap]`` with all but the ``B·k`` largest positive ones of the batch zeroed (BatchTopK)."""
+    keep = min(values.numel(), values.shape[0] * k)
+    cut = values.detach().flatten().topk(keep).values[-1]
+    return values * ((values.detach() >= cut) & (values.detach() > 0))
+
+
+def aux_activation(activation: str) -> str:
+    """The ordering AuxK ranks dead latents by: the model's, or ``relu_topk`` for a threshold SAE
+    (a dead latent is below its threshold everywhere)."""
+    return "relu_topk" if activation in THRESHOLD_ACTIVATIONS else activation
+
+
+def training_rule(sae, threshold: Tensor | None, batch_k: int | None) -> tuple[str, Tensor | None]:
+    """``(ordering the encode selects by, θ to gate with)`` of a training forward: BatchTopK training
+    ranks ``ReLU(pre)``; a threshold SAE is gated by ``threshold``, by default its own (fixed) θ."""
+    if batch_k is not None:
+        return "relu_topk", None
+    if threshold is None and sae.activation in THRESHOLD_ACTIVATIONS:
+        threshold = sae.threshold
+    return sae.activation, threshold
+
+
+def gated_code(top: Tensor, idx: Tensor, rows: int, threshold: Tensor | None, counts: tuple[Tensor, Tensor] | None,
+               batch_k: int | None, bandwidth: float) -> tuple[Tensor, Tensor | None]:
+    """``(code values [B, cap], mean L0 or None)`` from the encode's ``top`` outputs: JumpReLU of the
+    candidates' pre-activations with ``threshold``, the BatchTopK of ``batch_k``, or ``top`` as is."""
+    if batch_k is not None:
+        return batch_topk(top, batch_k), None
+    if threshold is None:
+        return top, None
+    code = JumpReLU.apply(top, threshold.to(top.dtype)[idx], bandwidth)
+    return code, L0.apply(threshold, counts[0], counts[1], rows, bandwidth)
 
 
 @dataclass(frozen=True)
@@ -79,46 +176,56 @@ def sparse_pre_activations(xc: Tensor, enc_values: Tensor, b_enc: Tensor, layout
 
 
 class SparseEncodeTopK(torch.autograd.Function):
-    """``(x, enc_values, b_enc, b_dec) -> (top_vals, top_idx, aux_vals, aux_idx)``.
+    """``(x, enc_values, b_enc, b_dec) -> (top_vals, top_idx, aux_vals, aux_idx, fires, window)``.
 
-    ``top_*`` are the k kept pre-activations per row under ``activation`` (``models.select_topk``);
-    ``aux_*`` the ``k_aux`` kept among latents flagged in ``dead`` (empty when ``k_aux == 0``
-    or ``dead`` is None), for the AuxK loss. Index outputs are not differentiable.
+    ``top_*`` are the k kept pre-activations per row under ``activation`` (``models.select_topk``),
+    or with a ``threshold`` the pre-activations of the k :func:`threshold_candidates` (gated later by
+    :class:`JumpReLU`) and ``fires, window`` their :func:`threshold_counts` (else empty); ``aux_*``
+    the ``k_aux`` kept among latents flagged in ``dead`` (empty when ``k_aux == 0`` or ``dead`` is
+    None), for the AuxK loss. Index outputs and counts are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, enc_values, b_enc, b_dec, layout: MaskLayout, k: int, activation: str,
-                dead: Tensor | None, k_aux: int):
+                dead: Tensor | None, k_aux: int, threshold: Tensor | None = None, bandwidth: float = BANDWIDTH):
         xc = x - b_dec
         pre = sparse_pre_activations(xc, enc_values, b_enc, layout)
-        top_vals, top_idx = select_topk(pre, k, activation, sorted=False)
+        if threshold is not None:
+            top_idx = threshold_candidates(pre, threshold, k, bandwidth)
+            top_vals = pre.gather(1, top_idx)
+            fires, window = threshold_counts(pre, threshold, bandwidth)
+        else:
+            top_vals, top_idx = select_topk(pre, k, activation, sorted=False)
+            fires = window = x.new_zeros(0)
         if dead is not None and k_aux > 0 and bool(dead.any()):
             k_aux = min(k_aux, int(dead.sum()))
-            aux_vals, aux_idx = select_topk(pre, k_aux, activation, sorted=False, among=dead)
+            aux_vals, aux_idx = select_topk(pre, k_aux, aux_activation(activation), sorted=False, among=dead)
             aux_vals = torch.nan_to_num(aux_vals, neginf=0.0)
         else:
             aux_vals = x.new_zeros(x.shape[0], 0)
             aux_idx = torch.zeros(x.shape[0], 0, dtype=torch.int64)
         del pre
         ctx.layout = layout
-        ctx.relu = relu_cuts(activation)  # a ReLU before or after top-k: no gradient where it cut
+        # a ReLU before or after top-k cuts the gradient of values it zeroed (JumpReLU gates outside)
+        ctx.relu = (threshold is None and relu_cuts(activation), relu_cuts(aux_activation(activation)))
         ctx.x_requires_grad = x.requires_grad
         ctx.save_for_backward(xc, enc_values, top_vals, top_idx, aux_vals, aux_idx)
-        ctx.mark_non_differentiable(top_idx, aux_idx)
-        return top_vals, top_idx, aux_vals, aux_idx
+        ctx.mark_non_differentiable(top_idx, aux_idx, fires, window)
+        return top_vals, top_idx, aux_vals, aux_idx, fires, window
 
     @staticmethod
-    def backward(ctx, g_top, _g_top_idx, g_aux, _g_aux_idx):
+    def backward(ctx, g_top, _g_top_idx, g_aux, _g_aux_idx, _g_fires, _g_window):
         xc, enc_values, top_vals, top_idx, aux_vals, aux_idx = ctx.saved_tensors
         if g_top is None:
             g_top = torch.zeros_like(top_vals)
         if g_aux is None:
             g_aux = torch.zeros_like(aux_vals)
+        if ctx.relu[0]:
+            g_top = g_top * (top_vals > 0)
+        if ctx.relu[1]:
+            g_aux = g_aux * (aux_vals > 0)
         g = torch.cat([g_top, g_aux], dim=1)
-        vals = torch.cat([top_vals, aux_vals], dim=1)
         lat = torch.cat([top_idx, aux_idx], dim=1)  # [B, K]
-        if ctx.relu:
-            g = g * (vals > 0)
         B, K = lat.shape
         d = enc_values.shape[1]
         rows = ctx.layout.indices[lat].view(B, K * d)  # input dims each chosen latent reads
@@ -136,7 +243,7 @@ class SparseEncodeTopK(torch.autograd.Function):
             g_xc = torch.zeros_like(xc).scatter_add_(1, rows, contrib)
             g_b_dec = -g_xc.sum(0) if need_b_dec else None
             g_x = g_xc if ctx.x_requires_grad else None
-        return g_x, g_values, g_b_enc, g_b_dec, None, None, None, None, None
+        return g_x, g_values, g_b_enc, g_b_dec, None, None, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -174,25 +281,32 @@ class SparseDecode(torch.autograd.Function):
 
 @dataclass
 class SparseForward:
-    """One training forward pass: reconstruction, the k-sparse code and (optional) AuxK parts."""
+    """One training forward pass: reconstruction, the sparse code and (optional) AuxK parts."""
 
     recon: Tensor  # [B, m]
-    top_vals: Tensor  # [B, k]
+    top_vals: Tensor  # [B, k]: the code's values (0 in slots of latents that do not fire)
     top_idx: Tensor  # [B, k]
     aux_recon: Tensor | None  # [B, m] decode of the top-k_aux dead latents, without b_dec
+    l0: Tensor | None = None  # JumpReLU: the batch's mean L0, differentiable wrt the threshold
 
 
-def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = None,
-                   k_aux: int = 0) -> SparseForward:
+def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = None, k_aux: int = 0, *,
+                   threshold: Tensor | None = None, batch_k: int | None = None,
+                   bandwidth: float = BANDWIDTH) -> SparseForward:
     """Differentiable ExpanderSAE forward on ``x [B, m]`` (already in the SAE's input space).
 
     Gradients reach ``values`` (and ``enc_values`` when untied), ``b_enc`` and ``b_dec`` through
-    the sparse functions above only.
+    the sparse functions above only. A threshold SAE is gated by ``threshold`` (``θ [n]``; default
+    its own buffer; a learned θ gets the JumpReLU pseudo-gradients) over ``sae.k`` candidates per
+    row; ``batch_k`` trains BatchTopK instead (``sae.k`` ReLU candidates per row, ``B·batch_k`` kept).
     """
-    top_vals, top_idx, aux_vals, aux_idx = SparseEncodeTopK.apply(
-        x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, sae.activation, dead, k_aux)
-    recon = SparseDecode.apply(top_vals, top_idx, sae.values, sae.b_dec, layout)
+    activation, threshold = training_rule(sae, threshold, batch_k)
+    top, top_idx, aux_vals, aux_idx, fires, window = SparseEncodeTopK.apply(
+        x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, activation, dead, k_aux,
+        None if threshold is None else threshold.detach(), bandwidth)
+    code, l0 = gated_code(top, top_idx, x.shape[0], threshold, (fires, window), batch_k, bandwidth)
+    recon = SparseDecode.apply(code, top_idx, sae.values, sae.b_dec, layout)
     aux_recon = None
     if aux_idx.shape[1] > 0:
         aux_recon = SparseDecode.apply(aux_vals, aux_idx, sae.values, None, layout)
-    return SparseForward(recon, top_vals, top_idx, aux_recon)
+    return SparseForward(recon, code, top_idx, aux_recon, l0)

@@ -5,6 +5,11 @@
 ``Trainer`` (``trainer.py``: the step, its losses and dead-latent revival) over shuffled batches
 and writes the result.
 
+A threshold SAE (``jumprelu``, ``batchtopk``) trains towards a mean L0 of ``k`` (``--k``; from
+``init`` without it: the starting SAE's mean L0 on the first training rows) on a cap of
+``trainer.CAP_FACTOR·k`` candidates per row; the saved model's ``k`` is the cap
+``models.l0_cap`` of its per-row L0 on the held-out rows (the training rows when none are held out).
+
 Checkpoints: ``OUT.ckpt`` (model + optimizer + counters, for ``resume``), written atomically
 every ``checkpoint_every`` steps, on Ctrl-C and at the end; ``OUT`` itself is written only by a
 run that completes, so an interrupted run never leaves a partly trained model there. Runs are
@@ -33,11 +38,12 @@ from .convert import DEFAULT_MASK, convert
 from .distill import latent_agreement
 from .errors import SaeCompressError
 from .metrics import evaluate
-from .models import ExpanderSAE, TopKSAE, require_topk
+from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, active_counts, l0_cap,
+                     require_topk)
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, training_cap
 
 __all__ = ["CHECKPOINT_SUFFIX", "TrainConfig", "Trainer", "train"]
 
@@ -64,11 +70,16 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
         if n is None:
             raise SaeCompressError("say how many latents to train: --n N or --expansion E")
         k = cfg.k or 32
+        if cfg.activation in THRESHOLD_ACTIVATIONS:  # k is the target mean L0; the model holds the cap
+            k = training_cap(k, n)
         torch.manual_seed(cfg.seed)  # fresh weights are drawn from the global generator
         if cfg.d is None:
             return TopKSAE(m, n, k, activation=cfg.activation or "topk_relu"), None
         return ExpanderSAE(m, n, cfg.d, k, seed=cfg.mask_seed,
                            activation=cfg.activation or "signed_topk", encoder=cfg.encoder), None
+    if cfg.activation is not None and cfg.activation != sae.activation:
+        raise SaeCompressError(f"--activation {cfg.activation} sets up a fresh SAE; the starting SAE's activation "
+                               f"is {sae.activation}: drop --activation (it is kept)")
     if sae.m != m:
         raise SaeCompressError(f"the starting SAE has m={sae.m} but the activations have m={m}; "
                                "use activations from the SAE's model and hookpoint")
@@ -80,8 +91,29 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
     if cfg.k is not None:
         if not 1 <= cfg.k <= sae.n:
             raise SaeCompressError(f"--k {cfg.k} must be between 1 and the number of latents {sae.n}")
-        sae.k = cfg.k
+        if sae.activation not in THRESHOLD_ACTIVATIONS:  # a threshold SAE's k is set in train()
+            sae.k = cfg.k
     return sae, start
+
+
+@torch.no_grad()
+def _target_l0(cfg: TrainConfig, sae, fresh: bool, source: ActivationSource) -> float:
+    """A threshold SAE's target mean L0: ``--k`` (32 fresh), else the starting SAE's mean L0 on the
+    first rows of ``source``."""
+    if cfg.k is not None or fresh:
+        return float(cfg.k or 32)
+    per_row, _ = active_counts(sae, source.read(0, min(4096, source.num_rows)))
+    return max(1.0, float(per_row.double().mean()))
+
+
+@torch.no_grad()
+def _set_l0_cap(sae, source: ActivationSource, rows: int = 8192) -> list[int]:
+    """Set a trained threshold SAE's ``k`` to ``models.l0_cap`` of its per-row L0 on the first
+    ``rows`` of ``source``; returns ``[cap, rows counted]``."""
+    per_row = torch.cat([active_counts(sae, source.read(start, min(start + 1024, rows, source.num_rows)))[0]
+                         for start in range(0, min(rows, source.num_rows), 1024)])
+    sae.k = l0_cap(per_row, sae.n)
+    return [sae.k, int(per_row.numel())]
 
 
 @torch.no_grad()
@@ -184,12 +216,23 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if teacher is not None and not isinstance(teacher, TopKSAE):
         raise SaeCompressError("the distillation teacher must be a dense TopK SAE")
     if teacher is not None:
-        require_topk(teacher.activation, "train --teacher", "the JumpReLU / BatchTopK training rules come later")
+        require_topk(teacher.activation, "train --teacher", "distilling from a threshold teacher comes later; "
+                     "train a threshold SAE natively with --activation")
         teacher.eval().requires_grad_(False)
     sae, start = _initial_model(cfg, source.m, teacher, init, hub)
     origin = start or origin
+    fresh = init is None and teacher is None
+    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth", "threshold_lr")
+                     if getattr(cfg, name) != getattr(TrainConfig, name)]
+    if jumprelu_only and sae.activation != "jumprelu":
+        raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
+                               f"{sae.activation}: drop it, or train --activation jumprelu")
+    target = None
+    if sae.activation in THRESHOLD_ACTIVATIONS:
+        target = _target_l0(cfg, sae, fresh, train_src)
+        sae.k = training_cap(target, sae.n)
     total_steps = cfg.tokens // cfg.batch_size
-    trainer = Trainer(sae, cfg, total_steps, teacher)
+    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target)
     if resume:
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
@@ -199,8 +242,10 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
                 sae.b_dec.copy_(mean)
         normalize_decoder(sae)
         trainer.set_input_scale(scale)
-        if init is None and teacher is None and getattr(sae, "enc_values", None) is not None:
+        if fresh and getattr(sae, "enc_values", None) is not None:
             _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
+        if fresh:
+            trainer.start_threshold(train_src.read(0, min(1024, train_src.num_rows)))
 
     def checkpoint() -> None:
         with atomic_path(ckpt) as tmp:
@@ -237,7 +282,16 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     bar.close()
     checkpoint()  # the last state: --resume continues a stopped run and only rewrites OUT after a complete one
     sae = trainer.export()
+    cap = _set_l0_cap(sae, held_src or train_src) if target is not None else None
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
+    if cap is not None:
+        metrics["training"].update(
+            rule=trainer.threshold_rule, target_l0=target, max_l0=cap[0],
+            max_l0_rule=f"quantile {L0_CAP_QUANTILE} of per-row L0 on {cap[1]} "
+                        f"{'held-out' if held_src is not None else 'training'} rows",
+            **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth, "threshold_lr": cfg.threshold_lr}
+               if trainer.threshold_rule == "jumprelu"
+               else {"threshold": float(sae.threshold[0])}))
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
     else:

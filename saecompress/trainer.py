@@ -5,17 +5,33 @@ One step for both models and for distillation::
     loss = FVU(x, x̂)                                   # batch-normalised reconstruction error
          + auxk_coef · FVU(e, ê_aux)                    # AuxK: dead latents reconstruct e = x − x̂
          + distill_coef · latent term                   # distillation only (see distill.py)
+         + l0_coef · (L0 / k − 1)²                      # JumpReLU only: mean L0 pulled to the target k
 
 Decoder rows are kept at unit norm (gradient component along each row removed before the step,
 rows renormalised after it: ``objective.py``). Adam with ``lr ≈ 3e-3/√(n/2¹⁴)`` (expander; dense
 ``2e-4/√(n/2¹⁴)``), linear warm-up then cosine (or linear) decay, gradient clipping. A latent is
 dead once it has not fired for ``dead_tokens`` tokens (default 32× the mean firing interval
-``n/k``; ``latents.py``); every ``reaim_every`` steps a native expander run revives its dead
+``n/k``; ``latents.py``); every ``reaim_every`` steps a native top-k expander run revives its dead
 latents (see ``Trainer._reaim_dead``). AuxK alone cannot: under Adam its gradient on a dead
 latent is scale-free, so it only nudges the direction while the top-k threshold, set by the
 growing encoders of the alive latents, runs away.
 
-The run loop around it (data, checkpoints, files) is ``train.py``.
+Threshold SAEs (``activation`` in ``models.THRESHOLD_ACTIVATIONS``) train with their papers' rules,
+truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 and the model's own
+``k`` a training cap of ``CAP_FACTOR·k`` candidates per row:
+
+* ``jumprelu`` (Rajamanoharan et al. 2024, as dictionary_learning's JumpReLU trainer): the
+  per-latent θ is learned as ``log θ`` (θ = exp(log θ) > 0), with straight-through rectangle-kernel
+  pseudo-derivatives of bandwidth ``ε`` (``bandwidth``, given as the papers do in the scale of unit
+  mean squared input norm: ``ε·√m`` in the trainer's unit-variance-per-dim scale); the
+  sparsity term is the target-L0 form above (``l0_coef`` λ, default 1); log θ has its own learning
+  rate (``threshold_lr``: it is dimensionless, and at the SAE's rate θ trails the encoders). θ starts where the first
+  batch fires ``k`` latents per row on average (one value for all latents).
+* ``batchtopk`` (Bussmann et al. 2024, as dictionary_learning's BatchTopK trainer): each step keeps
+  the ``B·k`` largest ``ReLU(pre)`` of the batch; the global θ the saved model thresholds at is an
+  EMA (``THRESHOLD_EMA``) of the smallest kept activation.
+
+The run loop around it (data, checkpoints, files, the saved cap) is ``train.py``.
 """
 
 from __future__ import annotations
@@ -32,9 +48,17 @@ import torch
 from .distill import DistillTerm
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
-from .models import ExpanderSAE, TopKSAE, require_topk, unit_rows
+from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, require_topk, unit_rows
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
-from .sparse_ops import MaskLayout, SparseForward
+from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
+
+CAP_FACTOR = 4  # a threshold SAE trains on at most CAP_FACTOR·k candidate latents per row
+THRESHOLD_EMA = 0.99  # BatchTopK: weight of the running θ against the batch's smallest kept value
+
+
+def training_cap(k: float, n: int) -> int:
+    """Candidate latents per row a threshold SAE with target mean L0 ``k`` trains on."""
+    return max(1, min(n, math.ceil(CAP_FACTOR * k)))
 
 
 @dataclass
@@ -62,7 +86,11 @@ class TrainConfig:
     distill_coef: float = 1.0
     held_out_rows: int | None = None  # default min(8192, a tenth of the rows); 0: none
     checkpoint_every: int = 500  # steps
-    reaim_every: int = 5  # steps between re-aiming dead expander latents (0: never)
+    reaim_every: int | None = None  # steps between re-aiming dead expander latents (0: never); default 5,
+    # 0 for threshold SAEs (a revived latent jumps in at its threshold θ on top of the others: FVU suffers)
+    l0_coef: float = 1.0  # jumprelu: λ of the target-L0 term λ·(L0/k − 1)²
+    bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the θ pseudo-gradients (unit-norm scale)
+    threshold_lr: float = 1e-2  # jumprelu: Adam learning rate of log θ (same warm-up and decay)
     seed: int = 0
 
     def check(self) -> None:
@@ -72,15 +100,16 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_choice("decay", self.decay, DECAYS)
-        if self.activation is not None:
-            require_topk(self.activation, "train", "the JumpReLU / BatchTopK training rules come later")
         if self.d is not None and self.d < 1:
             raise SaeCompressError(f"d must be at least 1, got {self.d}")
-        if self.reaim_every < 0:
+        if self.reaim_every is not None and self.reaim_every < 0:
             raise SaeCompressError(f"reaim_every must be 0 (never) or more, got {self.reaim_every}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SaeCompressError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac"):
+        for name in ("bandwidth", "threshold_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise SaeCompressError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
@@ -117,15 +146,29 @@ class Trainer:
     """Training state (model, optimizer, counters) and one step; see the module docstring."""
 
     def __init__(self, sae: ExpanderSAE | TopKSAE, cfg: TrainConfig, total_steps: int,
-                 teacher: TopKSAE | None = None):
-        require_topk(sae.activation, "train", "the JumpReLU / BatchTopK training rules come later")
+                 teacher: TopKSAE | None = None, target_l0: float | None = None):
+        """``target_l0``: a threshold SAE's target mean L0 (required for one; ``sae.k`` is its cap)."""
+        if teacher is not None:
+            require_topk(sae.activation, "train --teacher", "distilling a threshold student comes later")
+        self.threshold_rule = sae.activation if sae.activation in THRESHOLD_ACTIVATIONS else None
+        if self.threshold_rule is not None and target_l0 is None:
+            raise ValueError("a threshold SAE trains towards a target mean L0: pass target_l0")
+        self.target_l0 = float(target_l0) if self.threshold_rule else float(sae.k)
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
         self.teacher = teacher
         self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
-        self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(32 * sae.n // sae.k,
+        self.bandwidth = cfg.bandwidth * math.sqrt(sae.m)  # ε in the training scale (E‖x − mean‖² = m)
+        self.reaim_every = cfg.reaim_every if cfg.reaim_every is not None else 0 if self.threshold_rule else 5
+        self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(int(32 * sae.n / self.target_l0),
                                                                                    cfg.tokens // 10)))
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
+        # JumpReLU learns log θ (float32 whatever the model's dtype); sae.threshold follows it
+        self.log_threshold = (torch.nn.Parameter(sae.threshold.clamp_min(1e-12).log())
+                              if self.threshold_rule == "jumprelu" else None)
+        groups = [{"params": list(sae.parameters()), "base_lr": self.base_lr}]
+        if self.log_threshold is not None:  # log θ is dimensionless: one rate for every model size
+            groups.append({"params": [self.log_threshold], "base_lr": cfg.threshold_lr})
+        self.optimizer = torch.optim.Adam(groups, lr=self.base_lr)
         self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
         self.step = 0
         self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
@@ -151,10 +194,17 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         xin = self.inputs(x)
         dead = self.dead.mask()
-        out = training_forward(sae, xin, self.layout, dead, self.k_aux)
+        out = training_forward(sae, xin, self.layout, dead, self.k_aux,
+                               threshold=None if self.log_threshold is None else self.log_threshold.exp(),
+                               batch_k=round(self.target_l0) if self.threshold_rule == "batchtopk" else None,
+                               bandwidth=self.bandwidth)
         recon_loss = fvu_loss(xin, out.recon)
         loss = recon_loss
         stats: dict[str, float] = {}
+        if out.l0 is not None:
+            l0_loss = (out.l0 / self.target_l0 - 1).pow(2)
+            loss = loss + cfg.l0_coef * l0_loss
+            stats["l0_loss"] = float(l0_loss.detach())
         if out.aux_recon is not None:
             residual = (xin - out.recon).detach()
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
@@ -166,7 +216,7 @@ class Trainer:
             loss = loss + cfg.distill_coef * d_loss
             stats["distill"] = float(d_loss.detach())
         for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * cfg.lr_factor(self.step, self.total_steps)
+            group["lr"] = group["base_lr"] * cfg.lr_factor(self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         remove_parallel_grad(sae)
@@ -174,15 +224,42 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         normalize_decoder(sae)
+        self._update_threshold(out)
         self.dead.update(fired(out.top_vals, out.top_idx, sae.n), x.shape[0])
         self.step += 1
-        if (self.layout is not None and self.teacher is None and cfg.reaim_every
-                and self.step % cfg.reaim_every == 0 and self.step < self.total_steps):
+        if (self.layout is not None and self.teacher is None and self.reaim_every
+                and self.step % self.reaim_every == 0 and self.step < self.total_steps):
             stats["reaimed"] = self._reaim_dead(xin, out)
-        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()),
-                     l0=float((out.top_vals != 0).sum(1).double().mean()),
+        l0 = out.l0.detach() if out.l0 is not None else (out.top_vals != 0).sum(1).double().mean()
+        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()), l0=float(l0),
                      dead=self.dead.fraction())
         return stats
+
+    @torch.no_grad()
+    def _update_threshold(self, out: SparseForward) -> None:
+        """After a step: ``sae.threshold`` = exp(log θ) (JumpReLU), or the EMA of the smallest kept
+        activation (BatchTopK)."""
+        if self.log_threshold is not None:
+            self.sae.threshold.copy_(self.log_threshold.exp())
+        elif self.threshold_rule == "batchtopk":
+            kept = out.top_vals.detach()
+            kept = kept[kept > 0]
+            if kept.numel():
+                theta = THRESHOLD_EMA * self.sae.threshold[0] + (1 - THRESHOLD_EMA) * kept.min().float()
+                self.sae.threshold.fill_(float(theta))
+
+    @torch.no_grad()
+    def start_threshold(self, x: torch.Tensor) -> None:
+        """Start θ (one value for every latent) where the raw batch ``x`` fires ``target_l0`` latents
+        per row on average: the batch's ``B·k``-th largest ``ReLU(pre)``."""
+        if self.threshold_rule is None:
+            return
+        code = self.sae.pre_activations(x * self.input_scale).relu().flatten()  # scale 1 with layer norm
+        keep = min(code.numel(), max(1, round(x.shape[0] * self.target_l0)))
+        theta = max(float(code.topk(keep).values[-1]), self.bandwidth)
+        self.sae.threshold.fill_(theta)
+        if self.log_threshold is not None:
+            self.log_threshold.fill_(math.log(theta))
 
     @torch.no_grad()
     def _reaim_dead(self, xin: torch.Tensor, out: SparseForward) -> int:
@@ -203,8 +280,11 @@ class Trainer:
         xc = xin - sae.b_dec
         support = sae.indices[dead]  # [D, d]
         xs = xc[:, support]  # [B, D, d]: each dead latent's inputs
-        thr = out.top_vals.detach().min(1).values.unsqueeze(1)
-        j = max(1, min(xin.shape[0], round(xin.shape[0] * sae.k / sae.n)))  # an alive latent's share
+        if self.threshold_rule is not None:  # where a threshold latent fires: above its θ
+            thr = sae.threshold[dead].to(xin.dtype).unsqueeze(0)
+        else:  # the row's k-th largest pre-activation
+            thr = out.top_vals.detach().min(1).values.unsqueeze(1)
+        j = max(1, min(xin.shape[0], round(xin.shape[0] * self.target_l0 / sae.n)))  # an alive latent's share
 
         def margins() -> torch.Tensor:  # [B, D]: pre-activation (without b_enc) minus the row's τ
             return torch.einsum("bjd,jd->bj", xs, sae.encoder_values[dead]) - thr
@@ -237,6 +317,10 @@ class Trainer:
         factor = scale / self.input_scale
         self.sae.b_dec *= factor
         self.sae.b_enc *= factor
+        if self.sae.threshold is not None:  # pre-activations scale with the input
+            self.sae.threshold *= factor
+        if self.log_threshold is not None:
+            self.log_threshold += math.log(factor)
         self.input_scale = scale
 
     def export(self):
@@ -245,6 +329,8 @@ class Trainer:
         with torch.no_grad():
             sae.b_dec /= self.input_scale
             sae.b_enc /= self.input_scale
+            if sae.threshold is not None:
+                sae.threshold /= self.input_scale
         return sae.requires_grad_(False)
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -252,6 +338,7 @@ class Trainer:
         return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
                 "input_scale": self.input_scale,
+                **({"log_threshold": self.log_threshold.detach()} if self.log_threshold is not None else {}),
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
 
     def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
@@ -267,6 +354,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
+        if self.log_threshold is not None:
+            with torch.no_grad():
+                self.log_threshold.copy_(state["log_threshold"])
         self.dead.since_fired = state["since_fired"].clone()
 
 

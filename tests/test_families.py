@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 import saecompress
 from saecompress.cli.main import cli
 from saecompress.formats import saelens
-from saecompress.models import ExpanderSAE, TopKSAE
+from saecompress.models import TopKSAE
 from saecompress.sources import load_source
 
 FAMILIES = Path(__file__).parent / "fixtures" / "families"
@@ -327,17 +327,3 @@ def test_threshold_families_export_and_monitor_like_the_library(name, tmp_path):
     assert summary["overflow_latents"] == int(np.maximum(fired - 3, 0).sum())
 
 
-def test_train_says_threshold_saes_are_not_supported_yet(tmp_path):
-    acts = tmp_path / "x.npy"
-    np.save(acts, _io("saelens_jumprelu")["x"].numpy())
-    compact = tmp_path / "sae.safetensors"
-    sae = ExpanderSAE(D_IN, D_SAE, 4, D_SAE, activation="jumprelu", threshold=torch.ones(D_SAE))
-    saecompress.save_compact(sae, compact)
-    for activation in ("jumprelu", "batchtopk"):
-        trained = tmp_path / f"{activation}.safetensors"
-        _one_error_line(["train", "--acts", str(acts), "--out", str(trained), "--d", "4", "--n", "64",
-                         "--activation", activation], f"'{activation}'", "not supported by train yet",
-                        unwritten=trained)
-    trained = tmp_path / "init.safetensors"
-    _one_error_line(["train", "--acts", str(acts), "--out", str(trained), "--init", str(compact)],
-                    "'jumprelu'", "not supported by train yet", unwritten=trained)

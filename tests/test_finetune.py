@@ -137,3 +137,27 @@ def test_latents_that_stop_firing_are_put_back(dense):
         assert torch.equal(p.index_select(axis, alive), moved[name].index_select(axis, alive)), name
         moments = optimizer.state[p]["exp_avg"].index_select(axis, dead)
         assert torch.count_nonzero(moments) == 0
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_finetune_keeps_a_threshold_sae_and_its_thresholds(tiny_lm, lm, tmp_path, dense):
+    _, model, tokenizer = lm
+    start = start_sae(tiny_lm, model, tokenizer, dense)
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))
+    pre = start.pre_activations(capture(model, ids, 1, "resid").reshape(-1, tiny_lm.HIDDEN))
+    theta = torch.full((96,), float(pre.relu().flatten().topk(6 * pre.shape[0]).values[-1]))  # ~6 fire per row
+    kind = dict(activation="jumprelu", threshold=theta)
+    sae = (TopKSAE(tiny_lm.HIDDEN, 96, 24, **kind) if dense
+           else ExpanderSAE(tiny_lm.HIDDEN, 96, 4, 24, seed=1, encoder="untied", **kind))
+    sae.load_state_dict(start.state_dict(), strict=False)  # the same weights; θ and k as given
+    sae.threshold.copy_(theta)
+    decoder = sae.decoder_rows.detach().clone()
+    out = tmp_path / ("dense" if dense else "ft.safetensors")
+    tuned, stats = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid",
+                            FinetuneConfig(tokens=32 * 2 * 20, **CFG), out=out, progress=False)
+    run = stats["finetune"]
+    assert run["steps"] == 20 and run["fvu_last"] < run["fvu_first"]  # it learns (the KL term alone: slow here)
+    assert not torch.equal(tuned.decoder_rows, decoder)
+    saved = load(out)
+    assert (saved.activation, saved.k) == ("jumprelu", 24)
+    assert saved.threshold.dtype == torch.float32 and torch.equal(saved.threshold, theta)  # θ stays fixed

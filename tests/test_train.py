@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saecompress.models import ExpanderSAE
+from saecompress.objective import training_forward
 from saecompress.sparse_ops import MaskLayout, sparse_forward
 
 
@@ -72,6 +73,64 @@ def test_sparse_gradients_match_dense_masked_reference(encoder, activation):
     ref_vals, ref_idx = sae.encode(x)
     code = torch.zeros(B, n, dtype=x.dtype).scatter(1, out.top_idx, out.top_vals)
     assert _rel_err(code, torch.zeros(B, n, dtype=x.dtype).scatter(1, ref_idx, ref_vals)) < 1e-12
+
+
+def _threshold_reference(sae, theta, x, target, lam, k_target, bandwidth):
+    """Float64 masked-dense JumpReLU loss, its parameter gradients and the θ gradient by the paper's
+    pseudo-derivatives, written out."""
+    n, m = sae.n, sae.m
+    V = sae.values.detach().clone().requires_grad_()
+    EV = V if sae.enc_values is None else sae.enc_values.detach().clone().requires_grad_()
+    b_enc = sae.b_enc.detach().clone().requires_grad_()
+    b_dec = sae.b_dec.detach().clone().requires_grad_()
+    W_dec = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, V)
+    W_enc = torch.zeros(n, m, dtype=x.dtype).scatter(1, sae.indices, EV).T
+    pre = (x - b_dec) @ W_enc + b_enc
+    fire = (pre > theta).detach()
+    code = pre * fire
+    recon = code @ W_dec + b_dec
+    l0 = fire.sum(dtype=x.dtype) / x.shape[0]
+    loss = (recon - target).pow(2).sum() + lam * (l0 / k_target - 1) ** 2
+    params = [V, b_enc, b_dec] + ([EV] if sae.enc_values is not None else [])
+    g_code, *g_params = torch.autograd.grad(loss, [code, *params])
+    pre = pre.detach()
+    kernel = ((pre - theta) / bandwidth).abs() < 0.5
+    g_theta = (g_code * -(theta / bandwidth) * kernel).sum(0)
+    g_theta += 2 * lam * (l0 / k_target - 1) / k_target * -(kernel.sum(0) / (bandwidth * x.shape[0]))
+    return loss.detach(), g_theta, g_params, pre
+
+
+@pytest.mark.parametrize("encoder", ["tied", "untied"])
+def test_sparse_jumprelu_threshold_gradient_matches_dense_reference(encoder):
+    torch.manual_seed(0)
+    m, n, d, cap, B, bandwidth, lam, k_target = 24, 96, 5, 40, 40, 0.2, 0.7, 6.0
+    sae = ExpanderSAE(m, n, d, cap, seed=3, encoder=encoder, activation="jumprelu").double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.5)
+    x = torch.randn(B, m, dtype=torch.float64)
+    target = torch.randn(B, m, dtype=torch.float64)
+    theta = (0.9 + 0.4 * torch.rand(n, dtype=torch.float64)).requires_grad_()
+    layout = MaskLayout.from_indices(sae.indices, m)
+    out = sparse_forward(sae, x, layout, threshold=theta, bandwidth=bandwidth)
+    loss = (out.recon - target).pow(2).sum() + lam * (out.l0 / k_target - 1) ** 2
+    params = [sae.values, sae.b_enc, sae.b_dec] + ([sae.enc_values] if encoder == "untied" else [])
+    g_theta, *g_params = torch.autograd.grad(loss, [theta, *params])
+    ref_loss, ref_g_theta, ref_g_params, pre = _threshold_reference(sae, theta.detach(), x, target, lam,
+                                                                    k_target, bandwidth)
+    in_window = (((pre - theta.detach()) / bandwidth).abs() < 0.5).sum()
+    assert int(in_window) > 10  # the window holds enough (row, latent) pairs for the test to bite
+    # every row's firing and window latents fit in the cap: the sparse step sees all of them
+    assert int((pre > theta.detach() - bandwidth / 2).sum(1).max()) <= cap
+    assert abs(float(loss.detach()) - float(ref_loss)) <= 1e-12 * float(ref_loss)
+    assert _rel_err(g_theta, ref_g_theta) < 1e-10
+    for name, g, r in zip(["values", "b_enc", "b_dec", "enc_values"], g_params, ref_g_params):
+        assert float(r.norm()) > 0 and _rel_err(g, r) < 1e-10, name
+    # the dense path gives the same gradient
+    dense = sae.to_dense()
+    out_d = training_forward(dense, x, None, threshold=theta, bandwidth=bandwidth)
+    loss_d = (out_d.recon - target).pow(2).sum() + lam * (out_d.l0 / k_target - 1) ** 2
+    assert _rel_err(torch.autograd.grad(loss_d, theta)[0], ref_g_theta) < 1e-10
 
 
 # -- trainer ---------------------------------------------------------------------------------
@@ -177,9 +236,10 @@ def test_dense_baseline_recovers_planted_features(planted, tmp_path):
     assert torch.equal(again.W_dec, sae.W_dec.detach())
 
 
-def test_resume_reproduces_uninterrupted_run(planted, tmp_path):
+@pytest.mark.parametrize("activation", [None, "jumprelu", "batchtopk"])
+def test_resume_reproduces_uninterrupted_run(planted, tmp_path, activation):
     path, _, _ = planted
-    cfg = TrainConfig(k=4, d=D, n=N, tokens=30 * 256, batch_size=256, checkpoint_every=7,
+    cfg = TrainConfig(k=4, d=D, n=N, tokens=30 * 256, batch_size=256, checkpoint_every=7, activation=activation,
                       held_out_rows=2000, dead_tokens=2000, reaim_every=9, seed=5)
     full, _ = train(path, tmp_path / "a.safetensors", cfg, progress=False)
     _, partial = train(path, tmp_path / "b.safetensors", cfg, progress=False, stop_after=12)
@@ -360,3 +420,75 @@ def test_reaim_revives_dead_latents_on_their_best_rows():
     assert torch.allclose(enc_norms, alive_norm.expand_as(enc_norms), rtol=1e-5)
     assert torch.allclose(sae.values.detach()[dead].norm(dim=1), torch.ones(int(dead.sum())), rtol=1e-5)
     assert int(trainer.since_fired.max()) == 0
+
+
+# -- threshold SAEs: the JumpReLU and BatchTopK training rules --------------------------------
+
+from saecompress.activations import open_activations  # noqa: E402
+from saecompress.models import active_counts, l0_cap  # noqa: E402
+from saecompress.sources import load  # noqa: E402
+
+
+@pytest.mark.parametrize("activation,d,extra", [
+    ("jumprelu", None, {}),
+    # a short expander run: a wider rectangle window (few rows per step sit in the default one)
+    ("jumprelu", D, {"bandwidth": 0.01}),
+    ("batchtopk", None, {}),
+    ("batchtopk", D, {}),
+])
+def test_threshold_training_reaches_the_target_l0(planted, tmp_path, activation, d, extra):
+    path, _, _ = planted
+    cfg = TrainConfig(**{"k": 2, "d": d, "n": N, "activation": activation, "tokens": 100_000, "batch_size": 256,
+                         "lr": 3e-3, "held_out_rows": 4000, **extra})
+    out = tmp_path / ("sae.safetensors" if d else "sae")
+    sae, metrics = train(path, out, cfg, progress=False)
+    held, run = metrics["held_out"], metrics["training"]
+    assert abs(held["l0"] - 2) <= 0.4, held  # mean L0 within 20% of the target k
+    assert held["fvu"] < 0.3, held  # the fresh start explains none of the variance (FVU > 0.9)
+    assert run["rule"] == activation and run["target_l0"] == 2
+    assert sae.activation == activation and sae.threshold.dtype == torch.float32
+    assert bool((sae.threshold > 0).all())
+    if activation == "batchtopk":
+        assert bool((sae.threshold == sae.threshold[0]).all()) and run["threshold"] == float(sae.threshold[0])
+    # the saved k is the cap: the 99.9th percentile of per-row L0 on the held-out rows
+    per_row, _ = active_counts(sae, open_activations(path).split(4000)[1].read(0, 4000))
+    assert sae.k == run["max_l0"] == l0_cap(per_row, N) >= 2
+    again = load(out)
+    assert (again.activation, again.k) == (activation, sae.k)
+    assert again.threshold.dtype == torch.float32 and torch.equal(again.threshold, sae.threshold)
+
+
+def test_cli_trains_threshold_saes_and_refuses_misfits(planted, tmp_path):
+    path, _, _ = planted
+    runner = CliRunner()
+    common = ["--acts", str(path), "--n", str(N), "--batch-size", "256", "--held-out", "2000"]
+    dense = tmp_path / "jumprelu"
+    result = runner.invoke(cli, ["train", *common, "--dense", "--activation", "jumprelu", "--k", "2",
+                                 "--tokens", "20480", "--json", "--out", str(dense)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    sae = load(dense)
+    assert isinstance(sae, TopKSAE) and sae.activation == "jumprelu" and sae.threshold.dtype == torch.float32
+    assert sae.k == metrics["training"]["max_l0"] and metrics["training"]["l0_coef"] == 1.0
+
+    first = tmp_path / "first.safetensors"
+    train(path, first, TrainConfig(k=2, d=D, n=N, activation="jumprelu", tokens=5120, batch_size=256,
+                                   held_out_rows=2000), progress=False)
+    start = load(first)
+    again = tmp_path / "again.safetensors"
+    result = runner.invoke(cli, ["train", *common, "--init", str(first), "--tokens", "5120", "--json",
+                                 "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout.strip().splitlines()[-1])["training"]
+    assert run["rule"] == "jumprelu" and run["target_l0"] > 0  # without --k: the start's mean L0
+    trained = load(again)
+    assert trained.activation == "jumprelu" and torch.equal(trained.indices, start.indices)
+    assert not torch.equal(trained.threshold, start.threshold)  # θ kept learning
+
+    misfits = [(["--d", "4", "--activation", "topk_relu", "--l0-coef", "2", "--k", "2", "--tokens", "512"],
+                "tunes the jumprelu training rule"),
+               (["--init", str(first), "--activation", "batchtopk", "--tokens", "512"], "drop --activation"),
+               (["--d", "4", "--teacher", str(dense), "--tokens", "512"], "not supported by train --teacher")]
+    for args, message in misfits:
+        bad = runner.invoke(cli, ["train", *common, *args, "--out", str(tmp_path / "bad.safetensors")])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

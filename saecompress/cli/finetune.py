@@ -36,6 +36,8 @@ def finetune(src, model_path, gguf_file, texts, context, keep_first, outlier_fac
              tokens, batch, lr, recon_coef, out, as_json) -> None:
     """Fine-tune SRC so the LM spliced with it predicts like the clean LM (KL + reconstruction).
 
+    A threshold SAE (jumprelu, batchtopk) keeps its thresholds fixed; the rest of it learns.
+
     \b
     Use text the SAE will not be evaluated on, e.g.:
       saecompress finetune sae.safetensors --model lm.gguf --text train-docs/ --layer 15 \\

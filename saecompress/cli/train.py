@@ -24,7 +24,9 @@ from .options import config_option, hub_options
 @config_option(TrainConfig, "d", "--d", "d", type=click.IntRange(min=1), help="Nonzeros per latent (mask degree).")
 @click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (refuses --d, --encoder, --mask, --mask-seed).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
-              help="Active latents per token [default: 32, or the --teacher/--init SAE's k].")
+              help="Active latents per token; for jumprelu / batchtopk the target mean L0 (the saved k is then "
+                   "the 99.9th percentile of per-row L0 on the held-out rows) [default: 32, or the "
+                   "--teacher/--init SAE's k (threshold SAE: its mean L0 on the first rows)].")
 @click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of latents.")
 @click.option("--expansion", type=click.IntRange(min=1), default=None, help="Number of latents as a multiple of m (instead of --n).")
 @click.option("--teacher", default=None,
@@ -41,8 +43,17 @@ from .options import config_option, hub_options
               help="Adam learning rate [default: 3e-3 / sqrt(n / 16384) for expanders, "
                    "2e-4 / sqrt(n / 16384) with --dense].")
 @click.option("--activation", type=click.Choice(ALL_ACTIVATIONS), default=None,
-              help="Top-k ordering of a fresh SAE [default: signed_topk, dense: topk_relu]; jumprelu and "
-                   "batchtopk are not trainable yet.")
+              help="Activation of a fresh SAE [default: signed_topk, dense: topk_relu]: a top-k ordering, or "
+                   "jumprelu (Rajamanoharan et al. 2024: learned per-latent thresholds, straight-through "
+                   "gradients, mean L0 pulled to --k) or batchtopk (Bussmann et al. 2024: the top batch x k "
+                   "activations of each batch; saved with one global threshold).")
+@config_option(TrainConfig, "l0_coef", "--l0-coef", type=click.FloatRange(min=0),
+              help="jumprelu: weight of the sparsity term l0_coef * (L0 / k - 1)^2.")
+@config_option(TrainConfig, "bandwidth", "--bandwidth", type=click.FloatRange(min=0, min_open=True),
+              help="jumprelu: width of the rectangle kernel of the threshold gradients, for inputs scaled to "
+                   "unit mean squared norm (as in the papers; widen it for short runs).")
+@config_option(TrainConfig, "threshold_lr", "--threshold-lr", type=click.FloatRange(min=0, min_open=True),
+              help="jumprelu: Adam learning rate of the log thresholds (same warm-up and decay as --lr).")
 @config_option(TrainConfig, "encoder", "--encoder", type=click.Choice(ENCODERS),
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
@@ -57,9 +68,10 @@ from .options import config_option, hub_options
 @click.option("--dead-tokens", type=click.IntRange(min=1), default=None,
               help="A latent is dead after this many tokens without firing "
                    "[default: min(32 * n / k, tokens / 10)].")
-@config_option(TrainConfig, "reaim_every", "--reaim-every", type=click.IntRange(min=0),
+@click.option("--reaim-every", type=click.IntRange(min=0), default=None,
               help="Steps between reviving dead latents of a native expander run on the rows they "
-                   "nearly fire on, decoder aimed at the residual (0: never; not when distilling).")
+                   "nearly fire on, decoder aimed at the residual (0: never; not when distilling) "
+                   "[default: 5; 0 for jumprelu / batchtopk, whose revived latents jump in at their threshold].")
 @config_option(TrainConfig, "distill_coef", "--distill-coef", type=click.FloatRange(min=0),
               help="Weight of the latent-matching term (with --teacher).")
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
@@ -71,13 +83,15 @@ from .options import config_option, hub_options
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
-def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation, encoder,
+def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation, l0_coef,
+          bandwidth, threshold_lr, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, hub, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
 
     \b
     Native:   saecompress train --acts acts/ --d 7 --k 32 --expansion 8 --out sae.safetensors
+    JumpReLU: saecompress train --acts acts/ --dense --activation jumprelu --k 32 --expansion 8 --out sae/
     Distil:   saecompress train --acts acts/ --d 7 --teacher ./dense-sae --out sae.safetensors
     Ctrl-C writes a checkpoint; rerun the same command with --resume to continue.
     """
@@ -90,7 +104,8 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
         raise SaeCompressError(f"--{expander_only[0].replace('_', '-')} sets up an expander SAE; a --dense baseline "
                                "has no mask or expander encoder: drop it, or drop --dense")
     batch = batch_size if batch_alias is None else batch_alias
-    cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation,
+    cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation, l0_coef=l0_coef,
+                      bandwidth=bandwidth, threshold_lr=threshold_lr,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
@@ -103,6 +118,8 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
     if held:
         line += (f"; held-out FVU {held['fvu']:.4f}, L0 {held['l0']:.1f}, "
                  f"dead {held['dead_fraction']:.2%}")
+    if "max_l0" in metrics["training"]:
+        line += f"; k set to {metrics['training']['max_l0']} ({metrics['training']['max_l0_rule']})"
         if "latent_agreement" in held:
             line += f", latent agreement {held['latent_agreement']:.1%}"
     click.echo(line)

@@ -121,6 +121,8 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
         global_threshold = bool((threshold == threshold[0]).all())
         activation = "batchtopk" if "batchtopk" in str(training) and global_threshold else "jumprelu"
     details = meta.get("training_architecture_details") or {}
+    if threshold is not None and meta.get("max_l0") is not None:  # written by save_dense: the known cap
+        k = int_value(meta["max_l0"], "metadata max_l0", cfg_path)
     return build_dense(
         W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec, k=k, activation=activation, threshold=threshold,
         normalize_input=normalize == "layer_norm",
@@ -149,6 +151,8 @@ def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = 
         folder.mkdir(parents=True, exist_ok=True)
     kind = {"architecture": "topk", "k": sae.k} if sae.threshold is None else {"architecture": "jumprelu"}
     training = {"training_architecture": "batchtopk"} if sae.activation == "batchtopk" else {}
+    if sae.threshold is not None and sae.k < sae.n:  # the cap on active latents, read back by read()
+        training["max_l0"] = sae.k
     cfg = {**kind, "d_in": sae.m, "d_sae": sae.n,
            "normalize_activations": "layer_norm" if sae.normalize_input else "none",
            "apply_b_dec_to_input": True, "dtype": "float32",
