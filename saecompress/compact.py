@@ -26,7 +26,7 @@ from ._io import atomic_path
 from ._json import dumps
 from .errors import SaeCompressError, check_choice, first_line
 from .mask import MASK_ALGORITHM, expander_mask, indices_sha256
-from .models import ALL_ACTIVATIONS, ENCODERS, THRESHOLD_ACTIVATIONS, ExpanderSAE
+from .models import ALL_ACTIVATIONS, ENCODERS, THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE
 from .provenance import shareable
 
 FORMAT_NAME = "saecompress.expander"
@@ -338,13 +338,25 @@ def load_compact(path: str | os.PathLike) -> ExpanderSAE:
 
 
 @torch.no_grad()
-def stored_copy(sae: ExpanderSAE, dtype: str) -> ExpanderSAE:
-    """A copy of ``sae`` holding the values a compact file of ``dtype`` stores (what ``load_compact`` gives back)."""
+def stored_copy(sae: ExpanderSAE | TopKSAE, dtype: str) -> ExpanderSAE | TopKSAE:
+    """A copy of ``sae`` holding the values a compact file of ``dtype`` stores (what ``load_compact`` gives back).
+
+    A dense ``TopKSAE`` gets the same scheme per latent (``W_dec`` rows, ``W_enc`` columns; biases
+    float32): the dense SAE stored at ``dtype``, with ``dense_bytes`` bytes of weights.
+    """
     check_choice("storage dtype", dtype, STORAGE_DTYPES)
     stored = copy.deepcopy(sae)
+
+    def kept(name: str, rows: torch.Tensor) -> torch.Tensor:  # [n, ·] rows as the file stores them
+        return _dequantized(_stored_values(name, rows, dtype), name)
+
+    if isinstance(sae, TopKSAE):
+        stored.W_dec.copy_(kept("values", sae.W_dec))
+        stored.W_enc.copy_(kept("enc_values", sae.W_enc.T).T)
+        return stored
     for name in ("values", "enc_values"):
         if getattr(sae, name) is not None:
-            getattr(stored, name).copy_(_dequantized(_stored_values(name, getattr(sae, name), dtype), name))
+            getattr(stored, name).copy_(kept(name, getattr(sae, name)))
     return stored
 
 
@@ -360,6 +372,15 @@ def compact_size_bound(n: int, m: int, d: int, dtype: str) -> int:
     return n * d * itemsize + 4 * (n + m) + extra + 64 * 1024
 
 
+def dense_bytes(m: int, n: int, dtype: str) -> int:
+    """Bytes of a dense TopK SAE's weights stored as ``dtype`` in the compact file's scheme (``stored_copy``):
+    ``2·m·n`` values (int8: plus a float32 scale per latent and matrix) and float32 biases; no header."""
+    check_choice("storage dtype", dtype, STORAGE_DTYPES)
+    itemsize = 1 if dtype == "int8" else torch.finfo(_TORCH_DTYPES[dtype]).bits // 8
+    scales = 2 * 4 * n if dtype == "int8" else 0
+    return 2 * m * n * itemsize + scales + 4 * (n + m)
+
+
 def dense_values(m: int, n: int) -> int:
     """Values in an equivalent dense TopK SAE: ``2·m·n + m + n``."""
     return 2 * m * n + m + n
@@ -372,4 +393,4 @@ def learned_values(m: int, n: int, d: int, encoder: str) -> int:
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STORAGE_DTYPES", "save_compact", "load_compact",
            "read_compact_metadata", "parse_compact_metadata", "is_compact_file", "write_safetensors", "quantize_int8",
-           "compact_size_bound", "dense_values", "learned_values", "compression_ratio", "stored_copy", "with_metrics"]
+           "compact_size_bound", "dense_bytes", "dense_values", "learned_values", "compression_ratio", "stored_copy", "with_metrics"]

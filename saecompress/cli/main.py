@@ -19,6 +19,7 @@ COMMANDS = {
     "acts": "Harvest activations from a transformers model over text files.",
     "train": "Train an Expander SAE natively, or distil a converted one from its dense teacher.",
     "finetune": "Fine-tune an SAE through its LM (KL to the clean model's predictions + reconstruction).",
+    "sweep": "Make, measure and plot Expander SAEs over recipes, d values and dtypes against dense baselines.",
     "eval": "Measure FVU, L0, dead latents and CE-loss recovered of any SAE source.",
     "export": "Export an SAE to ONNX (encode / decode / autoencoder graphs).",
     "monitor": "Run an SAE over activations with onnxruntime and print features or alerts.",

@@ -1,0 +1,507 @@
+"""The storage–fidelity frontier as one run: every recipe × d × dtype made, measured and cached.
+
+Recipes (``RECIPES``) make an Expander SAE of ``n`` latents at each ``d``:
+
+* ``native``: ``train`` a fresh SAE on the seeded expander mask (the file stores only the seed);
+* ``topd-retrain``: ``convert_path`` the dense SAE with ``--mask topd``, then ``train --init`` it;
+* ``topd-retrain-finetune``: then ``finetune`` it through the LM.
+
+Each is stored at every dtype and measured on the held-out rows (FVU, L0, dead fraction) and, with
+an LM, for CE-loss recovered. Baselines (``BASELINES``): ``dense``, the dense SAE itself (``dense``
+given, else one trained at ``n`` on the same tokens), and ``dense-matched``, one dense TopK SAE per
+expander point with as many bytes (``n'`` latents: the most whose ``compact.dense_bytes`` fit in the
+expander file's bytes; skipped with a note when ``n' < k``), trained on the same tokens.
+
+Cache: each point is ``OUT/points/<key>.json`` (+ its compact file), and each model a point is made
+from is ``OUT/work/<key>`` (+ ``.json``), all written atomically; ``key`` names the recipe, d and
+dtype and hashes every setting and the identity of every input (path, size, mtime) that the result
+depends on. A rerun computes only the points it does not find; an interrupted training resumes from
+its checkpoint. ``OUT/frontier.json``, ``frontier.csv`` and (with matplotlib: the ``plot`` extra)
+``frontier.png`` hold the points of this grid.
+
+Dense bytes are those of the weights alone (no header): a few KiB in the dense SAE's favour.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ._io import atomic_path, check_outputs
+from ._json import dumps
+from .activations import ActivationSource, open_activations
+from .compact import STORAGE_DTYPES, dense_bytes, save_compact, stored_copy, with_metrics
+from .convert import convert_path
+from .errors import SaeCompressError, check_choice
+from .metrics import evaluate
+from .models import ExpanderSAE, TopKSAE, require_topk
+from .sources import HubAccess, load_source
+from .texts import read_texts, text_files
+from .train import TrainConfig, train
+
+RECIPES = ("native", "topd-retrain", "topd-retrain-finetune")
+BASELINES = ("dense", "dense-matched")
+CSV_COLUMNS = ("key", "recipe", "d", "n", "k", "dtype", "file_bytes", "fvu", "explained_variance", "l0",
+               "dead_fraction", "ce_recovered", "kl_recovered", "seconds", "matches")
+
+
+@dataclass
+class SweepConfig:
+    """The grid and the settings every point shares (``None`` fields: see ``sweep``)."""
+
+    d: tuple[int, ...] = (4, 7, 16)
+    recipes: tuple[str, ...] | None = None  # default: every recipe the inputs allow
+    dtypes: tuple[str, ...] = ("float32",)
+    k: int | None = None  # default: the dense SAE's k, else 32
+    n: int | None = None  # default: the dense SAE's n (required without one)
+    tokens: int = 2_000_000  # training tokens of every trained model
+    batch_size: int = 1024
+    held_out_rows: int | None = None  # default as train's: min(8192, a tenth of the rows); with eval_acts: 0
+    seed: int = 0
+    finetune_tokens: int = 300_000
+    ce_tokens: int = 8192
+    context: int = 256
+    drop_first: bool = True
+    outlier_factor: float | None = 10.0
+
+    def check(self) -> None:
+        if not self.d:
+            raise SaeCompressError("the grid is empty: give at least one --d")
+        if any(d < 1 for d in self.d):
+            raise SaeCompressError(f"every --d must be at least 1, got {', '.join(map(str, self.d))}")
+        if not self.dtypes:
+            raise SaeCompressError("the grid is empty: give at least one --dtype")
+        for dtype in self.dtypes:
+            check_choice("--dtype", dtype, STORAGE_DTYPES)
+        for recipe in self.recipes or ():
+            check_choice("recipe", recipe, RECIPES)
+        if self.recipes is not None and not self.recipes:
+            raise SaeCompressError(f"the grid is empty: give at least one recipe of {', '.join(RECIPES)}")
+        for name in ("k", "n", "finetune_tokens", "ce_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SaeCompressError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One point of the grid: ``recipe`` (a recipe or a baseline), ``d`` (None: dense), ``n``, ``dtype``."""
+
+    recipe: str
+    d: int | None
+    n: int
+    dtype: str
+
+    def label(self) -> str:
+        return f"{self.recipe}" + (f" d={self.d}" if self.d else f" n={self.n}") + f" {self.dtype}"
+
+
+@dataclass
+class _LM:
+    """The LM side (CE-loss recovered, fine-tuning): loaded on first use."""
+
+    path: str
+    gguf_file: str | None
+    layer: int
+    site: str
+    texts: list[Path]
+    eval_texts: list[Path]
+    loaded: tuple[Any, Any] | None = field(default=None, repr=False)
+
+    def get(self) -> tuple[Any, Any]:
+        if self.loaded is None:
+            from .lm import load_model
+
+            self.loaded = load_model(self.path, self.gguf_file)
+        return self.loaded
+
+
+def _identity(item: str | os.PathLike | None) -> Any:
+    """What a cache key knows of an input: a local path's files (name, size, mtime), else the string."""
+    if item is None:
+        return None
+    path = Path(item).expanduser()
+    if not path.exists():
+        return str(item)  # hf:// sources, hub model ids
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [str(path.resolve()), [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
+                                   f.stat().st_mtime_ns) for f in files]]
+
+
+def _key(name: str, parts: dict[str, Any]) -> str:
+    digest = hashlib.sha256(dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{name}-{digest}"
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SaeCompressError(f"{what} takes comma-separated whole numbers like 4,7,16, got {text!r}") from None
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``"a, b,"`` → ``("a", "b")``: the CLI's comma-separated grid options."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_d(text: str) -> tuple[int, ...]:
+    """``"4,7,16"`` → ``(4, 7, 16)``."""
+    return _parse_ints(text, "--d")
+
+
+def matched_latents(m: int, file_bytes: int, dtype: str) -> int:
+    """The most latents ``n'`` of a dense TopK SAE whose weights at ``dtype`` fit in ``file_bytes``."""
+    per_latent = dense_bytes(m, 1, dtype) - dense_bytes(m, 0, dtype)
+    return max(0, (file_bytes - dense_bytes(m, 0, dtype)) // per_latent)
+
+
+class _Sweep:
+    """The state of one sweep: inputs, cache folders, the models made so far."""
+
+    def __init__(self, out: Path, cfg: SweepConfig, train_src: ActivationSource, held_src: ActivationSource,
+                 identity: dict[str, Any], dense: str | None, dense_model: TopKSAE | None, lm: _LM | None,
+                 hub: HubAccess | None):
+        self.out, self.cfg, self.train_src, self.held_src = out, cfg, train_src, held_src
+        self.identity, self.dense, self.dense_model, self.lm, self.hub = identity, dense, dense_model, lm, hub
+        self.points_dir, self.work_dir = out / "points", out / "work"
+        self.k = cfg.k or (dense_model.k if dense_model is not None else 32)
+
+    # -- keys ------------------------------------------------------------------------------
+    def _train_parts(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"k": self.k, "tokens": cfg.tokens, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "acts": self.identity["acts"], "held_out_rows": self.held_src.num_rows,
+                "eval_acts": self.identity["eval_acts"]}
+
+    def _lm_parts(self) -> dict[str, Any]:
+        lm, cfg = self.lm, self.cfg
+        if lm is None:
+            return {}
+        return {"model": self.identity["model"], "layer": lm.layer, "site": lm.site, "context": cfg.context,
+                "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor}
+
+    def point_key(self, p: _Point) -> str:
+        parts = {"recipe": p.recipe, "d": p.d, "n": p.n, "dtype": p.dtype, **self._train_parts(),
+                 **self._work_extra(p.recipe), **self._lm_parts(), "ce_tokens": self.cfg.ce_tokens,
+                 "eval_texts": self.identity["eval_texts"]}
+        name = p.recipe + (f"-d{p.d}" if p.d else f"-n{p.n}") + f"-{p.dtype}"
+        return _key(name, parts)
+
+    def _work_extra(self, recipe: str) -> dict[str, Any]:
+        if recipe.startswith("topd"):
+            extra = {"dense": self.identity["dense"]}
+            if recipe.endswith("finetune"):
+                extra |= {**self._lm_parts(), "finetune_tokens": self.cfg.finetune_tokens,
+                          "texts": self.identity["texts"]}
+            return extra
+        if recipe == "dense" and self.dense is not None:
+            return {"dense": self.identity["dense"]}
+        return {}
+
+    # -- models ----------------------------------------------------------------------------
+    def _cached(self, name: str, parts: dict[str, Any], folder: bool,
+                make: Callable[[Path], float]) -> tuple[Path, float]:
+        """``(path, seconds)`` of the model ``make(path)`` writes (returning its seconds), made once."""
+        key = _key(name, parts)
+        path = self.work_dir / (key if folder else f"{key}.safetensors")
+        done = self.work_dir / f"{key}.json"
+        if done.is_file() and path.exists():
+            return path, float(json.loads(done.read_text())["seconds"])
+        seconds = make(path)
+        with atomic_path(done) as tmp:
+            tmp.write_text(dumps({"seconds": seconds, "settings": parts}, sort_keys=True))
+        return path, seconds
+
+    def _train(self, path: Path, cfg: TrainConfig, init: str | None = None) -> float:
+        start = time.perf_counter()
+        ckpt = path.with_name(path.name + ".ckpt")
+        train(self.train_src, path, cfg, init=init, resume=ckpt.is_file(), progress=False)
+        return time.perf_counter() - start
+
+    def _train_config(self, d: int | None, n: int | None) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(d=d, n=n, k=self.k, tokens=cfg.tokens, batch_size=cfg.batch_size, held_out_rows=0,
+                           seed=cfg.seed)
+
+    def model(self, recipe: str, d: int | None, n: int) -> tuple[Path | None, float]:
+        """The float32 model a point of ``recipe`` is made from, and the seconds it took to make."""
+        parts = {"recipe": recipe, "d": d, "n": n, **self._train_parts(), **self._work_extra(recipe)}
+        if recipe == "native":
+            return self._cached(f"native-d{d}", parts, False, lambda p: self._train(p, self._train_config(d, n)))
+        if recipe in ("dense", "dense-matched"):
+            if recipe == "dense" and self.dense is not None:
+                return None, 0.0
+            return self._cached(f"dense-n{n}", {**parts, "recipe": "dense"}, True,
+                                lambda p: self._train(p, self._train_config(None, n)))
+        converted, convert_seconds = self._cached(
+            f"topd-d{d}", {"d": d, "dense": self.identity["dense"]}, False, lambda p: self._convert(p, d))
+        retrain_parts = {**parts, "recipe": "topd-retrain", **self._work_extra("topd-retrain")}
+        retrained, seconds = self._cached(
+            f"topd-retrain-d{d}", retrain_parts, False,
+            lambda p: convert_seconds + self._train(p, self._train_config(d, None), init=str(converted)))
+        if recipe == "topd-retrain":
+            return retrained, seconds
+        return self._cached(f"{recipe}-d{d}", parts, False, lambda p: seconds + self._finetune(retrained, p))
+
+    def _convert(self, path: Path, d: int) -> float:
+        start = time.perf_counter()
+        convert_path(self.dense, path, d=d, mask="topd", hub=self.hub, progress=False)
+        return time.perf_counter() - start
+
+    def _finetune(self, src: Path, path: Path) -> float:
+        from .finetune import FinetuneConfig, finetune
+
+        cfg, lm = self.cfg, self.lm
+        start = time.perf_counter()
+        origin = load_source(src)
+        model, tokenizer = lm.get()
+        finetune(origin.model, model, tokenizer, read_texts(lm.texts), lm.layer, lm.site,
+                 FinetuneConfig(tokens=cfg.finetune_tokens, context=cfg.context, drop_first=cfg.drop_first,
+                                outlier_factor=cfg.outlier_factor), out=path, origin=origin, progress=False)
+        return time.perf_counter() - start
+
+    # -- points ----------------------------------------------------------------------------
+    def done(self, p: _Point) -> dict[str, Any] | None:
+        """The cached record of ``p``, if it was made."""
+        path = self.points_dir / f"{self.point_key(p)}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def make(self, p: _Point) -> dict[str, Any]:
+        """Make, measure and cache point ``p``; returns its record."""
+        key = self.point_key(p)
+        work, seconds = self.model(p.recipe, p.d, p.n)
+        start = time.perf_counter()
+        loaded = load_source(work) if work is not None else None
+        sae = loaded.model if loaded is not None else self.dense_model
+        stored = stored_copy(sae, p.dtype)
+        metrics = evaluate(stored, self.held_src)
+        if self.lm is not None:
+            from .lm import ce_eval
+
+            model, tokenizer = self.lm.get()
+            ce = ce_eval(model, tokenizer, read_texts(self.lm.eval_texts), stored, self.lm.layer, self.lm.site,
+                         tokens=self.cfg.ce_tokens, context=self.cfg.context, drop_first=self.cfg.drop_first,
+                         outlier_factor=self.cfg.outlier_factor, progress=False)
+            metrics.update({name: value for name, value in ce.items() if name != "hookpoint"})
+        record: dict[str, Any] = {"key": key, "recipe": p.recipe, "d": p.d, "n": sae.n, "k": sae.k, "dtype": p.dtype,
+                                  "mask": ("expander" if p.recipe == "native" else "topd") if p.d else None,
+                                  **metrics, "seconds": seconds, "eval_seconds": None}
+        if isinstance(sae, ExpanderSAE):
+            sae_path = self.points_dir / f"{key}.safetensors"
+            save_compact(sae, sae_path, dtype=p.dtype, source=loaded.provenance,
+                         metadata=with_metrics({**loaded.user, "sweep": {"recipe": p.recipe}}, metrics))
+            record["file_bytes"] = sae_path.stat().st_size
+            record["sae"] = str(sae_path.relative_to(self.out))
+        else:
+            record["file_bytes"] = dense_bytes(sae.m, sae.n, p.dtype)
+            record["sae"] = str(work.relative_to(self.out)) if work is not None else None
+        record["eval_seconds"] = time.perf_counter() - start
+        with atomic_path(self.points_dir / f"{key}.json") as tmp:
+            tmp.write_text(dumps(record, sort_keys=True, indent=1))
+        return record
+
+
+def _held_out(cfg: SweepConfig, source: ActivationSource, eval_acts: str | os.PathLike | None
+              ) -> tuple[ActivationSource, ActivationSource]:
+    """``(training rows, held-out rows)``: the last ``held_out_rows`` of ``source``, or all of ``eval_acts``."""
+    if eval_acts is not None:
+        held = open_activations(eval_acts)
+        if held.m != source.m:
+            raise SaeCompressError(f"{eval_acts} holds m={held.m} activations but --acts holds m={source.m}; "
+                                   "give held-out rows of the same model and hookpoint")
+        if cfg.held_out_rows:
+            raise SaeCompressError("give the held-out rows as --eval-acts or as --held-out, not both")
+        return source, held
+    rows = TrainConfig(held_out_rows=cfg.held_out_rows).held_out(source.num_rows)
+    if rows < 1:
+        raise SaeCompressError("the sweep measures every point on held-out rows: give --held-out 1 or more, "
+                               "or --eval-acts")
+    return source.split(rows)
+
+
+def _plan(cfg: SweepConfig, recipes: Sequence[str], n: int) -> list[_Point]:
+    """The expander points, then the dense SAE at each dtype (matched-bytes points come once bytes are known)."""
+    points = [_Point(recipe, d, n, dtype) for recipe in recipes for d in cfg.d for dtype in cfg.dtypes]
+    return points + [_Point("dense", None, n, dtype) for dtype in cfg.dtypes]
+
+
+def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
+          eval_acts: str | os.PathLike | None = None, dense: str | None = None, model: str | None = None,
+          gguf_file: str | None = None, texts: Sequence[str] = (), eval_texts: Sequence[str] = (),
+          layer: int | None = None, site: str | None = None, hub: HubAccess | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Make and measure every point of the grid ``cfg`` into the folder ``out``; returns the frontier.
+
+    ``acts``: training activations (held out: the last ``cfg.held_out_rows`` rows, or ``eval_acts``).
+    ``dense``: a dense TopK SAE source; enables the ``topd`` recipes and is the dense point. ``model``
+    (with ``texts``; ``layer``/``site`` default to the ``acts`` manifest's): CE-loss recovered on
+    ``eval_texts`` (default ``texts``) and the fine-tune recipe on ``texts``. ``recipes`` default to
+    every one the inputs allow. Checks every output and number before any work; refuses an empty grid.
+    """
+    cfg.check()
+    out = Path(out)
+    text_paths = text_files(texts) if texts else []
+    eval_paths = text_files(eval_texts) if eval_texts else text_paths
+    check_outputs([out], [acts, eval_acts, dense, model, gguf_file, *text_paths, *eval_paths], kind="folder")
+    if bool(model) != bool(text_paths):
+        raise SaeCompressError("CE-loss recovered and fine-tuning need both --model and --text FILE")
+    source = open_activations(acts)
+    m = source.m
+    dense_model = None
+    if dense is not None:
+        dense_model = load_source(dense, hub=hub).model
+        if not isinstance(dense_model, TopKSAE):
+            raise SaeCompressError(f"--dense {dense}: is an Expander SAE; give the dense TopK SAE it came from")
+        require_topk(dense_model.activation, "sweep --dense", "its recipes convert and retrain top-k SAEs")
+        if dense_model.m != m:
+            raise SaeCompressError(f"--dense {dense} has m={dense_model.m} but --acts holds m={m} activations; "
+                                   "use activations of the dense SAE's model and hookpoint")
+        if cfg.n is not None and cfg.n != dense_model.n:
+            raise SaeCompressError(f"--n {cfg.n} differs from the dense SAE's {dense_model.n} latents, which the "
+                                   "topd recipes keep: drop --n")
+    n = cfg.n or (dense_model.n if dense_model is not None else None)
+    if n is None:
+        raise SaeCompressError("say how many latents each SAE has: --n N (or give a --dense SAE)")
+    k = cfg.k or (dense_model.k if dense_model is not None else 32)
+    if k > n:
+        raise SaeCompressError(f"--k {k} is more than the {n} latents: give --k at most {n}")
+    too_wide = [d for d in cfg.d if d >= m]
+    if too_wide:
+        raise SaeCompressError(f"--d {too_wide[0]} is not below the activations' width m={m}: an expander "
+                               f"latent keeps d < m dims; give d values below {m}")
+    allowed = [r for r in RECIPES if (r == "native" or dense is not None) and (not r.endswith("finetune") or model)]
+    recipes = list(cfg.recipes) if cfg.recipes is not None else allowed
+    for recipe in recipes:
+        if recipe not in allowed:
+            need = "--model and --text" if recipe.endswith("finetune") and dense is not None else "--dense SRC"
+            raise SaeCompressError(f"recipe {recipe} needs {need}; drop it from --recipes or give {need}")
+    TrainConfig(d=None, n=n, k=k, tokens=cfg.tokens, batch_size=cfg.batch_size).check()
+    train_src, held_src = _held_out(cfg, source, eval_acts)
+    if train_src.num_rows < cfg.batch_size:
+        raise SaeCompressError(f"{acts}: {train_src.num_rows} training rows is less than one batch of "
+                               f"{cfg.batch_size}; lower --batch-size or give more rows")
+    lm = None
+    if model:
+        layer = source.manifest.get("layer") if layer is None else layer
+        if layer is None:
+            raise SaeCompressError("--layer is needed (the --acts folder has no manifest saying which layer)")
+        lm = _LM(model, gguf_file, layer, site or source.manifest.get("site", "resid"), text_paths, eval_paths)
+    identity = {"acts": _identity(acts), "eval_acts": _identity(eval_acts), "dense": _identity(dense),
+                "model": [_identity(model), _identity(gguf_file)], "texts": [_identity(t) for t in text_paths],
+                "eval_texts": [_identity(t) for t in eval_paths] if lm else None}
+    state = _Sweep(out, cfg, train_src, held_src, identity, dense, dense_model, lm, hub)
+    notes = []
+    if lm is not None and not eval_texts:
+        notes.append("CE-loss recovered is measured on the --text the fine-tune recipe trains on; give "
+                     "--eval-text for held-out text")
+    planned = _plan(cfg, recipes, n)
+    expander = [p for p in planned if p.d is not None]
+    records: dict[_Point, dict[str, Any]] = {}
+
+    def cached(points: Sequence[_Point]) -> list[_Point]:  # records the cached points; returns the others
+        for p in points:
+            if (record := state.done(p)) is not None:
+                records[p] = record
+        return [p for p in points if p not in records]
+
+    todo = cached(planned)  # the bar counts points still to make: at most one matched point per expander point
+    bar = tqdm(total=len(todo) + len(expander), unit="point", desc="sweep", disable=not progress, dynamic_ncols=True)
+
+    def make(points: Sequence[_Point]) -> None:
+        for p in points:
+            bar.set_postfix_str(p.label())
+            records[p] = state.make(p)
+            bar.update(1)
+
+    make(todo)
+    matched: dict[_Point, list[str]] = {}
+    for p in expander:
+        n_matched = matched_latents(m, records[p]["file_bytes"], p.dtype)
+        if n_matched < k:
+            notes.append(f"{p.label()}: no dense-matched point: its {records[p]['file_bytes']:,} bytes hold a "
+                         f"dense SAE of {n_matched} latents, fewer than k={k}")
+            continue
+        matched.setdefault(_Point("dense-matched", None, n_matched, p.dtype), []).append(records[p]["key"])
+    todo = cached(list(matched))
+    bar.total = bar.n + len(todo)
+    bar.refresh()
+    make(todo)
+    bar.close()
+    points = [records[p] for p in planned] + [{**records[p], "matches": keys} for p, keys in matched.items()]
+    frontier = {"y": "ce_recovered" if lm is not None else "explained_variance",
+                "m": m, "n": n, "k": k, "settings": {**asdict(cfg), "recipes": recipes},
+                "held_out_rows": held_src.num_rows, "notes": notes, "points": points}
+    _write_outputs(out, frontier)
+    return frontier
+
+
+Y_LABELS = {"ce_recovered": "CE-loss recovered (held-out text)",
+            "explained_variance": "1 − FVU on held-out rows (no --model: CE-loss recovered not measured)"}
+
+
+def _write_outputs(out: Path, frontier: dict[str, Any]) -> None:
+    """``frontier.json``, ``frontier.csv`` and, when matplotlib is importable, ``frontier.png`` (else a note)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for point in frontier["points"]:
+        row = [point.get(column) for column in CSV_COLUMNS]
+        writer.writerow(["" if v is None else ";".join(v) if isinstance(v, list) else v for v in row])
+    try:
+        import matplotlib
+    except ImportError:
+        frontier["notes"].append("frontier.png needs matplotlib: pip install 'saecompress[plot]' and rerun "
+                                 "(the points are cached)")
+    else:
+        matplotlib.use("Agg")
+        with atomic_path(out / "frontier.png") as tmp:
+            _plot(frontier, tmp)
+    with atomic_path(out / "frontier.csv") as tmp:
+        tmp.write_text(text.getvalue())
+    with atomic_path(out / "frontier.json") as tmp:
+        tmp.write_text(dumps(frontier, indent=1))
+
+
+def _plot(frontier: dict[str, Any], path: Path) -> None:
+    """Bytes (log) against the frontier's y: a line per recipe and dtype, dense points, latent counts."""
+    import matplotlib.pyplot as plt
+
+    y = frontier["y"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    dtypes = sorted({p["dtype"] for p in frontier["points"]})
+    styles = dict(zip(dtypes, ("-", "--", ":", "-.")))
+    for recipe in (*RECIPES, *BASELINES):
+        for dtype in dtypes:
+            pts = sorted((p for p in frontier["points"] if p["recipe"] == recipe and p["dtype"] == dtype
+                          and p.get(y) is not None), key=lambda p: p["file_bytes"])
+            if not pts:
+                continue
+            xs, ys = [p["file_bytes"] for p in pts], [p[y] for p in pts]
+            label = f"{recipe} ({dtype})" if len(dtypes) > 1 else recipe
+            if recipe == "dense":
+                ax.plot(xs, ys, "k*", markersize=12, label=label)
+            else:
+                ax.plot(xs, ys, styles[dtype], marker="o", label=label)
+            for p in pts:
+                text = f"n={p['n']:,}" + (f" d={p['d']}" if p["d"] else "")
+                ax.annotate(text, (p["file_bytes"], p[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("file bytes (log scale)")
+    ax.set_ylabel(Y_LABELS[y])
+    ax.set_title(f"storage–fidelity frontier (m={frontier['m']}, k={frontier['k']}, "
+                 f"{frontier['settings']['tokens']:,} training tokens per SAE)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
