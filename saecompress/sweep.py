@@ -47,7 +47,7 @@ from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, require_topk
 from .sources import HubAccess, load_source
 from .texts import read_texts, text_files
-from .train import TrainConfig, train
+from .train import CHECKPOINT_SUFFIX, TrainConfig, train
 
 RECIPES = ("native", "topd-retrain", "topd-retrain-finetune")
 BASELINES = ("dense", "dense-matched")
@@ -220,11 +220,12 @@ class _Sweep:
         seconds = make(path)
         with atomic_path(done) as tmp:
             tmp.write_text(dumps({"seconds": seconds, "settings": parts}, sort_keys=True))
+        path.with_name(path.name + CHECKPOINT_SUFFIX).unlink(missing_ok=True)  # only an unfinished run needs it
         return path, seconds
 
     def _train(self, path: Path, cfg: TrainConfig, init: str | None = None) -> float:
         start = time.perf_counter()
-        ckpt = path.with_name(path.name + ".ckpt")
+        ckpt = path.with_name(path.name + CHECKPOINT_SUFFIX)
         train(self.train_src, path, cfg, init=init, resume=ckpt.is_file(), progress=False)
         return time.perf_counter() - start
 
@@ -233,21 +234,24 @@ class _Sweep:
         return TrainConfig(d=d, n=n, k=self.k, tokens=cfg.tokens, batch_size=cfg.batch_size, held_out_rows=0,
                            seed=cfg.seed)
 
-    def model(self, recipe: str, d: int | None, n: int) -> tuple[Path | None, float]:
-        """The float32 model a point of ``recipe`` is made from, and the seconds it took to make."""
-        parts = {"recipe": recipe, "d": d, "n": n, **self._train_parts(), **self._work_extra(recipe)}
+    def model(self, recipe: str, d: int | None, n: int) -> tuple[Path | None, float | None]:
+        """The float32 model a point of ``recipe`` is made from, and the seconds it took to make
+        (``(None, None)``: the given dense SAE)."""
+        def settings(name: str) -> dict[str, Any]:
+            return {"recipe": name, "d": d, "n": n, **self._train_parts(), **self._work_extra(name)}
+
+        parts = settings(recipe)
         if recipe == "native":
             return self._cached(f"native-d{d}", parts, False, lambda p: self._train(p, self._train_config(d, n)))
         if recipe in ("dense", "dense-matched"):
             if recipe == "dense" and self.dense is not None:
-                return None, 0.0
+                return None, None  # the given dense SAE: not made here
             return self._cached(f"dense-n{n}", {**parts, "recipe": "dense"}, True,
                                 lambda p: self._train(p, self._train_config(None, n)))
         converted, convert_seconds = self._cached(
             f"topd-d{d}", {"d": d, "dense": self.identity["dense"]}, False, lambda p: self._convert(p, d))
-        retrain_parts = {**parts, "recipe": "topd-retrain", **self._work_extra("topd-retrain")}
         retrained, seconds = self._cached(
-            f"topd-retrain-d{d}", retrain_parts, False,
+            f"topd-retrain-d{d}", settings("topd-retrain"), False,
             lambda p: convert_seconds + self._train(p, self._train_config(d, None), init=str(converted)))
         if recipe == "topd-retrain":
             return retrained, seconds
@@ -489,7 +493,8 @@ def _plot(frontier: dict[str, Any], path: Path) -> None:
             xs, ys = [p["file_bytes"] for p in pts], [p[y] for p in pts]
             label = f"{recipe} ({dtype})" if len(dtypes) > 1 else recipe
             if recipe == "dense":
-                ax.plot(xs, ys, "k*", markersize=12, label=label)
+                ax.plot(xs, ys, "k*", markersize=12, label=label,
+                        fillstyle="full" if dtype == dtypes[0] else "none")
             else:
                 ax.plot(xs, ys, styles[dtype], marker="o", label=label)
             for p in pts:
