@@ -1,6 +1,6 @@
 """saecompress: compress sparse autoencoders to Expander SAEs and ship them to production.
 
-Every CLI command has a library function: ``convert`` / ``convert_path``, ``train``, ``finetune``,
+Every CLI command has a library function: ``convert`` / ``convert_path``, ``train``, ``sweep``, ``finetune``,
 ``evaluate``, ``harvest``, ``export_onnx``, ``push``, ``pull``, ``Monitor``; ``load`` resolves any
 source (compact file, dense SAE folder in a known layout, ``hf://owner/repo[/hookpoint][@rev]``).
 """
@@ -14,6 +14,7 @@ from .errors import SaeCompressError
 from .mask import MASK_ALGORITHM, expander_mask
 from .models import ExpanderSAE, TopKSAE
 from .sources import load
+from .sweep import SweepConfig, sweep
 from .train import TrainConfig, train
 
 # Imported on first use: they pull in onnx, onnxruntime, huggingface_hub or transformers.
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "MASK_ALGORITHM", "ExpanderSAE", "SaeCompressError", "TopKSAE", "TrainConfig", "convert",
+    "MASK_ALGORITHM", "ExpanderSAE", "SaeCompressError", "SweepConfig", "TopKSAE", "TrainConfig", "convert",
     "convert_path", "expander_mask", "load", "load_compact", "read_compact_metadata", "save_compact",
-    "train", "__version__", *_LAZY,
+    "sweep", "train", "__version__", *_LAZY,
 ]

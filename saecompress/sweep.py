@@ -30,7 +30,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,13 +142,6 @@ def _key(name: str, parts: dict[str, Any]) -> str:
     return f"{name}-{digest}"
 
 
-def _parse_ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise SaeCompressError(f"{what} takes comma-separated whole numbers like 4,7,16, got {text!r}") from None
-
-
 def parse_list(text: str) -> tuple[str, ...]:
     """``"a, b,"`` → ``("a", "b")``: the CLI's comma-separated grid options."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -156,7 +149,10 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 def parse_d(text: str) -> tuple[int, ...]:
     """``"4,7,16"`` → ``(4, 7, 16)``."""
-    return _parse_ints(text, "--d")
+    try:
+        return tuple(int(part) for part in parse_list(text))
+    except ValueError:
+        raise SaeCompressError(f"--d takes comma-separated whole numbers like 4,7,16, got {text!r}") from None
 
 
 def matched_latents(m: int, file_bytes: int, dtype: str) -> int:
@@ -166,113 +162,93 @@ def matched_latents(m: int, file_bytes: int, dtype: str) -> int:
 
 
 class _Sweep:
-    """The state of one sweep: inputs, cache folders, the models made so far."""
+    """The state of one sweep: inputs, cache folders, and how each point's models are made."""
 
-    def __init__(self, out: Path, cfg: SweepConfig, train_src: ActivationSource, held_src: ActivationSource,
+    def __init__(self, out: Path, cfg: SweepConfig, k: int, train_src: ActivationSource, held_src: ActivationSource,
                  identity: dict[str, Any], dense: str | None, dense_model: TopKSAE | None, lm: _LM | None,
                  hub: HubAccess | None):
-        self.out, self.cfg, self.train_src, self.held_src = out, cfg, train_src, held_src
+        self.out, self.cfg, self.k, self.train_src, self.held_src = out, cfg, k, train_src, held_src
         self.identity, self.dense, self.dense_model, self.lm, self.hub = identity, dense, dense_model, lm, hub
         self.points_dir, self.work_dir = out / "points", out / "work"
-        self.k = cfg.k or (dense_model.k if dense_model is not None else 32)
-
-    # -- keys ------------------------------------------------------------------------------
-    def _train_parts(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {"k": self.k, "tokens": cfg.tokens, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                "acts": self.identity["acts"], "held_out_rows": self.held_src.num_rows,
-                "eval_acts": self.identity["eval_acts"]}
-
-    def _lm_parts(self) -> dict[str, Any]:
-        lm, cfg = self.lm, self.cfg
-        if lm is None:
-            return {}
-        return {"model": self.identity["model"], "layer": lm.layer, "site": lm.site, "context": cfg.context,
-                "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor}
-
-    def point_key(self, p: _Point) -> str:
-        parts = {"recipe": p.recipe, "d": p.d, "n": p.n, "dtype": p.dtype, **self._train_parts(),
-                 **self._work_extra(p.recipe), **self._lm_parts(), "ce_tokens": self.cfg.ce_tokens,
-                 "eval_texts": self.identity["eval_texts"]}
-        name = p.recipe + (f"-d{p.d}" if p.d else f"-n{p.n}") + f"-{p.dtype}"
-        return _key(name, parts)
-
-    def _work_extra(self, recipe: str) -> dict[str, Any]:
-        if recipe.startswith("topd"):
-            extra = {"dense": self.identity["dense"]}
-            if recipe.endswith("finetune"):
-                extra |= {**self._lm_parts(), "finetune_tokens": self.cfg.finetune_tokens,
-                          "texts": self.identity["texts"]}
-            return extra
-        if recipe == "dense" and self.dense is not None:
-            return {"dense": self.identity["dense"]}
-        return {}
-
-    # -- models ----------------------------------------------------------------------------
-    def _cached(self, name: str, parts: dict[str, Any], folder: bool,
-                make: Callable[[Path], float]) -> tuple[Path, float]:
-        """``(path, seconds)`` of the model ``make(path)`` writes (returning its seconds), made once."""
-        key = _key(name, parts)
-        path = self.work_dir / (key if folder else f"{key}.safetensors")
-        done = self.work_dir / f"{key}.json"
-        if done.is_file() and path.exists():
-            return path, float(json.loads(done.read_text())["seconds"])
-        seconds = make(path)
-        with atomic_path(done) as tmp:
-            tmp.write_text(dumps({"seconds": seconds, "settings": parts}, sort_keys=True))
-        path.with_name(path.name + CHECKPOINT_SUFFIX).unlink(missing_ok=True)  # only an unfinished run needs it
-        return path, seconds
-
-    def _train(self, path: Path, cfg: TrainConfig, init: str | None = None) -> float:
-        start = time.perf_counter()
-        ckpt = path.with_name(path.name + CHECKPOINT_SUFFIX)
-        train(self.train_src, path, cfg, init=init, resume=ckpt.is_file(), progress=False)
-        return time.perf_counter() - start
 
     def _train_config(self, d: int | None, n: int | None) -> TrainConfig:
         cfg = self.cfg
         return TrainConfig(d=d, n=n, k=self.k, tokens=cfg.tokens, batch_size=cfg.batch_size, held_out_rows=0,
                            seed=cfg.seed)
 
-    def model(self, recipe: str, d: int | None, n: int) -> tuple[Path | None, float | None]:
-        """The float32 model a point of ``recipe`` is made from, and the seconds it took to make
-        (``(None, None)``: the given dense SAE)."""
-        def settings(name: str) -> dict[str, Any]:
-            return {"recipe": name, "d": d, "n": n, **self._train_parts(), **self._work_extra(name)}
+    def _lm_parts(self) -> dict[str, Any]:
+        lm = self.lm
+        return {} if lm is None else {"model": self.identity["model"], "layer": lm.layer, "site": lm.site}
 
-        parts = settings(recipe)
-        if recipe == "native":
-            return self._cached(f"native-d{d}", parts, False, lambda p: self._train(p, self._train_config(d, n)))
-        if recipe in ("dense", "dense-matched"):
+    def steps(self, recipe: str, d: int | None, n: int) -> list[tuple[str, str, dict[str, Any]]]:
+        """The models a point of ``recipe`` is made from, in order: ``(action, name, settings)`` with action
+        ``train`` / ``convert`` / ``finetune``; none for the given dense SAE."""
+        data = {"acts": self.identity["acts"], "train_rows": self.train_src.num_rows}
+        if recipe in BASELINES:
             if recipe == "dense" and self.dense is not None:
-                return None, None  # the given dense SAE: not made here
-            return self._cached(f"dense-n{n}", {**parts, "recipe": "dense"}, True,
-                                lambda p: self._train(p, self._train_config(None, n)))
-        converted, convert_seconds = self._cached(
-            f"topd-d{d}", {"d": d, "dense": self.identity["dense"]}, False, lambda p: self._convert(p, d))
-        retrained, seconds = self._cached(
-            f"topd-retrain-d{d}", settings("topd-retrain"), False,
-            lambda p: convert_seconds + self._train(p, self._train_config(d, None), init=str(converted)))
-        if recipe == "topd-retrain":
-            return retrained, seconds
-        return self._cached(f"{recipe}-d{d}", parts, False, lambda p: seconds + self._finetune(retrained, p))
+                return []
+            return [("train", f"dense-n{n}", {"train": asdict(self._train_config(None, n)), **data})]
+        if recipe == "native":
+            return [("train", f"native-d{d}", {"train": asdict(self._train_config(d, n)), **data})]
+        converted = {"convert": {"d": d, "mask": "topd"}, "dense": self.identity["dense"]}
+        retrained = {**converted, "train": asdict(self._train_config(d, None)), **data}
+        steps = [("convert", f"topd-d{d}", converted), ("train", f"topd-retrain-d{d}", retrained)]
+        if recipe == "topd-retrain-finetune":
+            from .finetune import FinetuneConfig  # loads the LM side on first use
 
-    def _convert(self, path: Path, d: int) -> float:
-        start = time.perf_counter()
-        convert_path(self.dense, path, d=d, mask="topd", hub=self.hub, progress=False)
-        return time.perf_counter() - start
+            cfg = self.cfg
+            finetune = FinetuneConfig(tokens=cfg.finetune_tokens, context=cfg.context, drop_first=cfg.drop_first,
+                                      outlier_factor=cfg.outlier_factor)
+            steps.append(("finetune", f"{recipe}-d{d}", {**retrained, "finetune": asdict(finetune),
+                                                         **self._lm_parts(), "texts": self.identity["texts"]}))
+        return steps
 
-    def _finetune(self, src: Path, path: Path) -> float:
-        from .finetune import FinetuneConfig, finetune
+    def model(self, recipe: str, d: int | None, n: int) -> tuple[Path | None, float | None]:
+        """The float32 model a point of ``recipe`` is made from (each step made once: ``OUT/work/<key>`` with
+        ``<key>.json`` beside it when complete) and the seconds its steps took; ``(None, None)`` for the given
+        dense SAE."""
+        path, total = None, None
+        for action, name, parts in self.steps(recipe, d, n):
+            key = _key(name, parts)
+            target = self.work_dir / (key if action == "train" and parts["train"]["d"] is None
+                                      else f"{key}.safetensors")
+            done = self.work_dir / f"{key}.json"
+            if done.is_file() and target.exists():
+                seconds = float(json.loads(done.read_text())["seconds"])
+            else:
+                start = time.perf_counter()
+                self._make(action, parts, path, target)
+                seconds = time.perf_counter() - start
+                with atomic_path(done) as tmp:
+                    tmp.write_text(dumps({"seconds": seconds, "settings": parts}, sort_keys=True))
+                target.with_name(target.name + CHECKPOINT_SUFFIX).unlink(missing_ok=True)  # complete: not needed
+            path, total = target, (total or 0.0) + seconds
+        return path, total
 
-        cfg, lm = self.cfg, self.lm
-        start = time.perf_counter()
-        origin = load_source(src)
-        model, tokenizer = lm.get()
-        finetune(origin.model, model, tokenizer, read_texts(lm.texts), lm.layer, lm.site,
-                 FinetuneConfig(tokens=cfg.finetune_tokens, context=cfg.context, drop_first=cfg.drop_first,
-                                outlier_factor=cfg.outlier_factor), out=path, origin=origin, progress=False)
-        return time.perf_counter() - start
+    def _make(self, action: str, parts: dict[str, Any], previous: Path | None, target: Path) -> None:
+        """One step: ``previous`` (the last step's model, if any) → ``target``."""
+        if action == "convert":
+            convert_path(self.dense, target, d=parts["convert"]["d"], mask="topd", hub=self.hub, progress=False)
+        elif action == "train":
+            resume = target.with_name(target.name + CHECKPOINT_SUFFIX).is_file()  # an interrupted sweep
+            train(self.train_src, target, TrainConfig(**parts["train"]), init=previous and str(previous),
+                  resume=resume, progress=False)
+        else:
+            from .finetune import FinetuneConfig, finetune
+
+            origin = load_source(previous)
+            model, tokenizer = self.lm.get()
+            finetune(origin.model, model, tokenizer, read_texts(self.lm.texts), self.lm.layer, self.lm.site,
+                     FinetuneConfig(**parts["finetune"]), out=target, origin=origin, progress=False)
+
+    def point_key(self, p: _Point) -> str:
+        """``<recipe>-<d or n>-<dtype>-<hash of the steps' settings and the measurement's inputs>``."""
+        parts = {"steps": [[name, settings] for _, name, settings in self.steps(p.recipe, p.d, p.n)],
+                 "dense": self.identity["dense"] if p.recipe == "dense" else None, "dtype": p.dtype,
+                 "eval_acts": self.identity["eval_acts"], "held_out_rows": self.held_src.num_rows,
+                 **self._lm_parts(), "eval_texts": self.identity["eval_texts"],
+                 "ce": [self.cfg.ce_tokens, self.cfg.context, self.cfg.drop_first, self.cfg.outlier_factor]}
+        return _key(f"{p.recipe}-" + (f"d{p.d}" if p.d else f"n{p.n}") + f"-{p.dtype}", parts)
 
     # -- points ----------------------------------------------------------------------------
     def done(self, p: _Point) -> dict[str, Any] | None:
@@ -403,7 +379,7 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     identity = {"acts": _identity(acts), "eval_acts": _identity(eval_acts), "dense": _identity(dense),
                 "model": [_identity(model), _identity(gguf_file)], "texts": [_identity(t) for t in text_paths],
                 "eval_texts": [_identity(t) for t in eval_paths] if lm else None}
-    state = _Sweep(out, cfg, train_src, held_src, identity, dense, dense_model, lm, hub)
+    state = _Sweep(out, cfg, k, train_src, held_src, identity, dense, dense_model, lm, hub)
     notes = []
     if lm is not None and not eval_texts:
         notes.append("CE-loss recovered is measured on the --text the fine-tune recipe trains on; give "
@@ -442,7 +418,7 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     make(todo)
     bar.close()
     points = [records[p] for p in planned] + [{**records[p], "matches": keys} for p, keys in matched.items()]
-    frontier = {"y": "ce_recovered" if lm is not None else "explained_variance",
+    frontier = {"x": "file_bytes", "y": "ce_recovered" if lm is not None else "explained_variance",
                 "m": m, "n": n, "k": k, "settings": {**asdict(cfg), "recipes": recipes},
                 "held_out_rows": held_src.num_rows, "notes": notes, "points": points}
     _write_outputs(out, frontier)

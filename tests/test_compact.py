@@ -218,3 +218,32 @@ def test_console_script_help_version_and_debug(tmp_path):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     debug = subprocess.run(exe + ["--debug", "info", str(bad)], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_a_dense_sae_stored_at_a_dtype_and_its_bytes(tmp_path, dtype):
+    """``stored_copy`` of a TopKSAE keeps each latent's W_dec row and W_enc column as the compact scheme does
+    (int8: within half a step of a float64 per-latent scale); ``dense_bytes`` is its weights' payload."""
+    from saecompress.compact import dense_bytes, stored_copy
+    from saecompress.models import TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 40, 3)
+    with torch.no_grad():
+        sae.W_enc.mul_(torch.rand(40) * 5)  # per-latent scales that differ
+    stored = stored_copy(sae, dtype)
+    for original, kept in ((sae.W_dec.double(), stored.W_dec.double()), (sae.W_enc.T.double(), stored.W_enc.T.double())):
+        step = original.abs().amax(1, keepdim=True) / 127
+        if dtype == "int8":
+            assert bool(((kept - original).abs() <= step * 0.5 * (1 + 1e-4)).all())
+        else:
+            assert torch.equal(kept, original.to(getattr(torch, dtype)).double())
+    assert torch.equal(stored.b_enc, sae.b_enc) and torch.equal(stored.b_dec, sae.b_dec)
+    assert (dtype == "float32") == torch.equal(stored.W_dec, sae.W_dec)
+    save(stored, tmp_path / "dense", {})
+    weights = tmp_path / "dense" / "sae_weights.safetensors"
+    header = struct.unpack("<Q", weights.read_bytes()[:8])[0]
+    payload = weights.stat().st_size - 8 - header  # float32 tensors W_enc, W_dec, b_enc, b_dec
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[dtype]
+    assert dense_bytes(12, 40, "float32") == payload
+    assert dense_bytes(12, 40, dtype) == payload - 2 * 12 * 40 * (4 - itemsize) + (2 * 4 * 40 if dtype == "int8" else 0)
