@@ -94,6 +94,15 @@ def test_native_grid_baselines_outputs_and_resume(acts, tmp_path):
     again = run("--acts", acts, "--d", "4,7", *SMALL, "--dtype", "float32,int8", "--out", out)
     assert again.exit_code == 0, again.output
     assert stamps(out) == before and frontier(out)["points"] == result["points"]
+    lost = next((out / "points").glob("native-d4-int8-*.json"))  # as if interrupted before that point
+    lost.unlink()
+    work = {p.name: p.stat().st_mtime_ns for p in (out / "work").iterdir()}
+    again = run("--acts", acts, "--d", "4,7", *SMALL, "--dtype", "float32,int8", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert {name for name, stamp in stamps(out).items() if before.get(name) != stamp} == \
+        {lost.name, lost.name.replace(".json", ".safetensors")}  # only that point, from the trained model
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "work").iterdir()} == work
+    before = stamps(out)
     more = run("--acts", acts, "--d", "4,7,16", *SMALL, "--dtype", "float32,int8", "--out", out)
     assert more.exit_code == 0, more.output
     after = stamps(out)
