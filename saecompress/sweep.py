@@ -315,28 +315,8 @@ def _plan(cfg: SweepConfig, recipes: Sequence[str], n: int) -> list[_Point]:
     return points + [_Point("dense", None, n, dtype) for dtype in cfg.dtypes]
 
 
-def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
-          eval_acts: str | os.PathLike | None = None, dense: str | None = None, model: str | None = None,
-          gguf_file: str | None = None, texts: Sequence[str] = (), eval_texts: Sequence[str] = (),
-          layer: int | None = None, site: str | None = None, hub: HubAccess | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Make and measure every point of the grid ``cfg`` into the folder ``out``; returns the frontier.
-
-    ``acts``: training activations (held out: the last ``cfg.held_out_rows`` rows, or ``eval_acts``).
-    ``dense``: a dense TopK SAE source; enables the ``topd`` recipes and is the dense point. ``model``
-    (with ``texts``; ``layer``/``site`` default to the ``acts`` manifest's): CE-loss recovered on
-    ``eval_texts`` (default ``texts``) and the fine-tune recipe on ``texts``. ``recipes`` default to
-    every one the inputs allow. Checks every output and number before any work; refuses an empty grid.
-    """
-    cfg.check()
-    out = Path(out)
-    text_paths = text_files(texts) if texts else []
-    eval_paths = text_files(eval_texts) if eval_texts else text_paths
-    check_outputs([out], [acts, eval_acts, dense, model, gguf_file, *text_paths, *eval_paths], kind="folder")
-    if bool(model) != bool(text_paths):
-        raise SaeCompressError("CE-loss recovered and fine-tuning need both --model and --text FILE")
-    source = open_activations(acts)
-    m = source.m
+def _shape(cfg: SweepConfig, m: int, dense: str | None, hub: HubAccess | None) -> tuple[TopKSAE | None, int, int]:
+    """``(dense model, n, k)``: the dense SAE (checked) and the latents and k of every SAE; refuses bad numbers."""
     dense_model = None
     if dense is not None:
         dense_model = load_source(dense, hub=hub).model
@@ -359,12 +339,43 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     if too_wide:
         raise SaeCompressError(f"--d {too_wide[0]} is not below the activations' width m={m}: an expander "
                                f"latent keeps d < m dims; give d values below {m}")
+    return dense_model, n, k
+
+
+def _recipes(cfg: SweepConfig, dense: str | None, model: str | None) -> list[str]:
+    """The recipes to run: as asked (refusing those the inputs do not allow), else every one they allow."""
     allowed = [r for r in RECIPES if (r == "native" or dense is not None) and (not r.endswith("finetune") or model)]
-    recipes = list(cfg.recipes) if cfg.recipes is not None else allowed
-    for recipe in recipes:
+    for recipe in cfg.recipes or ():
         if recipe not in allowed:
             need = "--model and --text" if recipe.endswith("finetune") and dense is not None else "--dense SRC"
             raise SaeCompressError(f"recipe {recipe} needs {need}; drop it from --recipes or give {need}")
+    return list(cfg.recipes) if cfg.recipes is not None else allowed
+
+
+def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
+          eval_acts: str | os.PathLike | None = None, dense: str | None = None, model: str | None = None,
+          gguf_file: str | None = None, texts: Sequence[str] = (), eval_texts: Sequence[str] = (),
+          layer: int | None = None, site: str | None = None, hub: HubAccess | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Make and measure every point of the grid ``cfg`` into the folder ``out``; returns the frontier.
+
+    ``acts``: training activations (held out: the last ``cfg.held_out_rows`` rows, or ``eval_acts``).
+    ``dense``: a dense TopK SAE source; enables the ``topd`` recipes and is the dense point. ``model``
+    (with ``texts``; ``layer``/``site`` default to the ``acts`` manifest's): CE-loss recovered on
+    ``eval_texts`` (default ``texts``) and the fine-tune recipe on ``texts``. ``recipes`` default to
+    every one the inputs allow. Checks every output and number before any work; refuses an empty grid.
+    """
+    cfg.check()
+    out = Path(out)
+    text_paths = text_files(texts) if texts else []
+    eval_paths = text_files(eval_texts) if eval_texts else text_paths
+    check_outputs([out], [acts, eval_acts, dense, model, gguf_file, *text_paths, *eval_paths], kind="folder")
+    if bool(model) != bool(text_paths):
+        raise SaeCompressError("CE-loss recovered and fine-tuning need both --model and --text FILE")
+    source = open_activations(acts)
+    m = source.m
+    dense_model, n, k = _shape(cfg, m, dense, hub)
+    recipes = _recipes(cfg, dense, model)
     TrainConfig(d=None, n=n, k=k, tokens=cfg.tokens, batch_size=cfg.batch_size).check()
     train_src, held_src = _held_out(cfg, source, eval_acts)
     if train_src.num_rows < cfg.batch_size:
@@ -418,11 +429,26 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     make(todo)
     bar.close()
     points = [records[p] for p in planned] + [{**records[p], "matches": keys} for p, keys in matched.items()]
-    frontier = {"x": "file_bytes", "y": "ce_recovered" if lm is not None else "explained_variance",
-                "m": m, "n": n, "k": k, "settings": {**asdict(cfg), "recipes": recipes},
-                "held_out_rows": held_src.num_rows, "notes": notes, "points": points}
+    y = "ce_recovered" if lm is not None else "explained_variance"
+    frontier = {"x": "file_bytes", "y": y, "m": m, "n": n, "k": k, "settings": {**asdict(cfg), "recipes": recipes},
+                "held_out_rows": held_src.num_rows, "notes": notes, "points": points,
+                "versus_matched": _versus_matched(points, y)}
     _write_outputs(out, frontier)
     return frontier
+
+
+def _versus_matched(points: list[dict[str, Any]], y: str) -> list[dict[str, Any]]:
+    """Each expander point beside the dense SAE with as many bytes: its ``y`` minus the dense one's."""
+    by_key = {p["key"]: p for p in points}
+    rows = []
+    for dense in (p for p in points if p["recipe"] == "dense-matched"):
+        for key in dense["matches"]:
+            p = by_key[key]
+            if p.get(y) is not None and dense.get(y) is not None:
+                rows.append({"key": key, "recipe": p["recipe"], "d": p["d"], "dtype": p["dtype"], "n": p["n"],
+                             "file_bytes": p["file_bytes"], "dense_n": dense["n"], y: p[y],
+                             f"dense_{y}": dense[y], "difference": p[y] - dense[y]})
+    return rows
 
 
 Y_LABELS = {"ce_recovered": "CE-loss recovered (held-out text)",

@@ -80,6 +80,12 @@ def test_native_grid_baselines_outputs_and_resume(acts, tmp_path):
         [target] = [q for q in points.values() if q["key"] in p["matches"]]
         assert dense_bytes(M, p["n"], p["dtype"]) <= target["file_bytes"] < dense_bytes(M, p["n"] + 1, p["dtype"])
         assert p["n"] == matched_latents(M, target["file_bytes"], p["dtype"]) and K <= p["n"] < N
+    versus = {row["key"]: row for row in result["versus_matched"]}
+    assert set(versus) == {p["key"] for p in points.values() if p["recipe"] == "native"}
+    for p in matched:
+        for key in p["matches"]:
+            assert versus[key]["difference"] == pytest.approx(versus[key]["explained_variance"] - p["explained_variance"])
+            assert versus[key]["dense_n"] == p["n"]
     with (out / "frontier.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["key"] for r in rows] == [p["key"] for p in result["points"]]

@@ -81,6 +81,10 @@ def sweep(acts, eval_acts, dense, model_path, gguf_file, texts, context, keep_fi
         value = "-" if p.get(y) is None else f"{p[y]:.4f}"
         click.echo(f"{p['recipe']:<22} {p['d'] or '-':>3} {p['dtype']:<8} {p['n']:>9,} "
                    f"{human_bytes(p['file_bytes']):>11} {value:>18} {p['dead_fraction']:>7.2%}")
+    for row in frontier["versus_matched"]:
+        where = "above" if row["difference"] > 0 else "below" if row["difference"] < 0 else "level with"
+        click.echo(f"{row['recipe']} d={row['d']} {row['dtype']} ({row['n']:,} latents, {human_bytes(row['file_bytes'])}) "
+                   f"is {where} the dense SAE of as many bytes ({row['dense_n']:,} latents) by {row['difference']:+.4f}")
     for note in frontier["notes"]:
         click.echo(f"note: {note}")
     made = ", ".join(name for name in ("frontier.json", "frontier.csv", "frontier.png") if Path(out, name).is_file())
