@@ -64,11 +64,11 @@ class SweepConfig:
     dtypes: tuple[str, ...] = ("float32",)
     k: int | None = None  # default: the dense SAE's k, else 32
     n: int | None = None  # default: the dense SAE's n (required without one)
-    tokens: int = 2_000_000  # training tokens of every trained model
-    batch_size: int = 1024
+    tokens: int = TrainConfig.tokens  # training tokens of every trained model
+    batch_size: int = TrainConfig.batch_size
     held_out_rows: int | None = None  # default as train's: min(8192, a tenth of the rows); with eval_acts: 0
-    seed: int = 0
-    finetune_tokens: int = 300_000
+    seed: int = TrainConfig.seed
+    finetune_tokens: int | None = None  # default: FinetuneConfig's
     ce_tokens: int = 8192
     context: int = 256
     drop_first: bool = True
@@ -197,8 +197,8 @@ class _Sweep:
             from .finetune import FinetuneConfig  # loads the LM side on first use
 
             cfg = self.cfg
-            finetune = FinetuneConfig(tokens=cfg.finetune_tokens, context=cfg.context, drop_first=cfg.drop_first,
-                                      outlier_factor=cfg.outlier_factor)
+            finetune = FinetuneConfig(tokens=cfg.finetune_tokens or FinetuneConfig.tokens, context=cfg.context,
+                                      drop_first=cfg.drop_first, outlier_factor=cfg.outlier_factor)
             steps.append(("finetune", f"{recipe}-d{d}", {**retrained, "finetune": asdict(finetune),
                                                          **self._lm_parts(), "texts": self.identity["texts"]}))
         return steps

@@ -8,6 +8,7 @@ import click
 
 from .._json import dumps
 from ..compact import STORAGE_DTYPES
+from ..finetune import FinetuneConfig
 from ..lm import SITES
 from ..sweep import RECIPES, SweepConfig, parse_d, parse_list
 from ..sweep import sweep as run_sweep
@@ -48,7 +49,7 @@ from .options import config_option, hub_options
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
               help="Rows at the end of --acts held out for the measurements [default: 8192, at most a tenth].")
 @config_option(SweepConfig, "seed", "--seed", type=click.IntRange(min=0), help="Seed of every training run.")
-@config_option(SweepConfig, "finetune_tokens", "--finetune-tokens", type=click.IntRange(min=1),
+@config_option(FinetuneConfig, "tokens", "--finetune-tokens", type=click.IntRange(min=1),
                help="LM tokens of the finetune recipe.")
 @config_option(SweepConfig, "ce_tokens", "--ce-tokens", type=click.IntRange(min=1), help="Tokens of the CE evaluation.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
