@@ -16,7 +16,7 @@ Cache: each point is ``OUT/points/<key>.json`` (+ its compact file), and each mo
 from is ``OUT/work/<key>`` (+ ``.json``), all written atomically; ``key`` names the recipe, d and
 dtype and hashes every setting and the identity of every input (path, size, mtime) that the result
 depends on. A rerun computes only the points it does not find; an interrupted training resumes from
-its checkpoint. ``OUT/frontier.json``, ``frontier.csv`` and (with matplotlib: the ``plot`` extra)
+its checkpoint (its ``seconds`` then count the resumed part only). ``OUT/frontier.json``, ``frontier.csv`` and (with matplotlib: the ``plot`` extra)
 ``frontier.png`` hold the points of this grid.
 
 Dense bytes are those of the weights alone (no header): a few KiB in the dense SAE's favour.
@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -411,7 +412,14 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     def make(points: Sequence[_Point]) -> None:
         for p in points:
             bar.set_postfix_str(p.label())
-            records[p] = state.make(p)
+            try:
+                records[p] = state.make(p)
+            except KeyboardInterrupt:
+                bar.close()
+                tqdm.write(f"interrupted at {p.label()}: the {len(list(state.points_dir.glob('*.json')))} points "
+                           f"made are kept in {state.points_dir}; run the same sweep again to continue",
+                           file=sys.stderr)
+                raise
             bar.update(1)
 
     make(todo)
