@@ -393,4 +393,5 @@ def learned_values(m: int, n: int, d: int, encoder: str) -> int:
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "STORAGE_DTYPES", "save_compact", "load_compact",
            "read_compact_metadata", "parse_compact_metadata", "is_compact_file", "write_safetensors", "quantize_int8",
-           "compact_size_bound", "dense_bytes", "dense_values", "learned_values", "compression_ratio", "stored_copy", "with_metrics"]
+           "compact_size_bound", "dense_bytes", "dense_values", "learned_values", "compression_ratio", "stored_copy",
+           "with_metrics"]

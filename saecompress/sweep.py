@@ -16,8 +16,8 @@ Cache: each point is ``OUT/points/<key>.json`` (+ its compact file), and each mo
 from is ``OUT/work/<key>`` (+ ``.json``), all written atomically; ``key`` names the recipe, d and
 dtype and hashes every setting and the identity of every input (path, size, mtime) that the result
 depends on. A rerun computes only the points it does not find; an interrupted training resumes from
-its checkpoint (its ``seconds`` then count the resumed part only). ``OUT/frontier.json``, ``frontier.csv`` and (with matplotlib: the ``plot`` extra)
-``frontier.png`` hold the points of this grid.
+its checkpoint (its ``seconds`` then count the resumed part only). ``OUT/frontier.json``,
+``frontier.csv`` and (with matplotlib: the ``plot`` extra) ``frontier.png`` hold the points of this grid.
 
 Dense bytes are those of the weights alone (no header): a few KiB in the dense SAE's favour.
 """
