@@ -38,7 +38,7 @@ from .convert import DEFAULT_MASK, convert
 from .distill import latent_agreement
 from .errors import SaeCompressError
 from .metrics import evaluate
-from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, active_counts, l0_cap,
+from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts, l0_cap,
                      require_topk)
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
@@ -282,16 +282,16 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     bar.close()
     checkpoint()  # the last state: --resume continues a stopped run and only rewrites OUT after a complete one
     sae = trainer.export()
-    cap = _set_l0_cap(sae, held_src or train_src) if target is not None else None
+    cap = _set_l0_cap(sae, held_src or train_src) if sae.activation in VARIABLE_COUNT else None
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
     if cap is not None:
         metrics["training"].update(
-            rule=trainer.threshold_rule, target_l0=target, max_l0=cap[0],
+            rule=sae.activation, **({"target_l0": target} if target is not None else {}), max_l0=cap[0],
             max_l0_rule=f"quantile {L0_CAP_QUANTILE} of per-row L0 on {cap[1]} "
                         f"{'held-out' if held_src is not None else 'training'} rows",
             **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth, "threshold_lr": cfg.threshold_lr}
                if trainer.threshold_rule == "jumprelu"
-               else {"threshold": float(sae.threshold[0])}))
+               else {"threshold": float(sae.threshold[0])} if trainer.threshold_rule == "batchtopk" else {}))
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
     else:

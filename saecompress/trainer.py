@@ -48,7 +48,7 @@ import torch
 from .distill import DistillTerm
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
-from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, require_topk, unit_rows
+from .models import THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, require_topk, unit_rows
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
 from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
 
@@ -159,7 +159,8 @@ class Trainer:
         self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
         self.bandwidth = cfg.bandwidth * math.sqrt(sae.m)  # ε in the training scale (E‖x − mean‖² = m)
-        self.reaim_every = cfg.reaim_every if cfg.reaim_every is not None else 0 if self.threshold_rule else 5
+        self.reaim_every = (cfg.reaim_every if cfg.reaim_every is not None
+                            else 0 if sae.activation in VARIABLE_COUNT else 5)
         self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(int(32 * sae.n / self.target_l0),
                                                                                    cfg.tokens // 10)))
         # JumpReLU learns log θ (float32 whatever the model's dtype); sae.threshold follows it
