@@ -25,6 +25,7 @@ from saecompress.exporters.onnx import EncodeLayout, build_onnx
 from saecompress.models import ExpanderSAE, TopKSAE, active_counts, l0_cap, select_afa
 from saecompress.objective import dense_forward
 from saecompress.runtime import Monitor
+from saecompress.sources import load
 from saecompress.sparse_ops import MaskLayout, sparse_forward
 from saecompress.train import train
 from saecompress.trainer import TrainConfig
@@ -273,9 +274,9 @@ def test_training_fits_and_sets_the_cap(planted, tmp_path, d):
     assert run_["rule"] == "topafa" and "target_l0" not in run_
     x = torch.from_numpy(np.load(planted)[-2000:])
     assert sae.k == run_["max_l0"] == l0_cap(active_counts(sae, x)[0], sae.n)
-    if d:  # a compact file keeps the activation and the cap
-        again = load_compact(out)
-        assert (again.activation, again.k) == ("topafa", sae.k)
+    again = load(out)  # a compact file, or a SAELens folder with saecompress's architecture "topafa"
+    assert (again.activation, again.k) == ("topafa", sae.k)
+    assert torch.equal(again.encode(x[:64], dense=True), sae.encode(x[:64], dense=True))
 
 
 def test_cli_train_init_export_monitor(planted, tmp_path):
@@ -297,3 +298,21 @@ def test_cli_train_init_export_monitor(planted, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
     assert summary["max_l0"] == 2 and summary["overflow_rows"] > 0
+
+
+def test_finetune_keeps_the_rule(tiny_lm, tiny_llama, tmp_path):
+    from saecompress.finetune import FinetuneConfig, finetune
+    from saecompress.lm import capture, load_model, token_contexts
+
+    model, tokenizer = load_model(tiny_llama)
+    torch.manual_seed(0)
+    sae = ExpanderSAE(tiny_lm.HIDDEN, 96, 4, 24, seed=1, encoder="untied", activation="topafa")
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))
+    with torch.no_grad():
+        sae.b_dec.copy_(capture(model, ids, 1, "resid").reshape(-1, tiny_lm.HIDDEN).mean(0))
+    out = tmp_path / "ft.safetensors"
+    _, stats = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid",
+                        FinetuneConfig(tokens=32 * 2 * 20, context=32, batch=2, lr=1e-2), out=out, progress=False)
+    run = stats["finetune"]
+    assert run["steps"] == 20 and run["fvu_last"] < run["fvu_first"]
+    assert (load(out).activation, load(out).k) == ("topafa", 24)
