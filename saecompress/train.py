@@ -9,6 +9,7 @@ A threshold SAE (``jumprelu``, ``batchtopk``) trains towards a mean L0 of ``k`` 
 ``init`` without it: the starting SAE's mean L0 on the first training rows) on a cap of
 ``trainer.CAP_FACTOR·k`` candidates per row; the saved model's ``k`` is the cap
 ``models.l0_cap`` of its per-row L0 on the held-out rows (the training rows when none are held out).
+A ``topafa`` SAE trains with ``--k`` (default 32) as the cap on its rule's count and is saved the same way.
 
 Checkpoints: ``OUT.ckpt`` (model + optimizer + counters, for ``resume``), written atomically
 every ``checkpoint_every`` steps, on Ctrl-C and at the end; ``OUT`` itself is written only by a

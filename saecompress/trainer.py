@@ -31,6 +31,10 @@ truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 an
   the ``B·k`` largest ``ReLU(pre)`` of the batch; the global θ the saved model thresholds at is an
   EMA (``THRESHOLD_EMA``) of the smallest kept activation.
 
+``topafa`` (top-AFA, ``models.select_afa``) has no θ: ``k`` is its training cap, the step keeps what the
+norm-matching rule picks among the ``k`` largest ``ReLU(pre)·‖decoder row‖`` (``sparse_ops.gated_code``),
+AuxK as for top-k, no re-aiming by default.
+
 The run loop around it (data, checkpoints, files, the saved cap) is ``train.py``.
 """
 

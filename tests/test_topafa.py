@@ -297,7 +297,8 @@ def test_cli_train_init_export_monitor(planted, tmp_path):
     result = runner.invoke(cli, ["monitor", str(onnx_path), "--input", str(planted), "--jsonl", "--top", "2"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stderr.strip().splitlines()[-1])["summary"]
-    assert summary["max_l0"] == 2 and summary["overflow_rows"] > 0
+    assert summary["max_l0"] == 2 and summary["overflow_rows"] > 0 and "overflow_latents" not in summary
+    assert f"{summary['overflow_rows']} over max_l0=2\n" in result.stderr
 
 
 def test_finetune_keeps_the_rule(tiny_lm, tiny_llama, tmp_path):

@@ -71,7 +71,8 @@ from .options import config_option, hub_options
 @click.option("--reaim-every", type=click.IntRange(min=0), default=None,
               help="Steps between reviving dead latents of a native expander run on the rows they "
                    "nearly fire on, decoder aimed at the residual (0: never; not when distilling) "
-                   "[default: 5; 0 for jumprelu / batchtopk, whose revived latents jump in at their threshold].")
+                   "[default: 5; 0 for jumprelu / batchtopk, whose revived latents jump in at their threshold, "
+                   "and topafa].")
 @config_option(TrainConfig, "distill_coef", "--distill-coef", type=click.FloatRange(min=0),
               help="Weight of the latent-matching term (with --teacher).")
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
