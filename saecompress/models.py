@@ -160,8 +160,8 @@ def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor
     """``(per_row [B], per_latent [n])``: how many latents each row of a variable-count SAE fires on
     ``x`` (flattened to ``[B, m]``) before the cap ``k``, and on how many rows each latent fires (int64)."""
     if sae.activation not in VARIABLE_COUNT:
-        raise SaeCompressError(f"activation {sae.activation!r} has no threshold and keeps k latents; active counts are for "
-                               f"{', '.join(VARIABLE_COUNT)}")
+        raise SaeCompressError(f"activation {sae.activation!r} has no threshold and keeps k latents; active counts "
+                               f"are for {', '.join(VARIABLE_COUNT)}")
     per_latent = torch.zeros(sae.n, dtype=torch.int64)
     if sae.activation == "topafa":  # uncapped: the rule over all n latents, in blocks of rows
         centred = sae._prepare(sae._flatten(x)[0])

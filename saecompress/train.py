@@ -39,8 +39,8 @@ from .convert import DEFAULT_MASK, convert
 from .distill import latent_agreement
 from .errors import SaeCompressError
 from .metrics import evaluate
-from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts, l0_cap,
-                     require_topk)
+from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts,
+                     l0_cap, require_topk)
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
@@ -228,6 +228,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if jumprelu_only and sae.activation != "jumprelu":
         raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
                                f"{sae.activation}: drop it, or train --activation jumprelu")
+    if cfg.afa_coef and sae.activation != "topafa":
+        raise SaeCompressError(f"--afa-coef weighs top-AFA's norm-matching term; this run trains {sae.activation}: "
+                               "drop it, or train --activation topafa")
     target = None
     if sae.activation in THRESHOLD_ACTIVATIONS:
         target = _target_l0(cfg, sae, fresh, train_src)
@@ -288,6 +291,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if cap is not None:
         metrics["training"].update(
             rule=sae.activation, **({"target_l0": target} if target is not None else {}), max_l0=cap[0],
+            **({"afa_coef": cfg.afa_coef} if sae.activation == "topafa" else {}),
             max_l0_rule=f"quantile {L0_CAP_QUANTILE} of per-row L0 on {cap[1]} "
                         f"{'held-out' if held_src is not None else 'training'} rows",
             **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth, "threshold_lr": cfg.threshold_lr}

@@ -6,6 +6,7 @@ One step for both models and for distillation::
          + auxk_coef · FVU(e, ê_aux)                    # AuxK: dead latents reconstruct e = x − x̂
          + distill_coef · latent term                   # distillation only (see distill.py)
          + l0_coef · (L0 / k − 1)²                      # JumpReLU only: mean L0 pulled to the target k
+         + afa_coef · E(‖z‖ − ‖x − b_dec‖)² / E‖x − b_dec‖²  # topafa only: the paper's AFA term
 
 Decoder rows are kept at unit norm (gradient component along each row removed before the step,
 rows renormalised after it: ``objective.py``). Adam with ``lr ≈ 3e-3/√(n/2¹⁴)`` (expander; dense
@@ -95,6 +96,7 @@ class TrainConfig:
     l0_coef: float = 1.0  # jumprelu: λ of the target-L0 term λ·(L0/k − 1)²
     bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the θ pseudo-gradients (unit-norm scale)
     threshold_lr: float = 1e-2  # jumprelu: Adam learning rate of log θ (same warm-up and decay)
+    afa_coef: float = 0.0  # topafa: weight of the AFA term (code norm pulled to the centred input norm)
     seed: int = 0
 
     def check(self) -> None:
@@ -113,7 +115,7 @@ class TrainConfig:
         for name in ("bandwidth", "threshold_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise SaeCompressError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef"):
+        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef", "afa_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
@@ -210,6 +212,11 @@ class Trainer:
             l0_loss = (out.l0 / self.target_l0 - 1).pow(2)
             loss = loss + cfg.l0_coef * l0_loss
             stats["l0_loss"] = float(l0_loss.detach())
+        if cfg.afa_coef > 0:
+            target = (xin - sae.b_dec).detach().norm(dim=1)
+            afa_loss = (out.top_vals.norm(dim=1) - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+            loss = loss + cfg.afa_coef * afa_loss
+            stats["afa"] = float(afa_loss.detach())
         if out.aux_recon is not None:
             residual = (xin - out.recon).detach()
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))

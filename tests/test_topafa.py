@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from saecompress import convert
+from saecompress import SaeCompressError, convert
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, save_compact
 from saecompress.exporters.onnx import EncodeLayout, build_onnx
@@ -284,9 +284,10 @@ def test_cli_train_init_export_monitor(planted, tmp_path):
     first = tmp_path / "first.safetensors"
     common = ["--acts", str(planted), "--n", "64", "--batch-size", "256", "--held-out", "2000", "--json"]
     result = runner.invoke(cli, ["train", *common, "--d", str(D), "--k", "8", "--activation", "topafa",
-                                 "--tokens", "10240", "--out", str(first)])
+                                 "--afa-coef", "0.1", "--tokens", "10240", "--out", str(first)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["training"]["rule"] == "topafa"
+    run_ = json.loads(result.stdout.strip().splitlines()[-1])["training"]
+    assert run_["rule"] == "topafa" and run_["afa_coef"] == 0.1
     again = tmp_path / "again.safetensors"
     result = runner.invoke(cli, ["train", *common, "--init", str(first), "--tokens", "5120", "--out", str(again)])
     assert result.exit_code == 0, result.output
@@ -317,3 +318,28 @@ def test_finetune_keeps_the_rule(tiny_lm, tiny_llama, tmp_path):
     run = stats["finetune"]
     assert run["steps"] == 20 and run["fvu_last"] < run["fvu_first"]
     assert (load(out).activation, load(out).k) == ("topafa", 24)
+
+
+def test_afa_term_is_the_papers_term_in_fvu_units(planted, tmp_path):
+    from saecompress.objective import training_forward
+    from saecompress.trainer import Trainer
+
+    x = torch.from_numpy(np.load(planted)[:128])
+    steps = {}
+    for coef in (0.0, 0.5):
+        sae = make_sae("seed", n=96, k=12).requires_grad_(True)
+        trainer = Trainer(sae, TrainConfig(k=12, d=D, n=96, activation="topafa", afa_coef=coef), total_steps=10)
+        xin = trainer.inputs(x)
+        with torch.no_grad():
+            code = training_forward(sae, xin, trainer.layout).top_vals.double()
+        target = (xin - sae.b_dec).detach().double().norm(dim=1)
+        want = float(((code.norm(dim=1) - target) ** 2).mean() / (target**2).mean())
+        stats = trainer.train_step(x)
+        steps[coef] = sae.values.detach().clone()
+        if coef:
+            assert stats["afa"] == pytest.approx(want, rel=1e-5) and want > 0.01
+            assert stats["loss"] == pytest.approx(stats["fvu"] + coef * want, rel=1e-5)
+    assert not torch.equal(steps[0.0], steps[0.5])  # the term moves the parameters
+    with pytest.raises(SaeCompressError, match="--afa-coef weighs top-AFA"):
+        train(planted, tmp_path / "x.safetensors", TrainConfig(k=2, d=D, n=64, afa_coef=1.0, tokens=512,
+                                                                batch_size=256), progress=False)

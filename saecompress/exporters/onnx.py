@@ -336,7 +336,8 @@ class _Exporter:
             meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": self.storage_dtype,
                      "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}
             if graph != "decode":
-                meta |= {"layout": f"chunk={self.layout.chunk},group={self.layout.group_for(sae.n, self.k, sae.activation)},"
+                group = self.layout.group_for(sae.n, self.k, sae.activation)
+                meta |= {"layout": f"chunk={self.layout.chunk},group={group},"
                                    f"single_row_branch={str(self.layout.single_row_branch).lower()}"}
         return {METADATA_PREFIX + key: str(value) for key, value in meta.items()}
 
