@@ -165,14 +165,14 @@ def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor
     per_latent = torch.zeros(sae.n, dtype=torch.int64)
     if sae.activation == "topafa":  # uncapped: the rule over all n latents, in blocks of rows
         centred = sae._prepare(sae._flatten(x)[0])
-        rows = []
-        for start in range(0, centred.shape[0], max(1, _CHUNK_ELEMENTS // sae.n)):
-            block = centred[start:start + max(1, _CHUNK_ELEMENTS // sae.n)]
+        step = max(1, _CHUNK_ELEMENTS // sae.n)
+        per_row = []
+        for block in centred.split(step):
             values, indices, _ = select_afa(sae._pre_activations(block), sae.n, sae.row_norms(), block.norm(dim=-1))
-            fires = values > 0
-            per_latent.index_add_(0, indices[fires], torch.ones_like(indices[fires]))
-            rows.append(fires.sum(1))
-        return torch.cat(rows), per_latent
+            kept = indices[values > 0]
+            per_latent.index_add_(0, kept, torch.ones_like(kept))
+            per_row.append((values > 0).sum(1))
+        return torch.cat(per_row), per_latent
     per_row = None
     for start, pre in sae.pre_activation_chunks(x):
         fires = topk_scores(pre, sae.activation, sae.threshold[start:start + pre.shape[1]]) > 0

@@ -246,18 +246,18 @@ class _Exporter:
             x, mu, std = self._call(layer_norm_function(self.opset), [x], 3)
             stats = (mu, std)
         centred = self.b.op("Sub", x, self.weight("b_dec"))
-        threshold = (self.weight("row_norms") if sae.activation == "topafa" else self.weight("threshold")
-                     if self.variable else None)
+        gate = (self.weight("row_norms") if sae.activation == "topafa" else self.weight("threshold")
+                if self.variable else None)  # the function's fifth input
         if self.expander:
             function = expander_encode_function(sae.m, sae.n, sae.d, self.k, sae.activation,
                                                 self.opset, self.layout)
             inputs = [centred, self.weight("indices"), self.weight("enc_values"), self.weight("b_enc")]
-            results = self._call(function, inputs + ([threshold] if threshold else []), 3 if threshold else 2,
+            results = self._call(function, inputs + ([gate] if gate else []), 3 if gate else 2,
                                  k=self.k, activation=sae.activation)
-            return (*results, None) if threshold is None else tuple(results), stats
+            return (*results, None) if gate is None else tuple(results), stats
         pre = self.b.op("Add", self.b.op("MatMul", centred, self.weight("W_enc")), self.weight("b_enc"))
         target = norm_of_rows(self.b, centred) if sae.activation == "topafa" else None
-        return select_counted(self.b, pre, self.k, sae.activation, threshold, target, sae.n), stats
+        return select_counted(self.b, pre, self.k, sae.activation, gate, target, sae.n), stats
 
     def decode(self, values: str, indices: str) -> str:
         """Reconstruction ``[B, m]`` (normalised space) of float32 ``values``, int64 ``indices`` (-1: unused)."""

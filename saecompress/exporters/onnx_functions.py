@@ -141,10 +141,9 @@ def select_counted(b: GraphBuilder, pre: str, k: int, activation: str, gate: str
     ``[B]``; ``gate``: θ of a threshold activation, or ``row_norms`` with ``target`` for ``topafa``."""
     if activation == "topafa":
         return select_afa(b, pre, width, k, gate, target)
-    threshold = gate
-    if threshold is None:
+    if gate is None:
         return (*select_topk(b, pre, k, activation), None)
-    code, fired = thresholded(b, pre, threshold)
+    code, fired = thresholded(b, pre, gate)
     return (*select_fired(b, code, k), overflow(b, count_fired(b, fired), k))
 
 
