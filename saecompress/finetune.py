@@ -22,7 +22,8 @@ moments reset). The fine-tune refines latents but does not lose them.
 **Threshold SAEs** (``jumprelu``, ``batchtopk``) keep their thresholds θ fixed: the code is
 ``pre·[pre > θ]`` over the model's ``k`` candidates per row (its cap), with gradient ``[pre > θ]``
 wrt ``pre``; the STE rule that learns θ (``trainer.py``) needs the target-L0 term, which a KL
-fine-tune has no target for. Encoders, decoders and biases learn as for top-k SAEs.
+fine-tune has no target for. Encoders, decoders and biases learn as for top-k SAEs. A ``topafa`` SAE
+keeps what its norm-matching rule picks among its ``k`` candidates, with gradient through the kept values.
 
 Each step costs two forward passes of the LM and one backward pass through the layers after the
 hookpoint. Adam, cosine decay from ``lr`` to 0 (``objective.lr_factor``), gradient clipping.
@@ -47,7 +48,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
-from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, SparseAutoencoder
+from .models import VARIABLE_COUNT, ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -194,7 +195,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            if step == 0 and cfg.dead_tokens is None and sae.activation in THRESHOLD_ACTIVATIONS:
+            if step == 0 and cfg.dead_tokens is None and sae.activation in VARIABLE_COUNT:
                 keeper.dead.dead_tokens = max(1, round(32 * sae.n / max(1.0, splice.l0)))  # k is only a cap
             keeper.update(splice.fired, int(splice.keep.sum()))
             history.append((float(kl.detach()), float(splice.fvu.detach())))

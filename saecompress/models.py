@@ -18,6 +18,9 @@ number of latents; ``k`` caps what ``encode`` returns (the top-k of the threshol
 fewer fire, the remaining slots hold value 0 at latents that did not fire. Readers set ``k = n``;
 with data, ``l0_cap`` sets it from the per-row L0 (``active_counts``).
 A threshold model built without ``threshold`` starts at θ = 0.
+``topafa`` (top-AFA, Lee et al. 2025) also fires a variable number, chosen per row by norm matching
+(``select_afa``): no threshold; ``k`` is its cap in the same way. ``VARIABLE_COUNT`` names the
+activations whose ``k`` is a cap (threshold ones and ``topafa``).
 
 An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``indices[i, j]``;
 its encoder column ``i`` has the same support, with the same values (``encoder="tied"``) or its
@@ -50,11 +53,13 @@ ORDERINGS: dict[str, tuple[str, bool]] = {
 ACTIVATIONS = tuple(ORDERINGS)
 # Activations gated by a learned threshold (the per-latent / global θ buffer ``threshold``).
 THRESHOLD_ACTIVATIONS = ("jumprelu", "batchtopk")
-ALL_ACTIVATIONS = ACTIVATIONS + THRESHOLD_ACTIVATIONS
+# Activations that fire a variable number of latents per row, ``k`` capping what is kept (``max_l0``).
+VARIABLE_COUNT = THRESHOLD_ACTIVATIONS + ("topafa",)
+ALL_ACTIVATIONS = ACTIVATIONS + VARIABLE_COUNT
 ENCODERS = ("tied", "untied")
-# A threshold SAE's cap k, set on data: this quantile of its per-row L0 (``l0_cap``).
+# A variable-count SAE's cap k, set on data: this quantile of its per-row L0 (``l0_cap``).
 L0_CAP_QUANTILE = 0.999
-Activation = Literal["topk_relu", "relu_topk", "signed_topk", "abs_topk", "jumprelu", "batchtopk"]
+Activation = Literal["topk_relu", "relu_topk", "signed_topk", "abs_topk", "jumprelu", "batchtopk", "topafa"]
 
 LAYER_NORM_EPS = 1e-5
 # Encode works on this many (latent, row) pre-activations at a time: bounds memory at any n.
@@ -74,9 +79,13 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def topk_scores(pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None) -> torch.Tensor:
+def topk_scores(pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None,
+                row_norms: torch.Tensor | None = None) -> torch.Tensor:
     """What top-k ranks under ``activation``: ``pre``, ``ReLU(pre)`` for ``relu_topk``, ``|pre|``
-    for ``abs_topk``, or the thresholded code ``ReLU(pre)·[pre > threshold]`` for a threshold activation."""
+    for ``abs_topk``, the thresholded code ``ReLU(pre)·[pre > threshold]`` for a threshold activation,
+    or ``ReLU(pre)·row_norms`` (each latent's share of the reconstruction norm) for ``topafa``."""
+    if activation == "topafa":
+        return torch.relu(pre) * row_norms.to(pre.dtype)
     if activation in THRESHOLD_ACTIVATIONS:
         return torch.relu(pre) * (pre > threshold)  # compared in float32: θ never rounds to pre's dtype
     rank = ORDERINGS[activation][0]
@@ -84,8 +93,10 @@ def topk_scores(pre: torch.Tensor, activation: str, threshold: torch.Tensor | No
 
 
 def ranked_values(pre: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, activation: str) -> torch.Tensor:
-    """The values of the top-k ``scores`` at ``indices`` of ``pre``: the scores themselves, or the
-    signed pre-activations under ``abs_topk``."""
+    """The values of the top-k ``scores`` at ``indices`` of ``pre``: the scores themselves, the
+    signed pre-activations under ``abs_topk``, or ``ReLU(pre)`` under ``topafa``."""
+    if activation == "topafa":
+        return torch.relu(pre.gather(-1, indices))
     return pre.gather(-1, indices) if ORDERINGS.get(activation, ("",))[0] == "abs" else scores
 
 
@@ -96,7 +107,7 @@ def topk_kept(values: torch.Tensor, activation: str) -> torch.Tensor:
 
 def relu_cuts(activation: str) -> bool:
     """Whether a ReLU (before or after top-k, or a threshold) zeroes some kept values' gradient."""
-    return activation in THRESHOLD_ACTIVATIONS or ORDERINGS[activation][0] == "relu" or ORDERINGS[activation][1]
+    return activation in VARIABLE_COUNT or ORDERINGS[activation][0] == "relu" or ORDERINGS[activation][1]
 
 
 def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = True,
@@ -112,14 +123,56 @@ def select_topk(pre: torch.Tensor, k: int, activation: str, *, sorted: bool = Tr
     return topk_kept(ranked_values(pre, scores, indices, activation), activation), indices
 
 
+def afa_count(scores: torch.Tensor, target: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(count [B], overflow [B] bool)`` of the top-AFA norm-matching rule on ``scores [B, c]``
+    sorted descending (``c`` ≥ ``k``): with ``c_j = √(Σ_{l≤j} s_l²)``, ``count = argmin_{j≤k} |c_j − t|``
+    (1-based, first minimum) for the target norm ``t = target [B]``; a row overflows when ``c > k``
+    and ``|c_{k+1} − t| < |c_k − t|`` (the uncapped rule would keep more than ``k``)."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    cum = scores.detach().to(dtype).square().cumsum(-1).sqrt()
+    err = (cum - target.detach().to(dtype).unsqueeze(-1)).abs()
+    count = err[:, :k].argmin(-1) + 1
+    if scores.shape[-1] > k:
+        return count, err[:, k] < err[:, k - 1]
+    return count, torch.zeros_like(count, dtype=torch.bool)
+
+
+def afa_kept(values: torch.Tensor, scores: torch.Tensor, target: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [B, k] past each row's count zeroed, overflow [B])``: the top-AFA rule
+    (:func:`afa_count`) on candidates ``values``, ``scores [B, c]`` sorted by descending score."""
+    count, overflow = afa_count(scores, target, k)
+    keep = torch.arange(k, device=values.device) < count.unsqueeze(-1)
+    return values[:, :k] * keep, overflow
+
+
+def select_afa(pre: torch.Tensor, k: int, row_norms: torch.Tensor,
+               target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values [B, k], indices [B, k], overflow [B])`` of top-AFA on ``pre [B, n]``: the ``k`` (+1 to
+    see overflow) largest ``ReLU(pre)·row_norms``, then :func:`afa_kept` with ``target = ‖x' − b_dec‖``."""
+    scores, indices = topk_scores(pre, "topafa", row_norms=row_norms).topk(min(k + 1, pre.shape[-1]), dim=-1)
+    values, overflow = afa_kept(ranked_values(pre, scores, indices, "topafa"), scores, target, k)
+    return values, indices[:, :k], overflow
+
+
 @torch.no_grad()
 def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per_row [B], per_latent [n])``: how many latents each row of a threshold SAE fires on ``x``
-    (flattened to ``[B, m]``) before the cap ``k``, and on how many rows each latent fires (int64)."""
-    if sae.threshold is None:
-        raise SaeCompressError(f"activation {sae.activation!r} has no threshold; active counts are for "
-                               f"{', '.join(THRESHOLD_ACTIVATIONS)}")
+    """``(per_row [B], per_latent [n])``: how many latents each row of a variable-count SAE fires on
+    ``x`` (flattened to ``[B, m]``) before the cap ``k``, and on how many rows each latent fires (int64)."""
+    if sae.activation not in VARIABLE_COUNT:
+        raise SaeCompressError(f"activation {sae.activation!r} has no threshold and keeps k latents; active counts "
+                               f"are for {', '.join(VARIABLE_COUNT)}")
     per_latent = torch.zeros(sae.n, dtype=torch.int64)
+    if sae.activation == "topafa":  # uncapped: the rule over all n latents, in blocks of rows
+        centred = sae._prepare(sae._flatten(x)[0])
+        step = max(1, _CHUNK_ELEMENTS // sae.n)
+        per_row = []
+        for block in centred.split(step):
+            values, indices, _ = select_afa(sae._pre_activations(block), sae.n, sae.row_norms(), block.norm(dim=-1))
+            kept = indices[values > 0]
+            per_latent.index_add_(0, kept, torch.ones_like(kept))
+            per_row.append((values > 0).sum(1))
+        return torch.cat(per_row), per_latent
     per_row = None
     for start, pre in sae.pre_activation_chunks(x):
         fires = topk_scores(pre, sae.activation, sae.threshold[start:start + pre.shape[1]]) > 0
@@ -129,17 +182,17 @@ def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def l0_cap(per_row: torch.Tensor, n: int) -> int:
-    """The cap ``k`` of a threshold SAE from its per-row L0 on data: their ``L0_CAP_QUANTILE`` quantile
+    """The cap ``k`` of a variable-count SAE from its per-row L0 on data: their ``L0_CAP_QUANTILE`` quantile
     (a value some row reaches), at least 1 and at most ``n``."""
     return min(n, max(1, int(np.quantile(per_row.cpu().numpy(), L0_CAP_QUANTILE, method="higher"))))
 
 
 def require_topk(activation: str, command: str, why: str) -> None:
-    """Refuse a threshold activation in ``command``, which supports the top-k orderings only so far
+    """Refuse a variable-count activation in ``command``, which supports the top-k orderings only so far
     (``why``: what it still needs)."""
-    if activation in THRESHOLD_ACTIVATIONS:
+    if activation in VARIABLE_COUNT:
         raise SaeCompressError(
-            f"activation {activation!r} (a threshold SAE) is not supported by {command} yet ({why}); "
+            f"activation {activation!r} (a variable-count SAE) is not supported by {command} yet ({why}); "
             f"it supports the top-k activations {', '.join(ACTIVATIONS)}"
         )
 
@@ -272,7 +325,13 @@ class SparseAutoencoder(nn.Module):
         return (out.reshape(*lead, self.m), values.reshape(*lead, self.k),
                 indices.reshape(*lead, self.k))
 
+    def row_norms(self) -> torch.Tensor:
+        """``[n]`` decoder row norms (what top-AFA weighs each latent's activation by)."""
+        return self.decoder_rows.detach().norm(dim=1)
+
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.activation == "topafa":
+            return select_afa(self._pre_activations(centred), self.k, self.row_norms(), centred.norm(dim=-1))[:2]
         return select_topk(self._pre_activations(centred), self.k, self.activation, threshold=self.threshold)
 
     @property
@@ -381,20 +440,27 @@ class ExpanderSAE(SparseAutoencoder):
             yield start, self._chunk_pre(x_t, start, stop).T
 
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k over latent chunks with a running merge: memory O(B·(chunk + k)), not O(B·n)."""
+        """Top-k over latent chunks with a running merge: memory O(B·(chunk + k)), not O(B·n).
+        ``topafa`` merges ``k + 1`` candidates, then applies its rule (``afa_kept``)."""
+        afa = self.activation == "topafa"
+        keep = self.k + 1 if afa else self.k
+        norms = self.row_norms() if afa else None
         best_scores = best_vals = best_idx = None
         for start, pre in self._pre_chunks(centred):
             stop = start + pre.shape[1]
             threshold = None if self.threshold is None else self.threshold[start:stop]
-            scores, idx = topk_scores(pre, self.activation, threshold).topk(min(self.k, stop - start), dim=-1)
+            scores, idx = topk_scores(pre, self.activation, threshold, None if norms is None else norms[start:stop]
+                                      ).topk(min(keep, stop - start), dim=-1)
             vals = ranked_values(pre, scores, idx, self.activation)
             idx = idx + start
             if best_scores is not None:
                 scores, pos = torch.cat([best_scores, scores], 1).topk(
-                    min(self.k, best_scores.shape[1] + scores.shape[1]), dim=-1)
+                    min(keep, best_scores.shape[1] + scores.shape[1]), dim=-1)
                 vals = torch.cat([best_vals, vals], 1).gather(1, pos)
                 idx = torch.cat([best_idx, idx], 1).gather(1, pos)
             best_scores, best_vals, best_idx = scores, vals, idx
+        if afa:
+            return afa_kept(best_vals, best_scores, centred.norm(dim=-1), self.k)[0], best_idx[:, :self.k]
         return topk_kept(best_vals, self.activation), best_idx
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import math
 import torch
 
 from .models import SparseAutoencoder, TopKSAE, select_topk, unit_rows
-from .sparse_ops import (BANDWIDTH, MaskLayout, SparseForward, aux_activation, gated_code, sparse_forward,
-                         threshold_candidates, threshold_counts, training_rule)
+from .sparse_ops import (BANDWIDTH, MaskLayout, SparseForward, afa_candidates, afa_inputs, aux_activation, gated_code,
+                         sparse_forward, threshold_candidates, threshold_counts, training_rule)
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -34,13 +34,17 @@ def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_au
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     activation, threshold = training_rule(sae, threshold, batch_k)
     counts = None
-    if threshold is not None:
+    afa = afa_inputs(sae, x)
+    if afa is not None:
+        top_idx = afa_candidates(pre.detach(), afa[0], sae.k)
+        top = pre.gather(1, top_idx)
+    elif threshold is not None:
         top_idx = threshold_candidates(pre.detach(), threshold.detach(), sae.k, bandwidth)
         top = pre.gather(1, top_idx)
         counts = threshold_counts(pre.detach(), threshold.detach(), bandwidth)
     else:
         top, top_idx = select_topk(pre, sae.k, activation)
-    code, l0 = gated_code(top, top_idx, x.shape[0], threshold, counts, batch_k, bandwidth)
+    code, l0 = gated_code(top, top_idx, x.shape[0], threshold, counts, batch_k, bandwidth, afa)
     recon = sae.decode(code, top_idx)
     aux = None
     if dead is not None and k_aux > 0 and bool(dead.any()):

@@ -25,7 +25,7 @@ import numpy as np
 from .activations import open_activations
 from .errors import SaeCompressError, first_line
 from .exporters.onnx import build_onnx, read_onnx_metadata
-from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE
+from .models import VARIABLE_COUNT, ExpanderSAE, TopKSAE
 from .sources import load_source
 
 CUDA = "CUDAExecutionProvider"
@@ -118,7 +118,7 @@ class Monitor:
                                    "export --graph encode or autoencoder")
         self.m, self.n, self.k = int(meta["m"]), int(meta["n"]), int(meta["k"])
         self.metadata = meta
-        self.threshold = meta.get("activation") in THRESHOLD_ACTIVATIONS
+        self.variable_count = meta.get("activation") in VARIABLE_COUNT
         first = self.session.get_inputs()[0]
         self._input_rank = len(first.shape)
         self._input_dtype = np.float16 if "float16" in first.type else np.float32
@@ -175,10 +175,10 @@ class Monitor:
         indices = np.full((len(flat), self.k), -1, dtype=np.int64)
         values = np.full((len(flat), self.k), np.nan, dtype=np.float32)
         spilled = np.zeros(len(flat), dtype=np.int64)
-        out = self._run(flat, finite, ["top_indices", "top_values"] + (["overflow"] if self.threshold else []))
+        out = self._run(flat, finite, ["top_indices", "top_values"] + (["overflow"] if self.variable_count else []))
         if out:
             indices[finite], values[finite] = out[0][finite], out[1][finite]
-            if self.threshold:
+            if self.variable_count:
                 spilled[finite] = out[2][finite]
         self.overflow = spilled.reshape(lead)
         self.overflow_rows += int((spilled > 0).sum())

@@ -21,7 +21,9 @@ straight-through pseudo-derivative ``−(θ/ε)·K((pre − θ)/ε)`` wrt θ, an
 mean of ``Σ_i [pre_i > θ_i]`` with pseudo-derivative ``−(1/ε)·K`` (K: the rectangle kernel), from
 per-latent counts the encode takes over all ``n``. **BatchTopK** (Bussmann et al. 2024): the
 encode keeps a cap of ``ReLU(pre)`` per row and :func:`batch_topk` keeps the ``B·k`` largest of the
-batch.
+batch. **top-AFA** (Lee et al. 2025): the encode returns the pre-activations of a cap of candidates
+ranked by ``ReLU(pre)·‖decoder row‖``; :func:`gated_code` keeps the count its norm-matching rule picks
+(``models.afa_kept``), the gradient flowing through the kept ``ReLU(pre)`` as for top-k.
 Gradients equal those of the dense masked model (``W = mask ⊙ V``) exactly up to rounding
 (checked in float64 by ``tests/test_train.py``).
 """
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .models import THRESHOLD_ACTIVATIONS, relu_cuts, select_topk
+from .models import VARIABLE_COUNT, afa_kept, relu_cuts, select_topk, topk_scores
 
 _ROW_BLOCK = 256  # batch rows per CSR product in sparse_pre_activations
 BANDWIDTH = 1e-3  # JumpReLU's rectangle window ε at unit mean squared input norm (the papers' scale)
@@ -99,9 +101,9 @@ def batch_topk(values: Tensor, k: int) -> Tensor:
 
 
 def aux_activation(activation: str) -> str:
-    """The ordering AuxK ranks dead latents by: the model's, or ``relu_topk`` for a threshold SAE
+    """The ordering AuxK ranks dead latents by: the model's, or ``relu_topk`` for a variable-count SAE
     (a dead latent is below its threshold everywhere)."""
-    return "relu_topk" if activation in THRESHOLD_ACTIVATIONS else activation
+    return "relu_topk" if activation in VARIABLE_COUNT else activation
 
 
 def training_rule(sae, threshold: Tensor | None, batch_k: int | None) -> tuple[str, Tensor | None]:
@@ -109,21 +111,38 @@ def training_rule(sae, threshold: Tensor | None, batch_k: int | None) -> tuple[s
     ranks ``ReLU(pre)``; a threshold SAE is gated by ``threshold``, by default its own (fixed) θ."""
     if batch_k is not None:
         return "relu_topk", None
-    if threshold is None and sae.activation in THRESHOLD_ACTIVATIONS:
+    if threshold is None and sae.threshold is not None:
         threshold = sae.threshold
     return sae.activation, threshold
 
 
+def afa_candidates(pre: Tensor, row_norms: Tensor, cap: int) -> Tensor:
+    """``[B, cap]`` top-AFA candidates per row: the largest ``ReLU(pre)·row_norms``, in descending order."""
+    return topk_scores(pre, "topafa", row_norms=row_norms).topk(cap, dim=-1).indices
+
+
 def gated_code(top: Tensor, idx: Tensor, rows: int, threshold: Tensor | None, counts: tuple[Tensor, Tensor] | None,
-               batch_k: int | None, bandwidth: float) -> tuple[Tensor, Tensor | None]:
+               batch_k: int | None, bandwidth: float,
+               afa: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     """``(code values [B, cap], mean L0 or None)`` from the encode's ``top`` outputs: JumpReLU of the
-    candidates' pre-activations with ``threshold``, the BatchTopK of ``batch_k``, or ``top`` as is."""
+    candidates' pre-activations with ``threshold``, the BatchTopK of ``batch_k``, top-AFA with
+    ``afa = (row_norms [n], target [B])`` (candidates :func:`afa_candidates`), or ``top`` as is."""
+    if afa is not None:
+        code = torch.relu(top)
+        return afa_kept(code, code.detach() * afa[0].to(top.dtype)[idx], afa[1], top.shape[1])[0], None
     if batch_k is not None:
         return batch_topk(top, batch_k), None
     if threshold is None:
         return top, None
     code = JumpReLU.apply(top, threshold.to(top.dtype)[idx], bandwidth)
     return code, L0.apply(threshold, counts[0], counts[1], rows, bandwidth)
+
+
+def afa_inputs(sae, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(row_norms [n], target [B])`` of a top-AFA training forward on ``x [B, m]`` (detached), else None."""
+    if sae.activation != "topafa":
+        return None
+    return sae.row_norms(), (x - sae.b_dec).detach().norm(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -180,23 +199,28 @@ class SparseEncodeTopK(torch.autograd.Function):
 
     ``top_*`` are the k kept pre-activations per row under ``activation`` (``models.select_topk``),
     or with a ``threshold`` the pre-activations of the k :func:`threshold_candidates` (gated later by
-    :class:`JumpReLU`) and ``fires, window`` their :func:`threshold_counts` (else empty); ``aux_*``
+    :class:`JumpReLU`) and ``fires, window`` their :func:`threshold_counts` (else empty), or with
+    ``row_norms`` (``topafa``) those of the k :func:`afa_candidates` (kept later by :func:`gated_code`); ``aux_*``
     the ``k_aux`` kept among latents flagged in ``dead`` (empty when ``k_aux == 0`` or ``dead`` is
     None), for the AuxK loss. Index outputs and counts are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, enc_values, b_enc, b_dec, layout: MaskLayout, k: int, activation: str,
-                dead: Tensor | None, k_aux: int, threshold: Tensor | None = None, bandwidth: float = BANDWIDTH):
+                dead: Tensor | None, k_aux: int, threshold: Tensor | None = None, bandwidth: float = BANDWIDTH,
+                row_norms: Tensor | None = None):
         xc = x - b_dec
         pre = sparse_pre_activations(xc, enc_values, b_enc, layout)
-        if threshold is not None:
+        fires = window = x.new_zeros(0)
+        if row_norms is not None:
+            top_idx = afa_candidates(pre, row_norms, k)
+            top_vals = pre.gather(1, top_idx)
+        elif threshold is not None:
             top_idx = threshold_candidates(pre, threshold, k, bandwidth)
             top_vals = pre.gather(1, top_idx)
             fires, window = threshold_counts(pre, threshold, bandwidth)
         else:
             top_vals, top_idx = select_topk(pre, k, activation, sorted=False)
-            fires = window = x.new_zeros(0)
         if dead is not None and k_aux > 0 and bool(dead.any()):
             k_aux = min(k_aux, int(dead.sum()))
             aux_vals, aux_idx = select_topk(pre, k_aux, aux_activation(activation), sorted=False, among=dead)
@@ -206,8 +230,9 @@ class SparseEncodeTopK(torch.autograd.Function):
             aux_idx = torch.zeros(x.shape[0], 0, dtype=torch.int64)
         del pre
         ctx.layout = layout
-        # a ReLU before or after top-k cuts the gradient of values it zeroed (JumpReLU gates outside)
-        ctx.relu = (threshold is None and relu_cuts(activation), relu_cuts(aux_activation(activation)))
+        # a ReLU before or after top-k cuts the gradient of values it zeroed (JumpReLU, top-AFA gate outside)
+        ctx.relu = (threshold is None and row_norms is None and relu_cuts(activation),
+                    relu_cuts(aux_activation(activation)))
         ctx.x_requires_grad = x.requires_grad
         ctx.save_for_backward(xc, enc_values, top_vals, top_idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(top_idx, aux_idx, fires, window)
@@ -243,7 +268,7 @@ class SparseEncodeTopK(torch.autograd.Function):
             g_xc = torch.zeros_like(xc).scatter_add_(1, rows, contrib)
             g_b_dec = -g_xc.sum(0) if need_b_dec else None
             g_x = g_xc if ctx.x_requires_grad else None
-        return g_x, g_values, g_b_enc, g_b_dec, None, None, None, None, None, None, None
+        return g_x, g_values, g_b_enc, g_b_dec, None, None, None, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -298,13 +323,15 @@ def sparse_forward(sae, x: Tensor, layout: MaskLayout, dead: Tensor | None = Non
     Gradients reach ``values`` (and ``enc_values`` when untied), ``b_enc`` and ``b_dec`` through
     the sparse functions above only. A threshold SAE is gated by ``threshold`` (``θ [n]``; default
     its own buffer; a learned θ gets the JumpReLU pseudo-gradients) over ``sae.k`` candidates per
-    row; ``batch_k`` trains BatchTopK instead (``sae.k`` ReLU candidates per row, ``B·batch_k`` kept).
+    row; ``batch_k`` trains BatchTopK instead (``sae.k`` ReLU candidates per row, ``B·batch_k`` kept);
+    ``topafa`` keeps what its rule picks among ``sae.k`` candidates per row.
     """
     activation, threshold = training_rule(sae, threshold, batch_k)
+    afa = afa_inputs(sae, x)
     top, top_idx, aux_vals, aux_idx, fires, window = SparseEncodeTopK.apply(
         x, sae.encoder_values, sae.b_enc, sae.b_dec, layout, sae.k, activation, dead, k_aux,
-        None if threshold is None else threshold.detach(), bandwidth)
-    code, l0 = gated_code(top, top_idx, x.shape[0], threshold, (fires, window), batch_k, bandwidth)
+        None if threshold is None else threshold.detach(), bandwidth, None if afa is None else afa[0])
+    code, l0 = gated_code(top, top_idx, x.shape[0], threshold, (fires, window), batch_k, bandwidth, afa)
     recon = SparseDecode.apply(code, top_idx, sae.values, sae.b_dec, layout)
     aux_recon = None
     if aux_idx.shape[1] > 0:

@@ -9,6 +9,7 @@ A threshold SAE (``jumprelu``, ``batchtopk``) trains towards a mean L0 of ``k`` 
 ``init`` without it: the starting SAE's mean L0 on the first training rows) on a cap of
 ``trainer.CAP_FACTOR·k`` candidates per row; the saved model's ``k`` is the cap
 ``models.l0_cap`` of its per-row L0 on the held-out rows (the training rows when none are held out).
+A ``topafa`` SAE trains with ``--k`` (default 32) as the cap on its rule's count and is saved the same way.
 
 Checkpoints: ``OUT.ckpt`` (model + optimizer + counters, for ``resume``), written atomically
 every ``checkpoint_every`` steps, on Ctrl-C and at the end; ``OUT`` itself is written only by a
@@ -38,8 +39,8 @@ from .convert import DEFAULT_MASK, convert
 from .distill import latent_agreement
 from .errors import SaeCompressError
 from .metrics import evaluate
-from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, active_counts, l0_cap,
-                     require_topk)
+from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts,
+                     l0_cap, require_topk)
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
@@ -227,6 +228,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if jumprelu_only and sae.activation != "jumprelu":
         raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
                                f"{sae.activation}: drop it, or train --activation jumprelu")
+    if cfg.afa_coef and sae.activation != "topafa":
+        raise SaeCompressError(f"--afa-coef weighs top-AFA's norm-matching term; this run trains {sae.activation}: "
+                               "drop it, or train --activation topafa")
     target = None
     if sae.activation in THRESHOLD_ACTIVATIONS:
         target = _target_l0(cfg, sae, fresh, train_src)
@@ -282,16 +286,17 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     bar.close()
     checkpoint()  # the last state: --resume continues a stopped run and only rewrites OUT after a complete one
     sae = trainer.export()
-    cap = _set_l0_cap(sae, held_src or train_src) if target is not None else None
+    cap = _set_l0_cap(sae, held_src or train_src) if sae.activation in VARIABLE_COUNT else None
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
     if cap is not None:
         metrics["training"].update(
-            rule=trainer.threshold_rule, target_l0=target, max_l0=cap[0],
+            rule=sae.activation, **({"target_l0": target} if target is not None else {}), max_l0=cap[0],
+            **({"afa_coef": cfg.afa_coef} if sae.activation == "topafa" else {}),
             max_l0_rule=f"quantile {L0_CAP_QUANTILE} of per-row L0 on {cap[1]} "
                         f"{'held-out' if held_src is not None else 'training'} rows",
             **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth, "threshold_lr": cfg.threshold_lr}
                if trainer.threshold_rule == "jumprelu"
-               else {"threshold": float(sae.threshold[0])}))
+               else {"threshold": float(sae.threshold[0])} if trainer.threshold_rule == "batchtopk" else {}))
     if trainer.step < total_steps:
         metrics["training"]["stopped_early"] = True
     else:

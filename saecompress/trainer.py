@@ -6,6 +6,7 @@ One step for both models and for distillation::
          + auxk_coef · FVU(e, ê_aux)                    # AuxK: dead latents reconstruct e = x − x̂
          + distill_coef · latent term                   # distillation only (see distill.py)
          + l0_coef · (L0 / k − 1)²                      # JumpReLU only: mean L0 pulled to the target k
+         + afa_coef · E(‖z‖ − ‖x − b_dec‖)² / E‖x − b_dec‖²  # topafa only: the paper's AFA term
 
 Decoder rows are kept at unit norm (gradient component along each row removed before the step,
 rows renormalised after it: ``objective.py``). Adam with ``lr ≈ 3e-3/√(n/2¹⁴)`` (expander; dense
@@ -31,6 +32,10 @@ truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 an
   the ``B·k`` largest ``ReLU(pre)`` of the batch; the global θ the saved model thresholds at is an
   EMA (``THRESHOLD_EMA``) of the smallest kept activation.
 
+``topafa`` (top-AFA, ``models.select_afa``) has no θ: ``k`` is its training cap, the step keeps what the
+norm-matching rule picks among the ``k`` largest ``ReLU(pre)·‖decoder row‖`` (``sparse_ops.gated_code``),
+AuxK as for top-k, no re-aiming by default.
+
 The run loop around it (data, checkpoints, files, the saved cap) is ``train.py``.
 """
 
@@ -48,7 +53,7 @@ import torch
 from .distill import DistillTerm
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
-from .models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, require_topk, unit_rows
+from .models import THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, require_topk, unit_rows
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
 from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
 
@@ -91,6 +96,7 @@ class TrainConfig:
     l0_coef: float = 1.0  # jumprelu: λ of the target-L0 term λ·(L0/k − 1)²
     bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the θ pseudo-gradients (unit-norm scale)
     threshold_lr: float = 1e-2  # jumprelu: Adam learning rate of log θ (same warm-up and decay)
+    afa_coef: float = 0.0  # topafa: weight of the AFA term (code norm pulled to the centred input norm)
     seed: int = 0
 
     def check(self) -> None:
@@ -109,7 +115,7 @@ class TrainConfig:
         for name in ("bandwidth", "threshold_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise SaeCompressError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef"):
+        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef", "afa_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
@@ -159,7 +165,8 @@ class Trainer:
         self.base_lr = cfg.learning_rate(sae.n, isinstance(sae, ExpanderSAE))
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else sae.m // 2
         self.bandwidth = cfg.bandwidth * math.sqrt(sae.m)  # ε in the training scale (E‖x − mean‖² = m)
-        self.reaim_every = cfg.reaim_every if cfg.reaim_every is not None else 0 if self.threshold_rule else 5
+        self.reaim_every = (cfg.reaim_every if cfg.reaim_every is not None
+                            else 0 if sae.activation in VARIABLE_COUNT else 5)
         self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(int(32 * sae.n / self.target_l0),
                                                                                    cfg.tokens // 10)))
         # JumpReLU learns log θ (float32 whatever the model's dtype); sae.threshold follows it
@@ -205,6 +212,11 @@ class Trainer:
             l0_loss = (out.l0 / self.target_l0 - 1).pow(2)
             loss = loss + cfg.l0_coef * l0_loss
             stats["l0_loss"] = float(l0_loss.detach())
+        if cfg.afa_coef > 0:
+            target = (xin - sae.b_dec).detach().norm(dim=1)
+            afa_loss = (out.top_vals.norm(dim=1) - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+            loss = loss + cfg.afa_coef * afa_loss
+            stats["afa"] = float(afa_loss.detach())
         if out.aux_recon is not None:
             residual = (xin - out.recon).detach()
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))

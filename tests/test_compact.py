@@ -162,7 +162,7 @@ BAD_CASES = {
     "nan values": (lambda p, o: _rewrite(p, o, tensors={"values": torch.full((300, 6), float("nan"))}), "NaN"),
     "missing tensor": (lambda p, o: _rewrite(p, o, drop=("b_dec",)), "missing b_dec"),
     "wrong dtype": (lambda p, o: _rewrite(p, o, tensors={"b_enc": torch.zeros(300, dtype=torch.float64)}), "metadata says"),
-    "unknown activation": (lambda p, o: _rewrite(p, o, meta={"activation": "topafa"}), "unknown activation 'topafa'"),
+    "unknown activation": (lambda p, o: _rewrite(p, o, meta={"activation": "gated"}), "unknown activation 'gated'"),
     "jumprelu without threshold": (lambda p, o: _rewrite(p, o, meta={"activation": "jumprelu"}), "missing threshold"),
     "threshold of a top-k file": (lambda p, o: _rewrite(p, o, tensors={"threshold": torch.ones(300)}),
                                   "unexpected threshold"),

@@ -292,9 +292,9 @@ def test_bad_threshold_files_are_one_error_line(case, tmp_path):
 def test_unknown_activation_in_a_config_is_one_error_line(tmp_path):
     folder = tmp_path / "sae"
     shutil.copytree(FAMILIES / "saelens_jumprelu", folder)
-    (folder / "cfg.json").write_text(json.dumps(_json("saelens_jumprelu", "cfg.json") | {"architecture": "topafa"}))
+    (folder / "cfg.json").write_text(json.dumps(_json("saelens_jumprelu", "cfg.json") | {"architecture": "mystery"}))
     out = tmp_path / "out.safetensors"
-    _one_error_line(["convert", str(folder), str(out)], "architecture 'topafa'", unwritten=out)
+    _one_error_line(["convert", str(folder), str(out)], "architecture 'mystery'", unwritten=out)
 
 
 @pytest.mark.parametrize("name", sorted(THRESHOLD))

@@ -124,7 +124,7 @@ def test_bad_configurations_and_inputs_are_clear_errors():
     with pytest.raises(SaeCompressError, match="k=0"):
         TopKSAE(8, 16, 0)
     with pytest.raises(SaeCompressError, match="activation"):
-        ExpanderSAE(8, 16, 2, 2, activation="topafa")
+        ExpanderSAE(8, 16, 2, 2, activation="gated")
     with pytest.raises(SaeCompressError, match=r"shape \(16,\)"):
         ExpanderSAE(8, 16, 2, 2, activation="jumprelu", threshold=torch.ones(15))
     with pytest.raises(SaeCompressError, match="NaN"):

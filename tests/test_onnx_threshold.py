@@ -204,7 +204,7 @@ def test_monitor_counts_overflow_rows(tmp_path):
     x = inputs()
     code, spilled, _ = reference(sae, x, 4)
     mon = Monitor(sae, max_l0=4, batch_size=5)
-    assert mon.k == 4 and mon.threshold
+    assert mon.k == 4 and mon.variable_count
     x_bad = x.copy()
     x_bad[3, 0] = np.nan  # skipped rows never overflow
     indices, values = mon.encode(x_bad)

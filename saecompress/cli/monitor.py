@@ -110,10 +110,12 @@ def monitor(model: str, hookpoint: str | None, hub, source: str, watch: str | No
         offset += int(np.prod(array.shape[:-1]))
         sys.stdout.flush()
     summary = {"rows": offset, "skipped": skipped}
-    if mon.threshold:
-        summary |= {"max_l0": mon.k, "overflow_rows": mon.overflow_rows, "overflow_latents": mon.overflow_latents}
-    overflowed = (f", {mon.overflow_rows} over max_l0={mon.k} ({mon.overflow_latents} latents beyond it)"
-                  if mon.threshold else "")
+    counted = mon.metadata.get("activation") != "topafa"  # topafa's overflow flags a row; the excess is not counted
+    if mon.variable_count:
+        summary |= {"max_l0": mon.k, "overflow_rows": mon.overflow_rows}
+        summary |= {"overflow_latents": mon.overflow_latents} if counted else {}
+    overflowed = (f", {mon.overflow_rows} over max_l0={mon.k}"
+                  + (f" ({mon.overflow_latents} latents beyond it)" if counted else "") if mon.variable_count else "")
     click.echo(f"monitor: {offset} rows, {skipped} skipped{overflowed}", err=True)
     if jsonl:
         click.echo(dumps({"summary": summary}), err=True)

@@ -46,7 +46,10 @@ from .options import config_option, hub_options
               help="Activation of a fresh SAE [default: signed_topk, dense: topk_relu]: a top-k ordering, or "
                    "jumprelu (Rajamanoharan et al. 2024: learned per-latent thresholds, straight-through "
                    "gradients, mean L0 pulled to --k) or batchtopk (Bussmann et al. 2024: the top batch x k "
-                   "activations of each batch; saved with one global threshold).")
+                   "activations of each batch; saved with one global threshold) or topafa (Lee et al. 2025: "
+                   "the count per row chosen by norm matching, --k its cap).")
+@config_option(TrainConfig, "afa_coef", "--afa-coef", type=click.FloatRange(min=0),
+              help="topafa: weight of the AFA term afa_coef * E(|z| - |x - b_dec|)^2 / E|x - b_dec|^2.")
 @config_option(TrainConfig, "l0_coef", "--l0-coef", type=click.FloatRange(min=0),
               help="jumprelu: weight of the sparsity term l0_coef * (L0 / k - 1)^2.")
 @config_option(TrainConfig, "bandwidth", "--bandwidth", type=click.FloatRange(min=0, min_open=True),
@@ -71,7 +74,8 @@ from .options import config_option, hub_options
 @click.option("--reaim-every", type=click.IntRange(min=0), default=None,
               help="Steps between reviving dead latents of a native expander run on the rows they "
                    "nearly fire on, decoder aimed at the residual (0: never; not when distilling) "
-                   "[default: 5; 0 for jumprelu / batchtopk, whose revived latents jump in at their threshold].")
+                   "[default: 5; 0 for jumprelu / batchtopk, whose revived latents jump in at their threshold, "
+                   "and topafa].")
 @config_option(TrainConfig, "distill_coef", "--distill-coef", type=click.FloatRange(min=0),
               help="Weight of the latent-matching term (with --teacher).")
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
@@ -83,7 +87,8 @@ from .options import config_option, hub_options
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
-def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation, l0_coef,
+def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
+          afa_coef, l0_coef,
           bandwidth, threshold_lr, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, hub, as_json) -> None:
@@ -105,6 +110,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
                                "has no mask or expander encoder: drop it, or drop --dense")
     batch = batch_size if batch_alias is None else batch_alias
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation, l0_coef=l0_coef,
+                      afa_coef=afa_coef,
                       bandwidth=bandwidth, threshold_lr=threshold_lr,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,

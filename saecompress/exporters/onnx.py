@@ -31,11 +31,11 @@ from .._json import dumps
 from ..activations import open_activations
 from ..compact import STORAGE_DTYPES, index_dtype, quantize_int8
 from ..errors import SaeCompressError, check_choice
-from ..models import THRESHOLD_ACTIVATIONS, ExpanderSAE, TopKSAE, active_counts, l0_cap
+from ..models import VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts, l0_cap
 from ..provenance import shareable
 from ..sources import load_source
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout, expander_decode_function,
-                             expander_encode_function, layer_norm_function, select_counted,
+                             expander_encode_function, layer_norm_function, norm_of_rows, select_counted,
                              unused_slots_safe)
 from .onnx_graph import GraphBuilder
 
@@ -115,9 +115,9 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
 
 
 def _cap_from_acts(sae: ExpanderSAE | TopKSAE, max_l0: int | None, acts, max_rows: int) -> int:
-    """``max_l0`` of a threshold SAE from its per-row L0 on the first ``max_rows`` rows of ``acts``."""
-    if sae.activation not in THRESHOLD_ACTIVATIONS:
-        raise SaeCompressError(f"--acts sets the cap of a threshold SAE; this {sae.activation} SAE keeps "
+    """``max_l0`` of a variable-count SAE from its per-row L0 on the first ``max_rows`` rows of ``acts``."""
+    if sae.activation not in VARIABLE_COUNT:
+        raise SaeCompressError(f"--acts sets the cap of a variable-count SAE; this {sae.activation} SAE keeps "
                                f"k={sae.k} latents (drop --acts)")
     if max_l0 is not None:
         raise SaeCompressError("give the cap as --max-l0 or take it from --acts, not both")
@@ -127,11 +127,11 @@ def _cap_from_acts(sae: ExpanderSAE | TopKSAE, max_l0: int | None, acts, max_row
 
 
 def _kept_latents(sae: ExpanderSAE | TopKSAE, max_l0: int | None) -> int:
-    """The k of the graph: the model's k, or for a threshold SAE its cap ``max_l0`` (given, or the
+    """The k of the graph: the model's k, or for a variable-count SAE its cap ``max_l0`` (given, or the
     model's k when k < n)."""
-    if sae.activation not in THRESHOLD_ACTIVATIONS:
+    if sae.activation not in VARIABLE_COUNT:
         if max_l0 is not None:
-            raise SaeCompressError(f"max_l0 is the cap of a threshold SAE; this {sae.activation} SAE always "
+            raise SaeCompressError(f"max_l0 is the cap of a variable-count SAE; this {sae.activation} SAE always "
                                    f"keeps k={sae.k} latents (drop --max-l0)")
         return sae.k
     if max_l0 is None:
@@ -152,7 +152,7 @@ class _Exporter:
                  lead: list[str], storage_dtype: str, source: dict, k: int) -> None:
         self.sae, self.dtype, self.opset, self.layout, self.lead = sae, dtype, opset, layout, lead
         self.storage_dtype, self.source, self.k = storage_dtype, source, k
-        self.threshold = sae.activation in THRESHOLD_ACTIVATIONS
+        self.variable = sae.activation in VARIABLE_COUNT
         self.expander = isinstance(sae, ExpanderSAE)
         self.b = GraphBuilder("main")
         self.functions: dict[str, onnx.FunctionProto] = {}
@@ -184,6 +184,17 @@ class _Exporter:
                 name, TensorProto.BFLOAT16, list(raw.shape), raw.tobytes(), raw=True))
         return self.b.op("Cast", stored, to=TensorProto.FLOAT)
 
+    def _as_stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (float32) as the graph stores it: rounded to the storage or export dtype."""
+        storage = self.storage_dtype if self.expander else "float32"
+        if storage == "int8":
+            q, scale = quantize_int8(tensor)
+            return q.float() * scale.float().unsqueeze(1)
+        stored = tensor.detach().cpu().float()
+        if storage in ("float16", "bfloat16"):
+            return stored.to(getattr(torch, storage)).float()
+        return stored.half().float() if self.dtype == "float16" else stored
+
     def weight(self, key: str) -> str:
         """The float32 (int64 for the mask) graph value of weight ``key``, created once."""
         if key not in self._weights:
@@ -199,6 +210,9 @@ class _Exporter:
                 self._weights[key] = self._values("values", sae.values)
             elif key == "threshold":  # float32 whatever the graph dtype: pre is compared in float32
                 self._weights[key] = self.b.initializer(key, sae.threshold.detach().cpu().float().numpy())
+            elif key == "row_norms":  # topafa: decoder row norms of the stored values, computed at export
+                rows = self._as_stored(sae.values if self.expander else sae.W_dec)
+                self._weights[key] = self.b.initializer(key, rows.norm(dim=1).numpy())
             else:
                 self._weights[key] = self._float(key, getattr(sae, key))
         return self._weights[key]
@@ -232,16 +246,18 @@ class _Exporter:
             x, mu, std = self._call(layer_norm_function(self.opset), [x], 3)
             stats = (mu, std)
         centred = self.b.op("Sub", x, self.weight("b_dec"))
-        threshold = self.weight("threshold") if self.threshold else None
+        gate = (self.weight("row_norms") if sae.activation == "topafa" else self.weight("threshold")
+                if self.variable else None)  # the function's fifth input
         if self.expander:
             function = expander_encode_function(sae.m, sae.n, sae.d, self.k, sae.activation,
                                                 self.opset, self.layout)
             inputs = [centred, self.weight("indices"), self.weight("enc_values"), self.weight("b_enc")]
-            results = self._call(function, inputs + ([threshold] if threshold else []), 3 if threshold else 2,
+            results = self._call(function, inputs + ([gate] if gate else []), 3 if gate else 2,
                                  k=self.k, activation=sae.activation)
-            return (*results, None) if threshold is None else tuple(results), stats
+            return (*results, None) if gate is None else tuple(results), stats
         pre = self.b.op("Add", self.b.op("MatMul", centred, self.weight("W_enc")), self.weight("b_enc"))
-        return select_counted(self.b, pre, self.k, sae.activation, threshold), stats
+        target = norm_of_rows(self.b, centred) if sae.activation == "topafa" else None
+        return select_counted(self.b, pre, self.k, sae.activation, gate, target, sae.n), stats
 
     def decode(self, values: str, indices: str) -> str:
         """Reconstruction ``[B, m]`` (normalised space) of float32 ``values``, int64 ``indices`` (-1: unused)."""
@@ -314,13 +330,14 @@ class _Exporter:
                 "n": sae.n, "k": self.k, "activation": sae.activation,
                 "normalize_input": str(sae.normalize_input).lower(), "dtype": self.dtype,
                 "dense_output": str(dense_output).lower(), "source": dumps(shareable(self.source), sort_keys=True)}
-        if self.threshold:
+        if self.variable:
             meta["max_l0"] = self.k
         if self.expander:
             meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": self.storage_dtype,
                      "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}
             if graph != "decode":
-                meta |= {"layout": f"chunk={self.layout.chunk},group={self.layout.group_for(sae.n, self.k)},"
+                group = self.layout.group_for(sae.n, self.k, sae.activation)
+                meta |= {"layout": f"chunk={self.layout.chunk},group={group},"
                                    f"single_row_branch={str(self.layout.single_row_branch).lower()}"}
         return {METADATA_PREFIX + key: str(value) for key, value in meta.items()}
 

@@ -9,7 +9,10 @@ attributes ``k`` and ``activation`` carry what a native kernel needs. See docs/O
 top_indices [B, k] int64)``: ``pre = gather-reduce(x, indices, values) + b_enc``, then top-k. For a
 threshold activation it takes ``threshold [n]`` (float32) as a fifth input, ranks the thresholded
 code ``ReLU(pre)·[pre > θ]``, gives index -1 to kept slots that did not fire and has a third
-output ``overflow [B]`` int64 (latents that fired beyond the k = max_l0 kept).
+output ``overflow [B]`` int64 (latents that fired beyond the k = max_l0 kept). ``topafa`` takes the
+decoder row norms ``row_norms [n]`` (float32) as the fifth input instead, keeps the count its
+norm-matching rule picks among the top max_l0 (+1) of ``ReLU(pre)·row_norms`` (``models.afa_count``)
+with index -1 past it, and ``overflow`` is 1 on rows where the uncapped rule would keep more.
 Fast path (``EncodeLayout``, measured in benchmarks/onnx_encode.py):
 
 * ``xᵀ [m+1, B]`` (a row of ones appended, so the bias is one more "input" of every latent);
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
-from ..models import LAYER_NORM_EPS, ORDERINGS, THRESHOLD_ACTIVATIONS
+from ..models import LAYER_NORM_EPS, ORDERINGS, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT
 from .onnx_graph import GraphBuilder
 
 DOMAIN = "ai.saecompress"
@@ -51,8 +54,10 @@ class EncodeLayout:
     group: int = 16
     single_row_branch: bool = True
 
-    def group_for(self, n: int, k: int) -> int:
-        """The group size used at ``n`` latents: ``group`` when it divides n and n/group ≥ k, else 1."""
+    def group_for(self, n: int, k: int, activation: str = "") -> int:
+        """The group size used at ``n`` latents: ``group`` when it divides n and n/group ≥ k (k + 1 for
+        ``topafa``, whose overflow needs one more candidate), else 1."""
+        k = k + 1 if activation == "topafa" else k
         return self.group if self.group > 1 and n % self.group == 0 and n // self.group >= k else 1
 
 
@@ -97,12 +102,48 @@ def select_fired(b: GraphBuilder, code: str, k: int, ids: str | None = None) -> 
     return values, b.op("Where", fired, indices, b.const(np.array(-1, dtype=np.int64)))
 
 
-def select_counted(b: GraphBuilder, pre: str, k: int, activation: str,
-                   threshold: str | None) -> tuple[str, str, str | None]:
-    """:func:`select_topk` of ``pre [B, N]`` plus, for a threshold activation, the overflow ``[B]``."""
-    if threshold is None:
+def norm_of_rows(b: GraphBuilder, x: str) -> str:
+    """``‖x‖`` of each row of ``x [B, m]``: ``[B]`` (top-AFA's target norm, of the centred input)."""
+    return b.op("Sqrt", b.op("ReduceSum", b.op("Mul", x, x), b.ints(1), keepdims=0))
+
+
+def select_afa(b: GraphBuilder, pre: str, width: int, k: int, row_norms: str, target: str,
+               ids: str | None = None) -> tuple[str, str, str]:
+    """``(values, indices, overflow)`` of top-AFA on ``pre [B, width]``: the graph form of
+    ``models.select_afa``; ``row_norms`` broadcasts against ``pre``, ``target [B]``; kept slots past
+    the rule's count (or of value 0) get index -1, ``overflow`` is 1 where the uncapped rule keeps more."""
+    relu = b.op("Relu", pre)
+    wide = min(k + 1, width)
+    scores, pos = b.op("TopK", b.op("Mul", relu, row_norms), b.ints(wide), outputs=2, axis=-1, largest=1, sorted=1)
+    values = b.op("GatherElements", relu, pos, axis=1)
+    indices = pos if ids is None else b.op("GatherElements", ids, pos, axis=1)
+    cum = b.op("Sqrt", b.op("CumSum", b.op("Mul", scores, scores), b.const(np.array(1, dtype=np.int64))))
+    err = b.op("Abs", b.op("Sub", cum, b.op("Unsqueeze", target, b.ints(1))))
+
+    def column(start: int, stop: int) -> str:
+        return b.op("Slice", err, b.ints(start), b.ints(stop), b.ints(1))
+
+    count = b.op("Add", b.op("ArgMin", column(0, k), axis=1, keepdims=1), b.ints(1))  # [B, 1]: first minimum
+    slots = b.const(np.arange(k, dtype=np.int64).reshape(1, k))
+    zero = b.const(np.array(0, dtype=np.float32))
+    values = b.op("Slice", values, b.ints(0), b.ints(k), b.ints(1))
+    kept = b.op("And", b.op("Less", slots, count), b.op("Greater", values, zero))
+    values = b.op("Where", kept, values, zero)
+    indices = b.op("Where", kept, b.op("Slice", indices, b.ints(0), b.ints(k), b.ints(1)),
+                   b.const(np.array(-1, dtype=np.int64)))
+    more = b.op("Less", column(k, k + 1), column(k - 1, k)) if wide > k else b.op("Less", count, count)
+    return values, indices, b.op("Cast", b.op("Squeeze", more, b.ints(1)), to=TensorProto.INT64)
+
+
+def select_counted(b: GraphBuilder, pre: str, k: int, activation: str, gate: str | None,
+                   target: str | None = None, width: int = 0) -> tuple[str, str, str | None]:
+    """:func:`select_topk` of ``pre [B, width]`` plus, for a variable-count activation, the overflow
+    ``[B]``; ``gate``: θ of a threshold activation, or ``row_norms`` with ``target`` for ``topafa``."""
+    if activation == "topafa":
+        return select_afa(b, pre, width, k, gate, target)
+    if gate is None:
         return (*select_topk(b, pre, k, activation), None)
-    code, fired = thresholded(b, pre, threshold)
+    code, fired = thresholded(b, pre, gate)
     return (*select_fired(b, code, k), overflow(b, count_fired(b, fired), k))
 
 
@@ -130,7 +171,8 @@ def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: 
                        layout: EncodeLayout, group: int, activation: str,
                        threshold: str | None) -> tuple[str, str | None]:
     """Group maxima ``[B, n/group]`` of what top-k ranks (``|pre|`` for ``abs_topk``, the
-    thresholded code with its count of fired latents ``[B]`` for a threshold activation, else
+    thresholded code with its count of fired latents ``[B]`` for a threshold activation,
+    ``ReLU(pre)·row_norms`` for ``topafa`` (``threshold`` then names the row norms), else
     ``pre``); with group = 1, the pre-activations themselves (and no count)."""
     absolute = ORDERINGS.get(activation, ("",))[0] == "abs"
     maxima, counts = [], []
@@ -145,7 +187,10 @@ def _chunked_group_max(b: GraphBuilder, x_t: str, indices_aug: str, values_aug: 
         if group == 1:
             maxima.append(pre)
             continue
-        if threshold is not None:
+        if activation == "topafa":
+            norms = b.op("Reshape", b.op("Slice", threshold, *bounds), b.ints(groups, group, 1))
+            ranked = b.op("Mul", b.op("Relu", pre), norms)
+        elif threshold is not None:
             bound = b.op("Reshape", b.op("Slice", threshold, *bounds), b.ints(groups, group, 1))
             ranked, fired = thresholded(b, pre, bound)
             counts.append(b.op("Unsqueeze", count_fired(b, fired, (0, 1)), b.ints(0)))  # [1, B]
@@ -176,7 +221,8 @@ def _recompute_candidates(b: GraphBuilder, x_aug: str, indices_aug: str, values_
 
 def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str, n: int, d: int, k: int,
                     activation: str, layout: EncodeLayout, threshold: str | None) -> tuple[str, ...]:
-    group = layout.group_for(n, k)
+    group = layout.group_for(n, k, activation)
+    target = norm_of_rows(b, x) if activation == "topafa" else None
     x_aug = _ones_column(b, x)
     ones = b.op("Expand", b.const(np.ones((1, 1), dtype=np.float32)),
                 b.op("Concat", b.ints(1), b.op("Shape", x, start=0, end=1), axis=0))
@@ -184,9 +230,13 @@ def _encode_batched(b: GraphBuilder, x: str, indices_aug: str, values_aug: str, 
     maxima, fired = _chunked_group_max(b, x_t, indices_aug, values_aug, n, d + 1, layout, group,
                                        activation, threshold)
     if group == 1:
-        return _outputs(*select_counted(b, maxima, k, activation, threshold))
-    _, group_ids = b.op("TopK", maxima, b.ints(k), outputs=2, axis=-1, largest=1, sorted=0)
+        return _outputs(*select_counted(b, maxima, k, activation, threshold, target, n))
+    wide = k + 1 if activation == "topafa" else k
+    _, group_ids = b.op("TopK", maxima, b.ints(wide), outputs=2, axis=-1, largest=1, sorted=0)
     pre, candidates = _recompute_candidates(b, x_aug, indices_aug, values_aug, group_ids, group)
+    if activation == "topafa":
+        norms = b.op("Gather", threshold, candidates, axis=0)
+        return select_afa(b, pre, wide * group, k, norms, target, ids=candidates)
     bound = None if threshold is None else b.op("Gather", threshold, candidates, axis=0)
     values, indices = select_topk(b, pre, k, activation, bound, ids=candidates)
     return _outputs(values, indices, None if fired is None else overflow(b, fired, k))
@@ -196,7 +246,7 @@ def _outputs(values: str, indices: str, spilled: str | None) -> tuple[str, ...]:
     return (values, indices) if spilled is None else (values, indices, spilled)
 
 
-def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d: int,
+def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, n: int, d: int,
                        k: int, activation: str, threshold: str | None) -> tuple[str, ...]:
     """One row: per mask column j, ``GatherElements`` x at ``indices[:, j]``, scale, accumulate.
 
@@ -208,7 +258,8 @@ def _encode_single_row(b: GraphBuilder, x: str, indices_t: str, values_t: str, d
     for j in range(d):
         gathered = b.op("GatherElements", x, b.op("Squeeze", columns[j], b.ints(0)), axis=1)  # [1, n]
         pre = b.op("Add", pre, b.op("Mul", gathered, b.op("Squeeze", scales[j], b.ints(0))))
-    return _outputs(*select_counted(b, pre, k, activation, threshold))
+    target = norm_of_rows(b, x) if activation == "topafa" else None
+    return _outputs(*select_counted(b, pre, k, activation, threshold, target, n))
 
 
 _OUTPUT_TYPES = (("values", TensorProto.FLOAT, [None, None]), ("indices", TensorProto.INT64, [None, None]),
@@ -226,10 +277,12 @@ def _branch(b: GraphBuilder, name: str, outputs: tuple[str, ...]) -> object:
 
 def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, opset: int,
                              layout: EncodeLayout = EncodeLayout()) -> FunctionProto:
-    """``ai.saecompress::ExpanderEncode`` specialised to ``(m, n, d, k, activation)``; a threshold
-    activation adds the input ``threshold`` and the output ``overflow`` (k is then max_l0)."""
+    """``ai.saecompress::ExpanderEncode`` specialised to ``(m, n, d, k, activation)``; a variable-count
+    activation adds the input ``threshold`` (``row_norms`` for ``topafa``) and the output ``overflow``
+    (k is then max_l0)."""
     b = GraphBuilder("enc", function=True)
-    threshold = "threshold" if activation in THRESHOLD_ACTIVATIONS else None
+    threshold = ("threshold" if activation in THRESHOLD_ACTIVATIONS else "row_norms" if activation in VARIABLE_COUNT
+                 else None)
     indices_aug, values_aug = _augmented(b, m, n)
     if layout.single_row_branch:
         # outside the If, so onnxruntime folds them into initializers once; int32: half the index bytes per row
@@ -239,7 +292,7 @@ def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, op
         is_single = b.op("Equal", b.op("Shape", "x", start=0, end=1), b.ints(1))
         single, batched = GraphBuilder("enc1", function=True), GraphBuilder("encb", function=True)
         then_graph = _branch(single, "single_row", _encode_single_row(
-            single, "x", indices_t, values_t, d, k, activation, threshold))
+            single, "x", indices_t, values_t, n, d, k, activation, threshold))
         else_graph = _branch(batched, "batched", _encode_batched(
             batched, "x", indices_aug, values_aug, n, d, k, activation, layout, threshold))
         results = b.op("If", is_single, outputs=2 if threshold is None else 3,

@@ -20,6 +20,9 @@ Folded losslessly into the ``TopKSAE`` conventions: ``apply_b_dec_to_input: fals
 rows), ``rescale_acts_by_decoder_norm`` (norms into the encoder, unit-norm decoder rows) and
 ``normalize_activations: "expected_average_only_in"`` when the config carries the dataset's
 ``norm_scaling_factor`` (folded so that the pre-activations, and so the thresholds, stay the same).
+
+``architecture: "topafa"`` (with ``k``, its cap) is saecompress's own, written by ``save_dense`` for a
+dense top-AFA SAE and read back here; SAELens itself does not load it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ._common import build_dense, int_value, read_json, read_safetensors, refuse
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
-_TOPK_ARCHITECTURES = ("topk",)
+_TOPK_ARCHITECTURES = ("topk", "topafa")
 _REFUSED = {
     "batchtopk": "a BatchTopK training SAE (save it for inference: SAELens writes it as 'jumprelu')",
     "matryoshka_batchtopk": "a Matryoshka BatchTopK training SAE (save it for inference: SAELens writes it "
@@ -116,7 +119,7 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
 
     meta = cfg.get("metadata") or cfg.get("meta") or {}
     training = meta.get("training_architecture")
-    activation = "topk_relu"
+    activation = "topafa" if cfg.get("architecture") == "topafa" else "topk_relu"
     if threshold is not None:
         global_threshold = bool((threshold == threshold[0]).all())
         activation = "batchtopk" if "batchtopk" in str(training) and global_threshold else "jumprelu"
@@ -149,7 +152,8 @@ def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = 
     folder = Path(folder)
     with output_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
-    kind = {"architecture": "topk", "k": sae.k} if sae.threshold is None else {"architecture": "jumprelu"}
+    kind = ({"architecture": "topafa" if sae.activation == "topafa" else "topk", "k": sae.k}
+            if sae.threshold is None else {"architecture": "jumprelu"})
     training = {"training_architecture": "batchtopk"} if sae.activation == "batchtopk" else {}
     if sae.threshold is not None and sae.k < sae.n:  # the cap on active latents, read back by read()
         training["max_l0"] = sae.k
