@@ -8,7 +8,8 @@ docs/FIDELITY.md can quote them exactly:
 1. ``acts``: Old Testament (training) and New Testament (held-out) activations;
 2. ``train --dense --activation jumprelu``: the dense JumpReLU SAE (n = 4·576, target L0 = k);
 3. for each d: ``convert --acts`` (topd, thresholds recalibrated on training rows: L0 before and
-   after), ``train --init`` (retrain), ``finetune`` (KL through the LM on Old Testament text);
+   after), ``train --init`` (retrain; JumpReLU's default from a JumpReLU SAE: each latent's θ
+   follows its starting firing rate), ``finetune`` (KL through the LM on Old Testament text, θ fixed);
 4. ``eval --json`` of every SAE on the held-out rows and New Testament text (CE-loss recovered).
 
     python benchmarks/threshold_fidelity.py --work /tmp/jumprelu-fidelity [--ds 7,16]
@@ -79,8 +80,8 @@ def main() -> None:
 
     dense = work / "dense-jumprelu"
     if not dense.is_dir():
-        _run(["train", "--acts", str(train_acts), "--dense", "--activation", "jumprelu", "--k", str(args.k),
-              "--expansion", "4", "--tokens", str(args.dense_tokens), "--out", str(dense)], log)
+        print(_run(["train", "--acts", str(train_acts), "--dense", "--activation", "jumprelu", "--k", str(args.k),
+                    "--expansion", "4", "--tokens", str(args.dense_tokens), "--out", str(dense)], log), end="")
 
     def evaluate(src: Path) -> dict:
         out = _run(["eval", str(src), "--acts", str(eval_acts), *model, "--text", str(eval_text),
@@ -107,12 +108,12 @@ def main() -> None:
         l0 = f"L0 dense {conv['l0_dense']:.1f}, before {conv['l0_before']:.1f}, after {conv['l0_after']:.1f}"
         record(f"d={d} convert", converted, l0)
         if not retrained.is_file():
-            _run(["train", "--acts", str(train_acts), "--init", str(converted), "--tokens", str(args.retrain_tokens),
-                  "--out", str(retrained)], log)
+            print(_run(["train", "--acts", str(train_acts), "--init", str(converted),
+                        "--tokens", str(args.retrain_tokens), "--out", str(retrained)], log), end="")
         record(f"d={d} + retrain", retrained)
         if not tuned.is_file():
-            _run(["finetune", str(retrained), *model, "--text", str(train_text), *layer,
-                  "--tokens", str(args.finetune_tokens), "--out", str(tuned)], log)
+            print(_run(["finetune", str(retrained), *model, "--text", str(train_text), *layer,
+                        "--tokens", str(args.finetune_tokens), "--out", str(tuned)], log), end="")
         record(f"d={d} + finetune", tuned)
     print_table(["SAE", "bytes", "FVU", "L0", "dead", "CE rec", "vs dense", "note"], rows)
 

@@ -108,6 +108,33 @@ def _target_l0(cfg: TrainConfig, sae, fresh: bool, source: ActivationSource) -> 
 
 
 @torch.no_grad()
+def _target_rates(cfg: TrainConfig, sae, fresh: bool, source: ActivationSource,
+                  rows: int = 16384) -> torch.Tensor | None:
+    """A JumpReLU run's per-latent firing-rate targets under the "rates" rule (the default when it
+    starts from a JumpReLU SAE): the starting SAE's rates on the first ``rows`` of ``source``."""
+    if sae.activation != "jumprelu" or sparsity_target(cfg, fresh) != "rates":
+        if cfg.rate_step != TrainConfig.rate_step:
+            raise SaeCompressError("--rate-step tunes the firing-rate rule of a jumprelu run started from a jumprelu "
+                                   "SAE (--sparsity-target rates); drop it")
+        return None
+    if fresh:
+        raise SaeCompressError("--sparsity-target rates keeps each latent's firing rate of a starting SAE; "
+                               "a fresh run has none: start from one with --init, or use --sparsity-target l0")
+    for name, flag in (("k", "--k"), ("l0_coef", "--l0-coef"), ("bandwidth", "--bandwidth"),
+                       ("threshold_lr", "--threshold-lr")):
+        if getattr(cfg, name) != getattr(TrainConfig, name):
+            raise SaeCompressError(f"{flag} tunes the mean-L0 rule; with --sparsity-target rates each latent keeps "
+                                   f"the starting SAE's firing rate: drop {flag}, or pass --sparsity-target l0")
+    x = source.read(0, min(rows, source.num_rows))
+    return active_counts(sae, x)[1].double().div(x.shape[0]).float()
+
+
+def sparsity_target(cfg: TrainConfig, fresh: bool) -> str:
+    """The JumpReLU sparsity rule of a run: ``cfg.sparsity_target``, else "rates" from a starting SAE, "l0" fresh."""
+    return cfg.sparsity_target or ("l0" if fresh else "rates")
+
+
+@torch.no_grad()
 def _set_l0_cap(sae, source: ActivationSource, rows: int = 8192) -> list[int]:
     """Set a trained threshold SAE's ``k`` to ``models.l0_cap`` of its per-row L0 on the first
     ``rows`` of ``source``; returns ``[cap, rows counted]``."""
@@ -223,7 +250,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     sae, start = _initial_model(cfg, source.m, teacher, init, hub)
     origin = start or origin
     fresh = init is None and teacher is None
-    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth", "threshold_lr")
+    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth", "threshold_lr", "rate_step")
                      if getattr(cfg, name) != getattr(TrainConfig, name)]
     if jumprelu_only and sae.activation != "jumprelu":
         raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
@@ -231,12 +258,13 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if cfg.afa_coef and sae.activation != "topafa":
         raise SaeCompressError(f"--afa-coef weighs top-AFA's norm-matching term; this run trains {sae.activation}: "
                                "drop it, or train --activation topafa")
-    target = None
+    target = rates = None
     if sae.activation in THRESHOLD_ACTIVATIONS:
         target = _target_l0(cfg, sae, fresh, train_src)
+        rates = _target_rates(cfg, sae, fresh, train_src)
         sae.k = training_cap(target, sae.n)
     total_steps = cfg.tokens // cfg.batch_size
-    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target)
+    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target, target_rates=rates)
     if resume:
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
@@ -294,7 +322,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             **({"afa_coef": cfg.afa_coef} if sae.activation == "topafa" else {}),
             max_l0_rule=f"quantile {L0_CAP_QUANTILE} of per-row L0 on {cap[1]} "
                         f"{'held-out' if held_src is not None else 'training'} rows",
-            **({"l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth, "threshold_lr": cfg.threshold_lr}
+            **({"sparsity_target": "rates", "rate_step": cfg.rate_step} if rates is not None
+               else {"sparsity_target": "l0", "l0_coef": cfg.l0_coef, "bandwidth": cfg.bandwidth,
+                     "threshold_lr": cfg.threshold_lr}
                if trainer.threshold_rule == "jumprelu"
                else {"threshold": float(sae.threshold[0])} if trainer.threshold_rule == "batchtopk" else {}))
     if trainer.step < total_steps:

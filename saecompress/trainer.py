@@ -28,6 +28,11 @@ truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 an
   sparsity term is the target-L0 form above (``l0_coef`` λ, default 1); log θ has its own learning
   rate (``threshold_lr``: it is dimensionless, and at the SAE's rate θ trails the encoders). θ starts where the first
   batch fires ``k`` latents per row on average (one value for all latents).
+  With ``sparsity_target="rates"`` (the default when a run starts from a JumpReLU SAE, e.g. a
+  converted one) there is no L0 term: each latent's θ follows a firing-rate target instead (the
+  starting SAE's rate on the first training rows), ``log θ_i += η·clip((f_i − r_i)/r_i, ±1)`` after
+  every step (``f_i`` the batch's rate, η = ``rate_step`` on the LR schedule), so no latent's
+  threshold drifts above everything it sees while the others take over its rows.
 * ``batchtopk`` (Bussmann et al. 2024, as dictionary_learning's BatchTopK trainer): each step keeps
   the ``B·k`` largest ``ReLU(pre)`` of the batch; the global θ the saved model thresholds at is an
   EMA (``THRESHOLD_EMA``) of the smallest kept activation.
@@ -57,6 +62,7 @@ from .models import THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE,
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
 from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
 
+SPARSITY_TARGETS = ("l0", "rates")
 CAP_FACTOR = 4  # a threshold SAE trains on at most CAP_FACTOR·k candidate latents per row
 THRESHOLD_EMA = 0.99  # BatchTopK: weight of the running θ against the batch's smallest kept value
 
@@ -95,7 +101,10 @@ class TrainConfig:
     # 0 for threshold SAEs (a revived latent jumps in at its threshold θ on top of the others: FVU suffers)
     l0_coef: float = 1.0  # jumprelu: λ of the target-L0 term λ·(L0/k − 1)²
     bandwidth: float = BANDWIDTH  # jumprelu: the rectangle window ε of the θ pseudo-gradients (unit-norm scale)
-    threshold_lr: float = 1e-2  # jumprelu: Adam learning rate of log θ (same warm-up and decay)
+    threshold_lr: float = 1e-2  # jumprelu "l0": Adam learning rate of log θ (same warm-up and decay)
+    rate_step: float = 0.05  # jumprelu "rates": η of the per-latent log θ update (same warm-up and decay)
+    sparsity_target: str | None = None  # jumprelu: "l0" (mean L0 → k) or "rates" (each latent's firing rate
+    # → the starting SAE's); default "rates" when starting from a jumprelu SAE, else "l0"
     afa_coef: float = 0.0  # topafa: weight of the AFA term (code norm pulled to the centred input norm)
     seed: int = 0
 
@@ -106,13 +115,15 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SaeCompressError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_choice("decay", self.decay, DECAYS)
+        if self.sparsity_target is not None:
+            check_choice("sparsity target", self.sparsity_target, SPARSITY_TARGETS)
         if self.d is not None and self.d < 1:
             raise SaeCompressError(f"d must be at least 1, got {self.d}")
         if self.reaim_every is not None and self.reaim_every < 0:
             raise SaeCompressError(f"reaim_every must be 0 (never) or more, got {self.reaim_every}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SaeCompressError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("bandwidth", "threshold_lr"):
+        for name in ("bandwidth", "threshold_lr", "rate_step"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise SaeCompressError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef", "afa_coef"):
@@ -152,8 +163,10 @@ class Trainer:
     """Training state (model, optimizer, counters) and one step; see the module docstring."""
 
     def __init__(self, sae: ExpanderSAE | TopKSAE, cfg: TrainConfig, total_steps: int,
-                 teacher: TopKSAE | None = None, target_l0: float | None = None):
-        """``target_l0``: a threshold SAE's target mean L0 (required for one; ``sae.k`` is its cap)."""
+                 teacher: TopKSAE | None = None, target_l0: float | None = None,
+                 target_rates: torch.Tensor | None = None):
+        """``target_l0``: a threshold SAE's target mean L0 (required for one; ``sae.k`` is its cap);
+        ``target_rates [n]``: a JumpReLU SAE's per-latent firing-rate targets (the "rates" rule)."""
         if teacher is not None:
             require_topk(sae.activation, "train --teacher", "distilling a threshold student comes later")
         self.threshold_rule = sae.activation if sae.activation in THRESHOLD_ACTIVATIONS else None
@@ -169,9 +182,12 @@ class Trainer:
                             else 0 if sae.activation in VARIABLE_COUNT else 5)
         self.dead = DeadLatents(sae.n, cfg.dead_tokens or max(cfg.batch_size, min(int(32 * sae.n / self.target_l0),
                                                                                    cfg.tokens // 10)))
+        if target_rates is not None and self.threshold_rule != "jumprelu":
+            raise ValueError("firing-rate targets are for a jumprelu SAE")
+        self.target_rates = None if target_rates is None else target_rates.to(torch.float32).clone()
         # JumpReLU learns log θ (float32 whatever the model's dtype); sae.threshold follows it
         self.log_threshold = (torch.nn.Parameter(sae.threshold.clamp_min(1e-12).log())
-                              if self.threshold_rule == "jumprelu" else None)
+                              if self.threshold_rule == "jumprelu" and target_rates is None else None)
         groups = [{"params": list(sae.parameters()), "base_lr": self.base_lr}]
         if self.log_threshold is not None:  # log θ is dimensionless: one rate for every model size
             groups.append({"params": [self.log_threshold], "base_lr": cfg.threshold_lr})
@@ -208,7 +224,7 @@ class Trainer:
         recon_loss = fvu_loss(xin, out.recon)
         loss = recon_loss
         stats: dict[str, float] = {}
-        if out.l0 is not None:
+        if out.l0 is not None and self.target_rates is None:
             l0_loss = (out.l0 / self.target_l0 - 1).pow(2)
             loss = loss + cfg.l0_coef * l0_loss
             stats["l0_loss"] = float(l0_loss.detach())
@@ -249,9 +265,17 @@ class Trainer:
 
     @torch.no_grad()
     def _update_threshold(self, out: SparseForward) -> None:
-        """After a step: ``sae.threshold`` = exp(log θ) (JumpReLU), or the EMA of the smallest kept
-        activation (BatchTopK)."""
-        if self.log_threshold is not None:
+        """After a step: ``sae.threshold`` = exp(log θ) (JumpReLU), moved towards each latent's firing-rate
+        target (JumpReLU, "rates"), or the EMA of the smallest kept activation (BatchTopK)."""
+        if self.target_rates is not None:
+            rows = out.top_vals.shape[0]
+            kept = out.top_idx[out.top_vals != 0]
+            rate = torch.zeros(self.sae.n).index_add_(0, kept.cpu(), torch.ones(kept.numel())) / rows
+            floor = torch.full_like(self.target_rates, 1 / rows)
+            error = ((rate - self.target_rates) / torch.maximum(self.target_rates, floor)).clamp(-1, 1)
+            eta = self.cfg.rate_step * self.cfg.lr_factor(self.step, self.total_steps)
+            self.sae.threshold.mul_(torch.exp(eta * error).to(self.sae.threshold.device))
+        elif self.log_threshold is not None:
             self.sae.threshold.copy_(self.log_threshold.exp())
         elif self.threshold_rule == "batchtopk":
             kept = out.top_vals.detach()
@@ -351,6 +375,7 @@ class Trainer:
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
                 "input_scale": self.input_scale,
                 **({"log_threshold": self.log_threshold.detach()} if self.log_threshold is not None else {}),
+                **({"target_rates": self.target_rates} if self.target_rates is not None else {}),
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
 
     def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
@@ -369,6 +394,8 @@ class Trainer:
         if self.log_threshold is not None:
             with torch.no_grad():
                 self.log_threshold.copy_(state["log_threshold"])
+        if self.target_rates is not None:
+            self.target_rates = state["target_rates"].clone()
         self.dead.since_fired = state["since_fired"].clone()
 
 

@@ -9,6 +9,7 @@ from ..convert import MASKS
 from ..errors import SaeCompressError
 from ..models import ALL_ACTIVATIONS, ENCODERS
 from ..train import TrainConfig
+from ..trainer import SPARSITY_TARGETS
 from ..train import train as run_training
 from .options import config_option, hub_options
 
@@ -57,6 +58,13 @@ from .options import config_option, hub_options
                    "unit mean squared norm (as in the papers; widen it for short runs).")
 @config_option(TrainConfig, "threshold_lr", "--threshold-lr", type=click.FloatRange(min=0, min_open=True),
               help="jumprelu: Adam learning rate of the log thresholds (same warm-up and decay as --lr).")
+@config_option(TrainConfig, "rate_step", "--rate-step", type=click.FloatRange(min=0, min_open=True),
+              help="jumprelu with --sparsity-target rates: step of each latent's log threshold towards its firing "
+                   "rate (same warm-up and decay as --lr).")
+@click.option("--sparsity-target", type=click.Choice(SPARSITY_TARGETS), default=None,
+              help="jumprelu: l0 (the papers' rule: mean L0 pulled to --k) or rates (each latent's threshold follows "
+                   "its firing rate in the starting SAE; no L0 term) [default: rates with --init from a jumprelu "
+                   "SAE, else l0].")
 @config_option(TrainConfig, "encoder", "--encoder", type=click.Choice(ENCODERS),
               help="Expander encoder: its own values on the decoder's mask (untied: much better FVU on LM "
                    "residual streams) or the decoder's values (tied: half the file, the paper's choice).")
@@ -89,7 +97,7 @@ from .options import config_option, hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
           afa_coef, l0_coef,
-          bandwidth, threshold_lr, encoder,
+          bandwidth, threshold_lr, rate_step, sparsity_target, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, hub, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
@@ -111,7 +119,8 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
     batch = batch_size if batch_alias is None else batch_alias
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation, l0_coef=l0_coef,
                       afa_coef=afa_coef,
-                      bandwidth=bandwidth, threshold_lr=threshold_lr,
+                      bandwidth=bandwidth, threshold_lr=threshold_lr, rate_step=rate_step,
+                      sparsity_target=sparsity_target,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
