@@ -390,3 +390,18 @@ def test_pull_from_olah_mirror(isolated_hf, tmp_path, sae_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_card_says_what_k_means_for_a_threshold_sae(tmp_path):
+    from saecompress.compact import read_compact_metadata, save_compact
+    from saecompress.hub.card import CardEntry, render_card
+
+    def entry(sae, name):
+        path = save_compact(sae, tmp_path / name)
+        return CardEntry("", name, path.stat().st_size, read_compact_metadata(path))
+
+    topk = entry(ExpanderSAE(16, 64, 3, 4), "topk.safetensors")
+    threshold = entry(ExpanderSAE(16, 64, 3, 9, activation="jumprelu", threshold=torch.rand(64)), "jr.safetensors")
+    assert "is its cap" not in render_card("o/r", [topk])
+    card = render_card("o/r", [topk, threshold])
+    assert "`k` is its cap" in card and "| jumprelu |" in card

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..compact import compression_ratio
+from ..models import VARIABLE_COUNT
 from ..provenance import shareable, source_label
 from ..units import human_bytes
 
@@ -81,6 +82,10 @@ def render_card(repo_id: str, entries: list[CardEntry], onnx_paths: list[str] = 
                     + [_fmt(found[name]) if name in found else "" for name in metric_names])
     body += _table(header, rows)
     body += ["", "Compression is against the equivalent dense TopK SAE in float32 (2·m·n + m + n values)."]
+    if any(e.meta["activation"] in VARIABLE_COUNT for e in entries):
+        body += [f"For {', '.join(VARIABLE_COUNT)} SAEs the number of active latents varies per token and `k` is "
+                 "its cap (`max_l0` of the ONNX graphs: the 99.9th percentile of per-token L0 on the data it was "
+                 "set on); thresholds are stored in float32."]
     if metric_names:
         body += ["Fidelity metrics are the ones recorded in each file's metadata."]
     if onnx_paths:
