@@ -98,35 +98,33 @@ def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str 
 
 
 @torch.no_grad()
-def _target_l0(cfg: TrainConfig, sae, fresh: bool, source: ActivationSource) -> float:
-    """A threshold SAE's target mean L0: ``--k`` (32 fresh), else the starting SAE's mean L0 on the
-    first rows of ``source``."""
-    if cfg.k is not None or fresh:
-        return float(cfg.k or 32)
-    per_row, _ = active_counts(sae, source.read(0, min(4096, source.num_rows)))
-    return max(1.0, float(per_row.double().mean()))
+def _threshold_targets(cfg: TrainConfig, sae, fresh: bool, source: ActivationSource,
+                       rows: int = 16384, l0_rows: int = 4096) -> tuple[float, torch.Tensor | None]:
+    """``(target mean L0, per-latent firing-rate targets or None)`` of a threshold SAE's run.
 
-
-@torch.no_grad()
-def _target_rates(cfg: TrainConfig, sae, fresh: bool, source: ActivationSource,
-                  rows: int = 16384) -> torch.Tensor | None:
-    """A JumpReLU run's per-latent firing-rate targets under the "rates" rule (the default when it
-    starts from a JumpReLU SAE): the starting SAE's rates on the first ``rows`` of ``source``."""
-    if sae.activation != "jumprelu" or sparsity_target(cfg, fresh) != "rates":
-        if cfg.rate_step != TrainConfig.rate_step:
-            raise SaeCompressError("--rate-step tunes the firing-rate rule of a jumprelu run started from a jumprelu "
-                                   "SAE (--sparsity-target rates); drop it")
-        return None
-    if fresh:
+    The mean L0 is ``--k`` (32 fresh), else the starting SAE's mean L0 on the first ``l0_rows`` of
+    ``source``; under the JumpReLU "rates" rule (the default from a JumpReLU SAE) the rates are the
+    starting SAE's on the first ``rows``. The starting SAE's counts are taken once, on those rows."""
+    rates_rule = sae.activation == "jumprelu" and sparsity_target(cfg, fresh) == "rates"
+    if not rates_rule and cfg.rate_step != TrainConfig.rate_step:
+        raise SaeCompressError("--rate-step tunes the firing-rate rule of a jumprelu run started from a jumprelu "
+                               "SAE (--sparsity-target rates); drop it")
+    if rates_rule and fresh:
         raise SaeCompressError("--sparsity-target rates keeps each latent's firing rate of a starting SAE; "
                                "a fresh run has none: start from one with --init, or use --sparsity-target l0")
-    for name, flag in (("k", "--k"), ("l0_coef", "--l0-coef"), ("bandwidth", "--bandwidth"),
-                       ("threshold_lr", "--threshold-lr")):
-        if getattr(cfg, name) != getattr(TrainConfig, name):
-            raise SaeCompressError(f"{flag} tunes the mean-L0 rule; with --sparsity-target rates each latent keeps "
-                                   f"the starting SAE's firing rate: drop {flag}, or pass --sparsity-target l0")
-    x = source.read(0, min(rows, source.num_rows))
-    return active_counts(sae, x)[1].double().div(x.shape[0]).float()
+    if rates_rule:
+        for name, flag in (("k", "--k"), ("l0_coef", "--l0-coef"), ("bandwidth", "--bandwidth"),
+                           ("threshold_lr", "--threshold-lr")):
+            if getattr(cfg, name) != getattr(TrainConfig, name):
+                raise SaeCompressError(f"{flag} tunes the mean-L0 rule; with --sparsity-target rates each latent "
+                                       f"keeps the starting SAE's firing rate: drop {flag}, or pass "
+                                       "--sparsity-target l0")
+    if cfg.k is not None or fresh:
+        return float(cfg.k or 32), None
+    x = source.read(0, min(rows if rates_rule else l0_rows, source.num_rows))
+    per_row, per_latent = active_counts(sae, x)
+    target = max(1.0, float(per_row[:l0_rows].double().mean()))
+    return target, per_latent.double().div(x.shape[0]).float() if rates_rule else None
 
 
 def sparsity_target(cfg: TrainConfig, fresh: bool) -> str:
@@ -260,8 +258,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
                                "drop it, or train --activation topafa")
     target = rates = None
     if sae.activation in THRESHOLD_ACTIVATIONS:
-        target = _target_l0(cfg, sae, fresh, train_src)
-        rates = _target_rates(cfg, sae, fresh, train_src)
+        target, rates = _threshold_targets(cfg, sae, fresh, train_src)
         sae.k = training_cap(target, sae.n)
     total_steps = cfg.tokens // cfg.batch_size
     trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target, target_rates=rates)
