@@ -7,7 +7,10 @@ Recipes (``RECIPES``) make an Expander SAE of ``n`` latents at each ``d``:
 * ``topd-retrain-finetune``: then ``finetune`` it through the LM.
 
 Each is stored at every dtype and measured on the held-out rows (FVU, L0, dead fraction) and, with
-an LM, for CE-loss recovered. Baselines (``BASELINES``): ``dense``, the dense SAE itself (``dense``
+an LM, for CE-loss recovered; with ``ood_acts`` / ``ood_texts`` (held-out rows and text of another domain
+than the training text) the same again, as ``ood_*`` fields. The clean and ablated LM passes of each
+CE text are made once per sweep (``lm.CEReference``, holding the clean log-probs: ``ce_tokens`` ×
+vocabulary × 4 bytes per text), so each point costs one spliced pass. Baselines (``BASELINES``): ``dense``, the dense SAE itself (``dense``
 given, else one trained at ``n`` on the same tokens), and ``dense-matched``, one dense TopK SAE per
 expander point with as many bytes (``n'`` latents: the most whose ``compact.dense_bytes`` fit in the
 expander file's bytes; skipped with a note when ``n' < k``), trained on the same tokens.
@@ -53,7 +56,9 @@ from .train import CHECKPOINT_SUFFIX, TrainConfig, train
 RECIPES = ("native", "topd-retrain", "topd-retrain-finetune")
 BASELINES = ("dense", "dense-matched")
 CSV_COLUMNS = ("key", "recipe", "d", "n", "k", "dtype", "file_bytes", "fvu", "explained_variance", "l0",
-               "dead_fraction", "ce_recovered", "kl_recovered", "seconds", "matches")
+               "dead_fraction", "ce_recovered", "kl_recovered", "ood_fvu", "ood_dead_fraction", "ood_ce_recovered",
+               "ood_kl_recovered", "seconds", "matches")
+OOD = "ood_"  # prefix of the measurements on the other domain's rows and text
 
 
 @dataclass
@@ -116,7 +121,9 @@ class _LM:
     site: str
     texts: list[Path]
     eval_texts: list[Path]
+    ood_texts: list[Path]
     loaded: tuple[Any, Any] | None = field(default=None, repr=False)
+    references: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def get(self) -> tuple[Any, Any]:
         if self.loaded is None:
@@ -124,6 +131,19 @@ class _LM:
 
             self.loaded = load_model(self.path, self.gguf_file)
         return self.loaded
+
+    def reference(self, which: str, cfg: SweepConfig, sae: Any) -> Any:
+        """The ``lm.CEReference`` of the ``eval`` or ``ood`` texts (made on first use)."""
+        if which not in self.references:
+            from .lm import CEReference
+
+            model, tokenizer = self.get()
+            texts = self.eval_texts if which == "eval" else self.ood_texts
+            self.references[which] = CEReference(
+                model, tokenizer, read_texts(texts), self.layer, self.site, tokens=cfg.ce_tokens, context=cfg.context,
+                drop_first=cfg.drop_first, outlier_factor=cfg.outlier_factor, keep_logp=True, progress=False,
+                check={"sae": sae})
+        return self.references[which]
 
 
 def _identity(item: str | os.PathLike | None) -> Any:
@@ -166,9 +186,11 @@ class _Sweep:
     """The state of one sweep: inputs, cache folders, and how each point's models are made."""
 
     def __init__(self, out: Path, cfg: SweepConfig, k: int, train_src: ActivationSource, held_src: ActivationSource,
-                 identity: dict[str, Any], dense: str | None, dense_model: TopKSAE | None, lm: _LM | None,
-                 hub: HubAccess | None):
+                 ood_src: ActivationSource | None, identity: dict[str, Any], dense: str | None,
+                 dense_model: TopKSAE | None, lm: _LM | None, hub: HubAccess | None):
         self.out, self.cfg, self.k, self.train_src, self.held_src = out, cfg, k, train_src, held_src
+        self.ood_src = ood_src
+        self.has_ood = ood_src is not None or bool(lm and lm.ood_texts)
         self.identity, self.dense, self.dense_model, self.lm, self.hub = identity, dense, dense_model, lm, hub
         self.points_dir, self.work_dir = out / "points", out / "work"
 
@@ -248,6 +270,7 @@ class _Sweep:
                  "dense": self.identity["dense"] if p.recipe == "dense" else None, "dtype": p.dtype,
                  "eval_acts": self.identity["eval_acts"], "held_out_rows": self.held_src.num_rows,
                  **self._lm_parts(), "eval_texts": self.identity["eval_texts"],
+                 **({"ood": [self.identity["ood_acts"], self.identity["ood_texts"]]} if self.has_ood else {}),
                  "ce": [self.cfg.ce_tokens, self.cfg.context, self.cfg.drop_first, self.cfg.outlier_factor]}
         return _key(f"{p.recipe}-" + (f"d{p.d}" if p.d else f"n{p.n}") + f"-{p.dtype}", parts)
 
@@ -266,14 +289,12 @@ class _Sweep:
         sae = loaded.model if loaded is not None else self.dense_model
         stored = stored_copy(sae, p.dtype)
         metrics = evaluate(stored, self.held_src)
+        if self.ood_src is not None:
+            metrics.update({OOD + name: value for name, value in evaluate(stored, self.ood_src).items()})
         if self.lm is not None:
-            from .lm import ce_eval
-
-            model, tokenizer = self.lm.get()
-            ce = ce_eval(model, tokenizer, read_texts(self.lm.eval_texts), stored, self.lm.layer, self.lm.site,
-                         tokens=self.cfg.ce_tokens, context=self.cfg.context, drop_first=self.cfg.drop_first,
-                         outlier_factor=self.cfg.outlier_factor, progress=False)
-            metrics.update({name: value for name, value in ce.items() if name != "hookpoint"})
+            for which, prefix in (("eval", ""), *((("ood", OOD),) if self.lm.ood_texts else ())):
+                ce = self.lm.reference(which, self.cfg, stored).score({"sae": stored})["sae"]
+                metrics.update({prefix + name: value for name, value in ce.items() if name != "hookpoint"})
         record: dict[str, Any] = {"key": key, "recipe": p.recipe, "d": p.d, "n": sae.n, "k": sae.k, "dtype": p.dtype,
                                   "mask": ("expander" if p.recipe == "native" else "topd") if p.d else None,
                                   **metrics, "seconds": seconds, "eval_seconds": None}
@@ -356,6 +377,7 @@ def _recipes(cfg: SweepConfig, dense: str | None, model: str | None) -> list[str
 def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
           eval_acts: str | os.PathLike | None = None, dense: str | None = None, model: str | None = None,
           gguf_file: str | None = None, texts: Sequence[str] = (), eval_texts: Sequence[str] = (),
+          ood_acts: str | os.PathLike | None = None, ood_texts: Sequence[str] = (),
           layer: int | None = None, site: str | None = None, hub: HubAccess | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Make and measure every point of the grid ``cfg`` into the folder ``out``; returns the frontier.
@@ -363,18 +385,27 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     ``acts``: training activations (held out: the last ``cfg.held_out_rows`` rows, or ``eval_acts``).
     ``dense``: a dense TopK SAE source; enables the ``topd`` recipes and is the dense point. ``model``
     (with ``texts``; ``layer``/``site`` default to the ``acts`` manifest's): CE-loss recovered on
-    ``eval_texts`` (default ``texts``) and the fine-tune recipe on ``texts``. ``recipes`` default to
+    ``eval_texts`` (default ``texts``) and the fine-tune recipe on ``texts``. ``ood_acts`` / ``ood_texts``:
+    held-out rows / text of another domain, measured again into ``ood_*`` fields. ``recipes`` default to
     every one the inputs allow. Checks every output and number before any work; refuses an empty grid.
     """
     cfg.check()
     out = Path(out)
     text_paths = text_files(texts) if texts else []
     eval_paths = text_files(eval_texts) if eval_texts else text_paths
-    check_outputs([out], [acts, eval_acts, dense, model, gguf_file, *text_paths, *eval_paths], kind="folder")
+    ood_paths = text_files(ood_texts) if ood_texts else []
+    check_outputs([out], [acts, eval_acts, ood_acts, dense, model, gguf_file, *text_paths, *eval_paths, *ood_paths],
+                  kind="folder")
     if bool(model) != bool(text_paths):
         raise SaeCompressError("CE-loss recovered and fine-tuning need both --model and --text FILE")
+    if ood_paths and not model:
+        raise SaeCompressError("--ood-text is for CE-loss recovered on another domain: give --model and --text too")
     source = open_activations(acts)
     m = source.m
+    ood_src = open_activations(ood_acts) if ood_acts is not None else None
+    if ood_src is not None and ood_src.m != m:
+        raise SaeCompressError(f"--ood-acts {ood_acts} holds m={ood_src.m} activations but --acts holds m={m}; "
+                               "give rows of the same model and hookpoint")
     dense_model, n, k = _shape(cfg, m, dense, hub)
     recipes = _recipes(cfg, dense, model)
     TrainConfig(d=None, n=n, k=k, tokens=cfg.tokens, batch_size=cfg.batch_size).check()
@@ -387,11 +418,13 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
         layer = source.manifest.get("layer") if layer is None else layer
         if layer is None:
             raise SaeCompressError("--layer is needed (the --acts folder has no manifest saying which layer)")
-        lm = _LM(model, gguf_file, layer, site or source.manifest.get("site", "resid"), text_paths, eval_paths)
+        lm = _LM(model, gguf_file, layer, site or source.manifest.get("site", "resid"), text_paths, eval_paths,
+                 ood_paths)
     identity = {"acts": _identity(acts), "eval_acts": _identity(eval_acts), "dense": _identity(dense),
                 "model": [_identity(model), _identity(gguf_file)], "texts": [_identity(t) for t in text_paths],
-                "eval_texts": [_identity(t) for t in eval_paths] if lm else None}
-    state = _Sweep(out, cfg, k, train_src, held_src, identity, dense, dense_model, lm, hub)
+                "eval_texts": [_identity(t) for t in eval_paths] if lm else None,
+                "ood_acts": _identity(ood_acts), "ood_texts": [_identity(t) for t in ood_paths]}
+    state = _Sweep(out, cfg, k, train_src, held_src, ood_src, identity, dense, dense_model, lm, hub)
     notes = []
     if lm is not None and not eval_texts:
         notes.append("CE-loss recovered is measured on the --text the fine-tune recipe trains on; give "
@@ -453,14 +486,19 @@ def _versus_matched(points: list[dict[str, Any]], y: str) -> list[dict[str, Any]
         for key in dense["matches"]:
             p = by_key[key]
             if p.get(y) is not None and dense.get(y) is not None:
+                ood = OOD + y
                 rows.append({"key": key, "recipe": p["recipe"], "d": p["d"], "dtype": p["dtype"], "n": p["n"],
                              "file_bytes": p["file_bytes"], "dense_n": dense["n"], y: p[y],
-                             f"dense_{y}": dense[y], "difference": p[y] - dense[y]})
+                             f"dense_{y}": dense[y], "difference": p[y] - dense[y],
+                             **({f"{OOD}difference": p[ood] - dense[ood]}
+                                if p.get(ood) is not None and dense.get(ood) is not None else {})})
     return rows
 
 
 Y_LABELS = {"ce_recovered": "CE-loss recovered (held-out text)",
-            "explained_variance": "1 − FVU on held-out rows (no --model: CE-loss recovered not measured)"}
+            "explained_variance": "1 − FVU on held-out rows (no --model: CE-loss recovered not measured)",
+            OOD + "ce_recovered": "CE-loss recovered (held-out text of another domain, --ood-text)",
+            OOD + "explained_variance": "1 − FVU on rows of another domain (--ood-acts)"}
 
 
 def _write_outputs(out: Path, frontier: dict[str, Any]) -> None:
@@ -487,36 +525,38 @@ def _write_outputs(out: Path, frontier: dict[str, Any]) -> None:
 
 
 def _plot(frontier: dict[str, Any], path: Path) -> None:
-    """Bytes (log) against the frontier's y: a line per recipe and dtype, dense points, latent counts."""
+    """Bytes (log) against the frontier's y, one panel per domain measured: a line per recipe and dtype,
+    dense points, latent counts."""
     import matplotlib.pyplot as plt
 
-    y = frontier["y"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ys = [y for y in (frontier["y"], OOD + frontier["y"]) if any(p.get(y) is not None for p in frontier["points"])]
+    fig, axes = plt.subplots(1, len(ys), figsize=(8 * len(ys), 5.5), squeeze=False)
     dtypes = sorted({p["dtype"] for p in frontier["points"]})
     styles = dict(zip(dtypes, ("-", "--", ":", "-.")))
-    for recipe in (*RECIPES, *BASELINES):
-        for dtype in dtypes:
-            pts = sorted((p for p in frontier["points"] if p["recipe"] == recipe and p["dtype"] == dtype
-                          and p.get(y) is not None), key=lambda p: p["file_bytes"])
-            if not pts:
-                continue
-            xs, ys = [p["file_bytes"] for p in pts], [p[y] for p in pts]
-            label = f"{recipe} ({dtype})" if len(dtypes) > 1 else recipe
-            if recipe == "dense":
-                ax.plot(xs, ys, "k*", markersize=12, label=label,
-                        fillstyle="full" if dtype == dtypes[0] else "none")
-            else:
-                ax.plot(xs, ys, styles[dtype], marker="o", label=label)
-            for p in pts:
-                text = f"n={p['n']:,}" + (f" d={p['d']}" if p["d"] else "")
-                ax.annotate(text, (p["file_bytes"], p[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("file bytes (log scale)")
-    ax.set_ylabel(Y_LABELS[y])
-    ax.set_title(f"storage–fidelity frontier (m={frontier['m']}, k={frontier['k']}, "
+    for ax, y in zip(axes[0], ys):
+        for recipe in (*RECIPES, *BASELINES):
+            for dtype in dtypes:
+                pts = sorted((p for p in frontier["points"] if p["recipe"] == recipe and p["dtype"] == dtype
+                              and p.get(y) is not None), key=lambda p: p["file_bytes"])
+                if not pts:
+                    continue
+                xs, values = [p["file_bytes"] for p in pts], [p[y] for p in pts]
+                label = f"{recipe} ({dtype})" if len(dtypes) > 1 else recipe
+                if recipe == "dense":
+                    ax.plot(xs, values, "k*", markersize=12, label=label,
+                            fillstyle="full" if dtype == dtypes[0] else "none")
+                else:
+                    ax.plot(xs, values, styles[dtype], marker="o", label=label)
+                for p in pts:
+                    text = f"n={p['n']:,}" + (f" d={p['d']}" if p["d"] else "")
+                    ax.annotate(text, (p["file_bytes"], p[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("file bytes (log scale)")
+        ax.set_ylabel(Y_LABELS[y])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"storage–fidelity frontier (m={frontier['m']}, k={frontier['k']}, "
                  f"{frontier['settings']['tokens']:,} training tokens per SAE)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -44,7 +44,7 @@ from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, Exp
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
-from .trainer import TrainConfig, Trainer, training_cap
+from .trainer import DEFAULT_BALANCE, TrainConfig, Trainer, dim_scale_applies, training_cap
 
 __all__ = ["CHECKPOINT_SUFFIX", "TrainConfig", "Trainer", "train"]
 
@@ -132,6 +132,17 @@ def sparsity_target(cfg: TrainConfig, fresh: bool) -> str:
     return cfg.sparsity_target or ("l0" if fresh else "rates")
 
 
+def _balance(cfg: TrainConfig, fresh: bool, start: Loaded | None) -> float:
+    """The dim-balancing power of the run (``TrainConfig.balance``): as asked, else 0.5 for a fresh SAE and the
+    starting SAE's own (so that ``--init`` continues in the space it was trained in)."""
+    if cfg.balance is not None:
+        return cfg.balance
+    if fresh:
+        return DEFAULT_BALANCE
+    recorded = (start.user.get("training") or {}).get("balance") if start is not None else None
+    return float(recorded) if isinstance(recorded, (int, float)) else 0.0
+
+
 @torch.no_grad()
 def _set_l0_cap(sae, source: ActivationSource, rows: int = 8192) -> list[int]:
     """Set a trained threshold SAE's ``k`` to ``models.l0_cap`` of its per-row L0 on the first
@@ -162,8 +173,9 @@ def _fit_encoder_scale(trainer: Trainer, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float]:
-    """``(mean, scale)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer norm)."""
+def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``(mean, scale, dim_std)`` of the SAE's inputs: scale makes ``E‖x − mean‖² = m`` (1 with layer norm);
+    ``dim_std [m]``: each dim's standard deviation after that scale."""
     x = sae.normalise(source.read(0, min(rows, source.num_rows)).double())[0]
     mean = x.mean(0)
     spread = float((x - mean).pow(2).sum(1).mean())
@@ -171,7 +183,7 @@ def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch
         raise SaeCompressError(f"{source.path}: every activation row is the same (zero variance); "
                                "train on real activations")
     scale = 1.0 if sae.normalize_input or spread <= 0 else math.sqrt(sae.m / spread)
-    return mean.to(sae.b_dec.dtype), scale
+    return mean.to(sae.b_dec.dtype), scale, (x - mean).pow(2).mean(0).sqrt() * scale
 
 
 def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
@@ -253,6 +265,10 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if jumprelu_only and sae.activation != "jumprelu":
         raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
                                f"{sae.activation}: drop it, or train --activation jumprelu")
+    if cfg.balance and not dim_scale_applies(sae):
+        raise SaeCompressError(f"--balance {cfg.balance} evens out the dims of an untied top-k Expander SAE's "
+                               "inputs; this run's model is not one (dense, tied, layer-normed or threshold): "
+                               "drop --balance")
     if cfg.afa_coef and sae.activation != "topafa":
         raise SaeCompressError(f"--afa-coef weighs top-AFA's norm-matching term; this run trains {sae.activation}: "
                                "drop it, or train --activation topafa")
@@ -265,12 +281,15 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if resume:
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
-        mean, scale = _data_stats(train_src, sae)
+        mean, scale, dim_std = _data_stats(train_src, sae)
         if init is None and teacher is None:
             with torch.no_grad():
                 sae.b_dec.copy_(mean)
-        normalize_decoder(sae)
         trainer.set_input_scale(scale)
+        balance = _balance(cfg, fresh, start)
+        if balance and dim_scale_applies(sae):
+            trainer.set_dim_scale(dim_std, balance)
+        normalize_decoder(sae)
         if fresh and getattr(sae, "enc_values", None) is not None:
             _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
         if fresh:
@@ -341,6 +360,8 @@ def final_metrics(sae, held: ActivationSource | None, teacher: TopKSAE | None, c
         "dead_tokens": trainer.dead_tokens, "train_dead_fraction": trainer.dead.fraction()}}
     if teacher is not None:
         metrics["training"]["distill_coef"] = cfg.distill_coef
+    if trainer.dim_scale is not None:
+        metrics["training"]["balance"] = trainer.balance
     if held is None:
         return metrics
     sae.eval()

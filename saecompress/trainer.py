@@ -63,6 +63,7 @@ from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_pa
 from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
 
 SPARSITY_TARGETS = ("l0", "rates")
+DEFAULT_BALANCE = 0.5  # a fresh untied expander's TrainConfig.balance
 CAP_FACTOR = 4  # a threshold SAE trains on at most CAP_FACTOR·k candidate latents per row
 THRESHOLD_EMA = 0.99  # BatchTopK: weight of the running θ against the batch's smallest kept value
 
@@ -70,6 +71,14 @@ THRESHOLD_EMA = 0.99  # BatchTopK: weight of the running θ against the batch's 
 def training_cap(k: float, n: int) -> int:
     """Candidate latents per row a threshold SAE with target mean L0 ``k`` trains on."""
     return max(1, min(n, math.ceil(CAP_FACTOR * k)))
+
+
+def dim_scale_applies(sae: ExpanderSAE | TopKSAE) -> bool:
+    """Whether ``Trainer.set_dim_scale`` is for ``sae``: an untied top-k Expander SAE without layer norm (its
+    selection depends on pre-activations only, so the scale folds into its values exactly; threshold SAEs
+    have a θ per latent and no competition for the k places to even out)."""
+    return (isinstance(sae, ExpanderSAE) and sae.enc_values is not None and not sae.normalize_input
+            and sae.activation not in (*THRESHOLD_ACTIVATIONS, "topafa"))
 
 
 @dataclass
@@ -106,6 +115,8 @@ class TrainConfig:
     sparsity_target: str | None = None  # jumprelu: "l0" (mean L0 → k) or "rates" (each latent's firing rate
     # → the starting SAE's); default "rates" when starting from a jumprelu SAE, else "l0"
     afa_coef: float = 0.0  # topafa: weight of the AFA term (code norm pulled to the centred input norm)
+    balance: float | None = None  # untied expanders: train with input dim j scaled by σ_j^-balance (0: off);
+    # default 0.5 for a fresh SAE, the starting SAE's (0 if none recorded) with --init, 0 with --teacher
     seed: int = 0
 
     def check(self) -> None:
@@ -126,9 +137,10 @@ class TrainConfig:
         for name in ("bandwidth", "threshold_lr", "rate_step"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise SaeCompressError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef", "afa_coef"):
+        for name in ("auxk_coef", "distill_coef", "grad_clip", "warmup_frac", "final_lr_frac", "l0_coef", "afa_coef",
+                     "balance"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if value is not None and not (math.isfinite(value) and value >= 0):
                 raise SaeCompressError(f"{name} must be a number of at least 0, got {value}")
         if self.held_out_rows is not None and self.held_out_rows < 0:
             raise SaeCompressError(f"held-out rows must be 0 (none) or more, got {self.held_out_rows}")
@@ -195,6 +207,8 @@ class Trainer:
         self.layout = MaskLayout.from_indices(sae.indices, sae.m) if isinstance(sae, ExpanderSAE) else None
         self.step = 0
         self.input_scale = 1.0  # training sees x * input_scale (see set_input_scale)
+        self.dim_scale: torch.Tensor | None = None  # [m]: then x * input_scale * dim_scale (see set_dim_scale)
+        self.balance = 0.0  # the power dim_scale was made with
         if teacher is not None:
             self.distill = DistillTerm(teacher)
 
@@ -209,8 +223,14 @@ class Trainer:
         return self.dead.since_fired
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """The raw batch ``x`` in the space training sees: the SAE's input, times ``input_scale``."""
-        return self.sae.normalise(x)[0] * self.input_scale
+        """The raw batch ``x`` in the space training sees: the SAE's input, times ``input_scale`` (and
+        ``dim_scale``)."""
+        x = self.sae.normalise(x)[0] * self.input_scale
+        return x if self.dim_scale is None else x * self.dim_scale
+
+    def _objective_space(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` from the training space back to the space the loss is measured in (``dim_scale`` undone)."""
+        return x if self.dim_scale is None else x / self.dim_scale
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the raw batch ``x [B, m]``; returns the step's statistics."""
@@ -221,7 +241,7 @@ class Trainer:
                                threshold=None if self.log_threshold is None else self.log_threshold.exp(),
                                batch_k=round(self.target_l0) if self.threshold_rule == "batchtopk" else None,
                                bandwidth=self.bandwidth)
-        recon_loss = fvu_loss(xin, out.recon)
+        recon_loss = fvu_loss(self._objective_space(xin), self._objective_space(out.recon))
         loss = recon_loss
         stats: dict[str, float] = {}
         if out.l0 is not None and self.target_rates is None:
@@ -236,7 +256,7 @@ class Trainer:
         if out.aux_recon is not None:
             residual = (xin - out.recon).detach()
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
-            aux_loss = fvu_loss(residual, out.aux_recon)
+            aux_loss = fvu_loss(self._objective_space(residual), self._objective_space(out.aux_recon))
             loss = loss + cfg.auxk_coef * scale * aux_loss
             stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
@@ -290,7 +310,7 @@ class Trainer:
         per row on average: the batch's ``B·k``-th largest ``ReLU(pre)``."""
         if self.threshold_rule is None:
             return
-        code = self.sae.pre_activations(x * self.input_scale).relu().flatten()  # scale 1 with layer norm
+        code = self.sae.pre_activations(self.inputs(x)).relu().flatten()
         keep = min(code.numel(), max(1, round(x.shape[0] * self.target_l0)))
         theta = max(float(code.topk(keep).values[-1]), self.bandwidth)
         self.sae.threshold.fill_(theta)
@@ -359,10 +379,40 @@ class Trainer:
             self.log_threshold += math.log(factor)
         self.input_scale = scale
 
+    @torch.no_grad()
+    def set_dim_scale(self, spread: torch.Tensor, power: float) -> None:
+        """Train a fresh untied expander on inputs whose dim ``j`` is scaled by ``spread_j^-power``.
+
+        ``spread [m]``: each dim's standard deviation in the training space. A residual stream's dims differ
+        in variance by two orders of magnitude; with unit decoder rows, a latent whose ``d`` dims all have
+        low variance can only make small codes, so top-k never picks it and it dies (or is revived into a
+        bias-driven latent). Scaling the dims evens that competition. The loss is still measured in the
+        unscaled space, and :meth:`export` folds the scale into the encoder and decoder values and
+        ``b_dec``, so the saved model is an ordinary Expander SAE computing the same function (its
+        decoder rows are unit norm in the scaled space, not in the raw one).
+        """
+        sae = self.sae
+        if not dim_scale_applies(sae):
+            raise ValueError("the dim scale is for untied top-k Expander SAEs without layer norm")
+        spread = spread.double().clamp_min(1e-6)
+        scale = spread.pow(-power)
+        scale *= math.sqrt(sae.m / (spread * scale).pow(2).sum())  # the scaled inputs keep E‖x − mean‖² = m
+        scale = scale.to(sae.b_dec.dtype)
+        change = scale / (self.dim_scale if self.dim_scale is not None else 1)  # the same model in the new space
+        sae.enc_values /= change[sae.indices]
+        sae.values *= change[sae.indices]
+        sae.b_dec *= change
+        self.dim_scale, self.balance = scale, power
+
     def export(self):
         """A copy of the model in the activations' own units."""
         sae = copy.deepcopy(self.sae)
         with torch.no_grad():
+            if self.dim_scale is not None:  # see set_dim_scale
+                per_value = self.dim_scale[sae.indices]
+                sae.enc_values *= per_value
+                sae.values /= per_value
+                sae.b_dec /= self.dim_scale
             sae.b_dec /= self.input_scale
             sae.b_enc /= self.input_scale
             if sae.threshold is not None:
@@ -374,6 +424,7 @@ class Trainer:
         return {"model": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "since_fired": self.since_fired, "total_steps": self.total_steps,
                 "input_scale": self.input_scale,
+                **({"dim_scale": self.dim_scale, "balance": self.balance} if self.dim_scale is not None else {}),
                 **({"log_threshold": self.log_threshold.detach()} if self.log_threshold is not None else {}),
                 **({"target_rates": self.target_rates} if self.target_rates is not None else {}),
                 "config": json.dumps(asdict(self.cfg), sort_keys=True)}
@@ -391,6 +442,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
+        self.dim_scale = state["dim_scale"].clone() if "dim_scale" in state else None
+        self.balance = float(state.get("balance", 0.0))
         if self.log_threshold is not None:
             with torch.no_grad():
                 self.log_threshold.copy_(state["log_threshold"])

@@ -11,7 +11,7 @@ from saecompress.activations import open_activations
 from saecompress.cli.main import cli
 from saecompress.compact import save_compact
 from saecompress.errors import SaeCompressError
-from saecompress.lm import (capture, ce_eval, ce_eval_many, clean_pass, context_batches, decoder_layers, harvest, keep_mask,
+from saecompress.lm import (CEReference, capture, ce_eval, ce_eval_many, clean_pass, context_batches, decoder_layers, harvest, keep_mask,
                             load_model, site_module, spliced_pass, token_contexts)
 from saecompress.models import ExpanderSAE, TopKSAE
 
@@ -223,6 +223,21 @@ def test_ce_eval_matches_a_float64_reference(tiny_lm, tiny):
     assert report["kl_zero"] == pytest.approx(kl_zero, rel=1e-4)
     assert report["ce_zero"] > report["ce_clean"] + 0.1
     assert (report["ce_tokens"], report["ce_excluded_first"], report["ce_excluded_massive"]) == (4 * 32, 4, 0)
+
+
+def test_ce_reference_scores_as_ce_eval_with_or_without_kept_log_probs(tiny_lm, tiny):
+    """One CEReference serves several SAEs, later ones too: the same numbers as ce_eval of each alone."""
+    _, model, tokenizer = tiny
+    torch.manual_seed(0)
+    saes = {"identity": identity_sae(tiny_lm.HIDDEN), "random": TopKSAE(tiny_lm.HIDDEN, 64, 4)}
+    args = dict(tokens=4 * 32, context=32, batch=3, outlier_factor=None, progress=False)
+    alone = {name: ce_eval(model, tokenizer, tiny_lm.texts(), sae, 0, **args) for name, sae in saes.items()}
+    for keep in (False, True):
+        reference = CEReference(model, tokenizer, tiny_lm.texts(), 0, keep_logp=keep, **args)
+        for name, sae in saes.items():
+            report = reference.score({name: sae})[name]
+            for key, value in alone[name].items():
+                assert report[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
 
 
 def test_ce_eval_mlp_site_and_mismatch(tiny_lm, tiny):

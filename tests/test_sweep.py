@@ -121,7 +121,8 @@ def test_native_grid_baselines_outputs_and_resume(acts, tmp_path):
 
 
 def test_dense_recipes_finetune_and_ce(tiny_llama, tmp_path):
-    from saecompress.lm import harvest, load_model
+    from saecompress.lm import ce_eval, harvest, load_model
+    from saecompress.sources import load_source
     from saecompress.texts import read_texts
     from saecompress.train import TrainConfig, train
 
@@ -134,12 +135,27 @@ def test_dense_recipes_finetune_and_ce(tiny_llama, tmp_path):
     dense = tmp_path / "dense"
     train(tmp_path / "acts", dense, TrainConfig(d=None, n=N, k=K, tokens=2048, batch_size=256, held_out_rows=300),
           progress=False)
+    other_text = tmp_path / "other.txt"  # another domain: held-out rows and CE text
+    other_text.write_text("numbers: one two three four five six seven.\n" * 20)
+    harvest(model, tokenizer, read_texts([other_text]), 1, tokens=400, out=tmp_path / "other-acts", context=64,
+            progress=False)
     out = tmp_path / "frontier"
     done = run("--acts", tmp_path / "acts", "--dense", dense, "--model", tiny_llama, "--text", train_text,
-               "--eval-text", held_text, "--context", 64, "--d", 4, "--tokens", 1024, "--batch-size", 256,
+               "--eval-text", held_text, "--ood-acts", tmp_path / "other-acts", "--ood-text", other_text,
+               "--context", 64, "--d", 4, "--tokens", 1024, "--batch-size", 256,
                "--held-out", 300, "--finetune-tokens", 512, "--ce-tokens", 256, "--out", out)
     assert done.exit_code == 0, done.output
+    assert "ood ce_recovered" in done.output
     result = frontier(out)
+    for p in result["points"]:  # every point measured on both domains, the shared passes once per text
+        assert p["ood_num_rows"] == 400 and 0 <= p["ood_dead_fraction"] <= 1 and p["ood_fvu"] > 0
+        assert p["ood_ce_clean"] != p["ce_clean"] and isinstance(p["ood_ce_recovered"], float)
+    dense_point = next(p for p in result["points"] if p["recipe"] == "dense")
+    direct = ce_eval(model, tokenizer, read_texts([other_text]), load_source(dense).model, 1, tokens=256, context=64,
+                     progress=False)
+    for name in ("ce_clean", "ce_zero", "ce_spliced", "ce_recovered", "kl_recovered"):
+        assert dense_point["ood_" + name] == pytest.approx(direct[name], rel=1e-5)
+    assert any(row.get("ood_difference") is not None for row in result["versus_matched"])
     assert result["y"] == "ce_recovered" and (result["n"], result["k"]) == (N, K)  # from the dense SAE
     by = {p["recipe"]: p for p in result["points"]}
     assert set(by) == {"native", "topd-retrain", "topd-retrain-finetune", "dense", "dense-matched"}

@@ -49,6 +49,11 @@ from .options import config_option, hub_options
                    "gradients, mean L0 pulled to --k) or batchtopk (Bussmann et al. 2024: the top batch x k "
                    "activations of each batch; saved with one global threshold) or topafa (Lee et al. 2025: "
                    "the count per row chosen by norm matching, --k its cap).")
+@click.option("--balance", type=click.FloatRange(min=0), default=None,
+              help="Untied top-k expanders: train on inputs whose dim j is scaled by std_j^-BALANCE, so latents "
+                   "on low-variance dims are not starved of the k places (the loss and the saved model are "
+                   "unchanged in kind) [default: 0.5 for a fresh SAE, the starting SAE's own with --init, else 0; "
+                   "0: off].")
 @config_option(TrainConfig, "afa_coef", "--afa-coef", type=click.FloatRange(min=0),
               help="topafa: weight of the AFA term afa_coef * E(|z| - |x - b_dec|)^2 / E|x - b_dec|^2.")
 @config_option(TrainConfig, "l0_coef", "--l0-coef", type=click.FloatRange(min=0),
@@ -96,7 +101,7 @@ from .options import config_option, hub_options
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
-          afa_coef, l0_coef,
+          balance, afa_coef, l0_coef,
           bandwidth, threshold_lr, rate_step, sparsity_target, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
           resume, hub, as_json) -> None:
@@ -118,7 +123,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
                                "has no mask or expander encoder: drop it, or drop --dense")
     batch = batch_size if batch_alias is None else batch_alias
     cfg = TrainConfig(k=k, d=None if dense else d, n=n, expansion=expansion, activation=activation, l0_coef=l0_coef,
-                      afa_coef=afa_coef,
+                      afa_coef=afa_coef, balance=balance,
                       bandwidth=bandwidth, threshold_lr=threshold_lr, rate_step=rate_step,
                       sparsity_target=sparsity_target,
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,

@@ -1,7 +1,7 @@
 """Causal LMs from transformers: loading, token contexts and hook sites (``model``), activation
 harvesting (``harvest``), and CE / KL with an SAE spliced in (``ce``)."""
 
-from .ce import ce_eval, ce_eval_many, next_token_kl
+from .ce import CEReference, ce_eval, ce_eval_many, next_token_kl
 from .harvest import check_harvest, harvest
 from .model import (
     SITES,
@@ -19,7 +19,7 @@ from .model import (
 )
 
 __all__ = [
-    "SITES", "capture", "ce_eval", "ce_eval_many", "check_harvest", "clean_pass", "context_batches",
+    "CEReference", "SITES", "capture", "ce_eval", "ce_eval_many", "check_harvest", "clean_pass", "context_batches",
     "decoder_layers", "harvest", "hooked", "hookpoint", "keep_mask", "load_model", "next_token_kl",
     "site_module", "spliced_pass", "token_contexts",
 ]

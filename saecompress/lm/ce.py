@@ -7,7 +7,7 @@ each SAE's reconstruction replace the kept tokens' activation; excluded tokens k
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -60,64 +60,92 @@ def _site_mean(model: nn.Module, batches: list[torch.Tensor], layer: int, site: 
     return (total / max(count, 1)).float()
 
 
-def _replacements(act: torch.Tensor, mean: torch.Tensor,
-                  saes: dict[str, SparseAutoencoder]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(variant, activation)``: zero-ablated, mean-ablated, then each SAE's reconstruction of ``act``."""
-    yield "zero", torch.zeros_like(act)
-    yield "mean", mean.to(act).expand_as(act)
-    for name, sae in saes.items():
-        yield f"sae:{name}", sae(act.to(next(sae.parameters()).dtype)).to(act.dtype)
+class CEReference:
+    """The passes every SAE scored at one site on the same contexts shares, made once.
+
+    Holds the contexts, the clean activation at the site and the kept-token mask of each batch, the
+    clean / zero- / mean-ablated CE and KL sums, and (``keep_logp``) the clean next-token log-probs, so
+    that :meth:`score` runs one spliced pass per SAE and batch (without ``keep_logp``, a clean pass more;
+    kept, they take ``tokens × vocabulary × 4`` bytes).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, site: str = "resid", *,
+                 tokens: int = 8192, context: int = 256, batch: int = 4, drop_first: bool = True,
+                 outlier_factor: float | None = 10.0, keep_logp: bool = False, progress: bool = True,
+                 check: dict[str, SparseAutoencoder] | None = None):
+        """``check``: SAEs whose ``m`` must match the site's width (refused with a clear error otherwise)."""
+        self.model, self.layer, self.site, self.progress = model, layer, site, progress
+        self.module = site_module(model, layer, site)
+        batches = list(context_batches(tokenizer, texts, context, batch, limit=-(-tokens // context)))
+        keep_args = {"drop_first": drop_first, "outlier_factor": outlier_factor}
+        self.mean = _site_mean(model, batches, layer, site, check or {}, keep_args, progress)
+        self.ce = dict.fromkeys(["clean", "zero", "mean"], 0.0)
+        self.kl = dict.fromkeys(["zero", "mean"], 0.0)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.excluded_first = self.excluded_massive = 0
+        for ids in tqdm(batches, desc="ce clean", unit="batch", disable=not progress, leave=False):
+            ids = ids.to(model.device)
+            logits, act = clean_pass(model, self.module, ids)
+            keep, first, massive = keep_mask(act, **keep_args)
+            self.excluded_first += first
+            self.excluded_massive += massive
+            self.ce["clean"] += _ce_sum(logits, ids)
+            clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            del logits
+            for variant, new in (("zero", torch.zeros_like(act)), ("mean", self.mean.to(act).expand_as(act))):
+                self._add(variant, ids, act, keep, new, clean_logp, self.ce, self.kl)
+            self.batches.append((ids, act, keep, clean_logp if keep_logp else None))
+        self.predicted = sum(ids[:, 1:].numel() for ids in batches)
+        self.tokens = sum(ids.numel() for ids in batches)
+
+    def _add(self, variant: str, ids: torch.Tensor, act: torch.Tensor, keep: torch.Tensor, new: torch.Tensor,
+             clean_logp: torch.Tensor, ce: dict[str, float], kl: dict[str, float]) -> None:
+        logits = spliced_pass(self.model, self.module, ids, torch.where(keep.unsqueeze(-1), new, act))
+        ce[variant] = ce.get(variant, 0.0) + _ce_sum(logits, ids)
+        kl[variant] = kl.get(variant, 0.0) + float(next_token_kl(clean_logp, logits).double().sum())
+
+    @torch.no_grad()
+    def score(self, saes: dict[str, SparseAutoencoder]) -> dict[str, dict[str, Any]]:
+        """``{name: report}`` for each SAE spliced in (the report :func:`ce_eval` describes)."""
+        ce: dict[str, float] = {}
+        kl: dict[str, float] = {}
+        for ids, act, keep, clean_logp in tqdm(self.batches, desc="ce eval", unit="batch", disable=not self.progress,
+                                               leave=False):
+            if clean_logp is None:
+                logits, _ = clean_pass(self.model, self.module, ids)
+                clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                del logits
+            for name, sae in saes.items():
+                new = sae(act.to(next(sae.parameters()).dtype)).to(act.dtype)
+                self._add(name, ids, act, keep, new, clean_logp, ce, kl)
+        ref = {k: v / self.predicted for k, v in self.ce.items()}
+        ref_kl = {k: v / self.predicted for k, v in self.kl.items()}
+        reports = {}
+        for name in saes:
+            spliced, kl_spliced = ce[name] / self.predicted, kl[name] / self.predicted
+            reports[name] = {
+                "ce_clean": ref["clean"], "ce_zero": ref["zero"], "ce_mean": ref["mean"], "ce_spliced": spliced,
+                "ce_recovered": _recovered(ref["zero"], spliced, ref["clean"]),
+                "ce_recovered_mean_ablation": _recovered(ref["mean"], spliced, ref["clean"]),
+                "kl_zero": ref_kl["zero"], "kl_mean": ref_kl["mean"], "kl_spliced": kl_spliced,
+                "kl_recovered": _recovered(ref_kl["zero"], kl_spliced, 0.0),
+                "ce_tokens": self.tokens, "ce_excluded_first": self.excluded_first,
+                "ce_excluded_massive": self.excluded_massive, "hookpoint": hookpoint(self.layer, self.site)}
+        return reports
 
 
-@torch.no_grad()
 def ce_eval_many(model: nn.Module, tokenizer: Any, texts: Iterable[str], saes: dict[str, SparseAutoencoder],
                  layer: int, site: str = "resid", *, tokens: int = 8192, context: int = 256, batch: int = 4,
                  drop_first: bool = True, outlier_factor: float | None = 10.0,
                  progress: bool = True) -> dict[str, dict[str, Any]]:
-    """:func:`ce_eval` for several SAEs at one site, sharing the clean and ablated passes.
+    """:func:`ce_eval` for several SAEs at one site, sharing the clean and ablated passes (:class:`CEReference`).
 
     Returns ``{name: report}``; each report is what :func:`ce_eval` returns for that SAE.
     """
-    module = site_module(model, layer, site)
-    batches = list(context_batches(tokenizer, texts, context, batch, limit=-(-tokens // context)))
-    keep_args = {"drop_first": drop_first, "outlier_factor": outlier_factor}
-    mean = _site_mean(model, batches, layer, site, saes, keep_args, progress)
-
-    variants = ["zero", "mean", *(f"sae:{name}" for name in saes)]
-    ce = dict.fromkeys(["clean", *variants], 0.0)
-    kl = dict.fromkeys(variants, 0.0)
-    excluded_first = excluded_massive = 0
-    for ids in tqdm(batches, desc="ce eval", unit="batch", disable=not progress, leave=False):
-        ids = ids.to(model.device)
-        logits, act = clean_pass(model, module, ids)
-        keep, first, massive = keep_mask(act, **keep_args)
-        excluded_first += first
-        excluded_massive += massive
-        ce["clean"] += _ce_sum(logits, ids)
-        clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        del logits
-        for variant, new in _replacements(act, mean, saes):
-            logits = spliced_pass(model, module, ids, torch.where(keep.unsqueeze(-1), new, act))
-            ce[variant] += _ce_sum(logits, ids)
-            kl[variant] += float(next_token_kl(clean_logp, logits).double().sum())
-            del logits
-        del clean_logp
-
-    predicted = sum(ids[:, 1:].numel() for ids in batches)
-    ce = {k: v / predicted for k, v in ce.items()}
-    kl = {k: v / predicted for k, v in kl.items()}
-    reports = {}
-    for name in saes:
-        spliced, kl_spliced = ce[f"sae:{name}"], kl[f"sae:{name}"]
-        reports[name] = {
-            "ce_clean": ce["clean"], "ce_zero": ce["zero"], "ce_mean": ce["mean"], "ce_spliced": spliced,
-            "ce_recovered": _recovered(ce["zero"], spliced, ce["clean"]),
-            "ce_recovered_mean_ablation": _recovered(ce["mean"], spliced, ce["clean"]),
-            "kl_zero": kl["zero"], "kl_mean": kl["mean"], "kl_spliced": kl_spliced,
-            "kl_recovered": _recovered(kl["zero"], kl_spliced, 0.0),
-            "ce_tokens": sum(ids.numel() for ids in batches), "ce_excluded_first": excluded_first,
-            "ce_excluded_massive": excluded_massive, "hookpoint": hookpoint(layer, site)}
-    return reports
+    reference = CEReference(model, tokenizer, texts, layer, site, tokens=tokens, context=context, batch=batch,
+                            drop_first=drop_first, outlier_factor=outlier_factor, progress=progress, check=saes)
+    return reference.score(saes)
 
 
 def ce_eval(model: nn.Module, tokenizer: Any, texts: Iterable[str], sae: SparseAutoencoder, layer: int,
