@@ -422,6 +422,58 @@ def test_reaim_revives_dead_latents_on_their_best_rows():
     assert int(trainer.since_fired.max()) == 0
 
 
+def test_balanced_training_exports_the_model_it_trained():
+    """Dims scaled by std^-0.5 while training; export folds the scale into values and b_dec exactly."""
+    from saecompress.train import Trainer
+
+    torch.manual_seed(0)
+    m, n, d, k, B = 32, 256, 4, 4, 512
+    x = (torch.randn(B, m) * torch.linspace(0.1, 3.0, m) + 1.0).double()
+    sae = ExpanderSAE(m, n, d, k, seed=0, encoder="untied").double()
+    trainer = Trainer(sae, TrainConfig(k=k, d=d, n=n, tokens=B * 10, batch_size=B), total_steps=10)
+    trainer.set_input_scale(0.5)
+    spread = (x * 0.5).std(0)
+    with torch.no_grad():
+        before = sae(trainer.inputs(x)) / 0.5
+    trainer.set_dim_scale(spread, 0.5)
+    scaled = spread * trainer.dim_scale  # each dim's spread in the training space: ∝ std^0.5, same total
+    assert torch.allclose(scaled / scaled[0], (spread / spread[0]).sqrt(), rtol=1e-9)
+    assert float(scaled.pow(2).sum()) == pytest.approx(m, rel=1e-9)
+    with torch.no_grad():  # entering the scaled space does not change the model
+        assert torch.allclose(sae(trainer.inputs(x)) / trainer.dim_scale / 0.5, before, rtol=1e-9, atol=1e-9)
+    for _ in range(3):
+        trainer.train_step(x)
+    exported = trainer.export()
+    with torch.no_grad():
+        out = sparse_forward(sae, trainer.inputs(x), trainer.layout)
+        _, idx = exported.encode(x)
+        assert torch.allclose(exported(x), out.recon / trainer.dim_scale / 0.5, rtol=1e-9, atol=1e-9)
+    assert torch.equal(idx.sort(1).values, out.top_idx.sort(1).values)
+
+
+def test_balance_defaults_follow_the_model_and_misfits_are_refused(planted, tmp_path):
+    path, _, _ = planted
+    runner = CliRunner()
+    common = ["--acts", str(path), "--n", str(N), "--k", "2", "--tokens", "2048", "--batch-size", "256",
+              "--held-out", "1000", "--json"]
+
+    def balance(*args) -> float | None:
+        out = tmp_path / f"sae{len(list(tmp_path.iterdir()))}.safetensors"
+        result = runner.invoke(cli, ["train", *common, *args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])["training"].get("balance"), out
+
+    native, first = balance("--d", str(D))
+    assert native == 0.5  # fresh untied top-k expanders train balanced by default
+    assert balance("--init", str(first))[0] == 0.5  # --init continues in the space its start was trained in
+    assert balance("--d", str(D), "--balance", "0")[0] is None
+    assert balance("--d", str(D), "--encoder", "tied")[0] is None
+    assert balance("--d", str(D), "--balance", "1")[0] == 1.0
+    for args in (["--d", str(D), "--encoder", "tied"], ["--d", str(D), "--activation", "jumprelu"], ["--dense"]):
+        bad = runner.invoke(cli, ["train", *common, *args, "--balance", "0.5", "--out", str(tmp_path / "x.safetensors")])
+        assert bad.exit_code == 2 and "drop --balance" in bad.output, bad.output
+
+
 # -- threshold SAEs: the JumpReLU and BatchTopK training rules --------------------------------
 
 from saecompress.activations import open_activations  # noqa: E402
