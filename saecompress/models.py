@@ -66,6 +66,10 @@ LAYER_NORM_EPS = 1e-5
 _CHUNK_ELEMENTS = 1 << 22
 
 
+MATMUL_DECODE_LATENTS = 8192  # up to this many latents a dense SAE decodes its codes as one [B, n] @ [n, m] matmul
+# (faster on CPU than gathering k decoder rows per token, in training and inference); above it, it gathers
+
+
 def layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """OpenAI sparse_autoencoder's input normalisation: ``((x - mu) / (std + eps), mu, std)``."""
     mu = x.mean(dim=-1, keepdim=True)
@@ -376,7 +380,12 @@ class TopKSAE(SparseAutoencoder):
             yield start, centred @ self.W_enc[:, start:stop] + self.b_enc[start:stop]
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return (values.unsqueeze(-1) * self.W_dec[indices]).sum(dim=-2) + self.b_dec
+        if self.n > MATMUL_DECODE_LATENTS:  # gather the k rows of each token
+            return (values.unsqueeze(-1) * self.W_dec[indices]).sum(dim=-2) + self.b_dec
+        unfired = indices < 0  # −1 slots (value 0) of variable-count codes
+        code = values.new_zeros(*values.shape[:-1], self.n).scatter_add(
+            -1, indices.clamp_min(0), values.masked_fill(unfired, 0))
+        return code @ self.W_dec + self.b_dec
 
     def extra_repr(self) -> str:
         return f"m={self.m}, n={self.n}, k={self.k}, activation={self.activation}"
