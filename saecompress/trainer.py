@@ -17,6 +17,12 @@ latents (see ``Trainer._reaim_dead``). AuxK alone cannot: under Adam its gradien
 latent is scale-free, so it only nudges the direction while the top-k threshold, set by the
 growing encoders of the alive latents, runs away.
 
+A fresh untied top-k expander trains **balanced** (``balance`` β, default 0.5): on inputs whose dim ``j``
+is scaled by ``σ_j^-β`` (``Trainer.set_dim_scale``), with the loss still measured unscaled. On a seeded
+mask a latent's ``d`` dims are random; where they all have low variance its codes stay small, top-k
+never picks it, and re-aiming can only revive it with a bias that the input no longer moves. The scale
+evens that competition out and folds exactly into the saved values (docs/FIDELITY.md measures it).
+
 Threshold SAEs (``activation`` in ``models.THRESHOLD_ACTIVATIONS``) train with their papers' rules,
 truly sparse for expanders (``sparse_ops.py``), with ``k`` the target mean L0 and the model's own
 ``k`` a training cap of ``CAP_FACTOR·k`` candidates per row:
