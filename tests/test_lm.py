@@ -11,7 +11,7 @@ from saecompress.activations import open_activations
 from saecompress.cli.main import cli
 from saecompress.compact import save_compact
 from saecompress.errors import SaeCompressError
-from saecompress.lm import (CEReference, capture, ce_eval, ce_eval_many, clean_pass, context_batches, decoder_layers, harvest, keep_mask,
+from saecompress.lm import (SITES, CEReference, capture, ce_eval, ce_eval_many, clean_pass, context_batches, decoder_layers, harvest, keep_mask,
                             load_model, site_module, spliced_pass, token_contexts)
 from saecompress.models import ExpanderSAE, TopKSAE
 
@@ -173,7 +173,7 @@ def test_clean_and_spliced_passes(tiny_lm, tiny):
     module = site_module(model, 1, "mlp_out")
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        logits, act = clean_pass(model, module, ids)
+        logits, act, _ = clean_pass(model, module, ids)
         torch.testing.assert_close(logits, plain, rtol=0, atol=0)
         torch.testing.assert_close(act, capture(model, ids, 1, "mlp_out"), rtol=0, atol=0)
         torch.testing.assert_close(spliced_pass(model, module, ids, act), plain, rtol=1e-6, atol=1e-6)
@@ -223,6 +223,34 @@ def test_ce_eval_matches_a_float64_reference(tiny_lm, tiny):
     assert report["kl_zero"] == pytest.approx(kl_zero, rel=1e-4)
     assert report["ce_zero"] > report["ce_clean"] + 0.1
     assert (report["ce_tokens"], report["ce_excluded_first"], report["ce_excluded_massive"]) == (4 * 32, 4, 0)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_spliced_pass_skipping_the_prefix_equals_the_full_pass(tiny_lm, tiny, site):
+    """With the clean pass's Prefix, blocks before the site's do not run (counted) and the logits are the same."""
+    _, model, tokenizer = tiny
+    ids = torch.stack(list(token_contexts(tokenizer, tiny_lm.texts(), 32)))[:3]
+    layers = decoder_layers(model)
+    layer = len(layers) - 1
+    module = site_module(model, layer, site)
+    calls = []
+    inner = [next(block.children()) for block in layers]  # a block that runs calls its submodules
+    handles = [child.register_forward_pre_hook(lambda m, *_: calls.append(m)) for child in inner]
+    try:
+        with torch.no_grad():
+            _, act, prefix = clean_pass(model, module, ids, prefix_layer=layer)
+            noise = act + torch.randn(act.shape, generator=torch.Generator().manual_seed(0))
+            calls.clear()
+            full = spliced_pass(model, module, ids, noise)
+            assert set(calls) == set(inner)
+            calls.clear()
+            skipped = spliced_pass(model, module, ids, noise, prefix)
+            assert set(calls) == {inner[layer]}  # the blocks before the site's did not run
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(skipped, full, rtol=1e-6, atol=1e-6)
+    assert all(block.forward.__func__ is type(block).forward for block in layers)  # restored
 
 
 def test_ce_reference_scores_as_ce_eval_with_or_without_kept_log_probs(tiny_lm, tiny):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SaeCompressError
 from ..models import SparseAutoencoder
-from .model import capture, clean_pass, context_batches, hookpoint, keep_mask, site_module, spliced_pass
+from .model import Prefix, capture, clean_pass, context_batches, hookpoint, keep_mask, site_module, spliced_pass
 
 
 def next_token_kl(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -63,10 +63,11 @@ def _site_mean(model: nn.Module, batches: list[torch.Tensor], layer: int, site: 
 class CEReference:
     """The passes every SAE scored at one site on the same contexts shares, made once.
 
-    Holds the contexts, the clean activation at the site and the kept-token mask of each batch, the
-    clean / zero- / mean-ablated CE and KL sums, and (``keep_logp``) the clean next-token log-probs, so
-    that :meth:`score` runs one spliced pass per SAE and batch (without ``keep_logp``, a clean pass more;
-    kept, they take ``tokens × vocabulary × 4`` bytes).
+    Holds the contexts, the clean activation at the site, the input of the site's block (so spliced passes
+    skip the blocks before it: ``model.spliced_pass`` with a ``Prefix``) and the kept-token mask of each
+    batch, the clean / zero- / mean-ablated CE and KL sums, and (``keep_logp``) the clean next-token
+    log-probs, so that :meth:`score` runs one spliced pass of the blocks from the site's on per SAE and
+    batch (without ``keep_logp``, a clean pass more; kept, they take ``tokens × vocabulary × 4`` bytes).
     """
 
     @torch.no_grad()
@@ -82,11 +83,11 @@ class CEReference:
         self.mean = _site_mean(model, batches, layer, site, check or {}, keep_args, progress)
         self.ce = dict.fromkeys(["clean", "zero", "mean"], 0.0)
         self.kl = dict.fromkeys(["zero", "mean"], 0.0)
-        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, Prefix, torch.Tensor, torch.Tensor | None]] = []
         self.excluded_first = self.excluded_massive = 0
         for ids in tqdm(batches, desc="ce clean", unit="batch", disable=not progress, leave=False):
             ids = ids.to(model.device)
-            logits, act = clean_pass(model, self.module, ids)
+            logits, act, prefix = clean_pass(model, self.module, ids, prefix_layer=layer)
             keep, first, massive = keep_mask(act, **keep_args)
             self.excluded_first += first
             self.excluded_massive += massive
@@ -94,14 +95,14 @@ class CEReference:
             clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
             del logits
             for variant, new in (("zero", torch.zeros_like(act)), ("mean", self.mean.to(act).expand_as(act))):
-                self._add(variant, ids, act, keep, new, clean_logp, self.ce, self.kl)
-            self.batches.append((ids, act, keep, clean_logp if keep_logp else None))
+                self._add(variant, ids, act, prefix, keep, new, clean_logp, self.ce, self.kl)
+            self.batches.append((ids, act, prefix, keep, clean_logp if keep_logp else None))
         self.predicted = sum(ids[:, 1:].numel() for ids in batches)
         self.tokens = sum(ids.numel() for ids in batches)
 
-    def _add(self, variant: str, ids: torch.Tensor, act: torch.Tensor, keep: torch.Tensor, new: torch.Tensor,
-             clean_logp: torch.Tensor, ce: dict[str, float], kl: dict[str, float]) -> None:
-        logits = spliced_pass(self.model, self.module, ids, torch.where(keep.unsqueeze(-1), new, act))
+    def _add(self, variant: str, ids: torch.Tensor, act: torch.Tensor, prefix: Prefix, keep: torch.Tensor,
+             new: torch.Tensor, clean_logp: torch.Tensor, ce: dict[str, float], kl: dict[str, float]) -> None:
+        logits = spliced_pass(self.model, self.module, ids, torch.where(keep.unsqueeze(-1), new, act), prefix)
         ce[variant] = ce.get(variant, 0.0) + _ce_sum(logits, ids)
         kl[variant] = kl.get(variant, 0.0) + float(next_token_kl(clean_logp, logits).double().sum())
 
@@ -110,15 +111,15 @@ class CEReference:
         """``{name: report}`` for each SAE spliced in (the report :func:`ce_eval` describes)."""
         ce: dict[str, float] = {}
         kl: dict[str, float] = {}
-        for ids, act, keep, clean_logp in tqdm(self.batches, desc="ce eval", unit="batch", disable=not self.progress,
-                                               leave=False):
+        for ids, act, prefix, keep, clean_logp in tqdm(self.batches, desc="ce eval", unit="batch",
+                                                       disable=not self.progress, leave=False):
             if clean_logp is None:
-                logits, _ = clean_pass(self.model, self.module, ids)
+                logits, _, _ = clean_pass(self.model, self.module, ids)
                 clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 del logits
             for name, sae in saes.items():
                 new = sae(act.to(next(sae.parameters()).dtype)).to(act.dtype)
-                self._add(name, ids, act, keep, new, clean_logp, ce, kl)
+                self._add(name, ids, act, prefix, keep, new, clean_logp, ce, kl)
         ref = {k: v / self.predicted for k, v in self.ce.items()}
         ref_kl = {k: v / self.predicted for k, v in self.kl.items()}
         reports = {}

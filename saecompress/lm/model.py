@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -132,22 +133,73 @@ def capture(model: nn.Module, input_ids: torch.Tensor, layer: int, site: str) ->
     return box[0].cpu()
 
 
-def clean_pass(model: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, activation)`` of an unedited forward pass; ``activation`` is ``module``'s output."""
+@dataclass
+class Prefix:
+    """What a pass through decoder blocks ``0..layer-1`` gave: block ``layer``'s input hidden states and the
+    form of a block's output (a tensor, or a tuple whose first item is the hidden states)."""
+
+    layer: int
+    hidden: torch.Tensor
+    output_rest: tuple | None  # None: blocks return a tensor; else the items after the hidden states
+
+
+def clean_pass(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
+               prefix_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Prefix | None]:
+    """``(logits, activation, prefix)`` of an unedited forward pass; ``activation`` is ``module``'s output;
+    with ``prefix_layer``, ``prefix`` holds what :func:`spliced_pass` needs to skip blocks before it."""
     box: list[torch.Tensor] = []
+    seen: dict[str, Any] = {}
 
     def keep(act: torch.Tensor) -> None:
         box.append(act.detach())
 
-    with hooked(module, keep):
-        logits = model(input_ids=input_ids.to(model.device), use_cache=False).logits
-    return logits, box[0]
+    def block_input(_module, args, kwargs):
+        seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def block_output(_module, _inputs, output):
+        seen["rest"] = tuple(output[1:]) if isinstance(output, tuple) else None
+
+    handles = []
+    if prefix_layer is not None:
+        layers = decoder_layers(model)
+        handles = [layers[prefix_layer].register_forward_pre_hook(block_input, with_kwargs=True),
+                   layers[prefix_layer].register_forward_hook(block_output)]
+    try:
+        with hooked(module, keep):
+            logits = model(input_ids=input_ids.to(model.device), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    prefix = Prefix(prefix_layer, seen["hidden"], seen["rest"]) if prefix_layer is not None else None
+    return logits, box[0], prefix
+
+
+@contextlib.contextmanager
+def _skipped(model: nn.Module, prefix: Prefix) -> Iterator[None]:
+    """Blocks ``0..prefix.layer-1`` return ``prefix.hidden`` without computing: block ``prefix.layer`` gets the
+    hidden states the clean pass gave it (embeddings, masks and position encodings are still made)."""
+    layers = decoder_layers(model)
+    output = prefix.hidden if prefix.output_rest is None else (prefix.hidden, *prefix.output_rest)
+
+    def passthrough(*_args, **_kwargs):
+        return output
+
+    saved = [block.forward for block in layers[:prefix.layer]]
+    for block in layers[:prefix.layer]:
+        block.forward = passthrough
+    try:
+        yield
+    finally:
+        for block, forward in zip(layers[:prefix.layer], saved):
+            block.forward = forward
 
 
 def spliced_pass(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
-                 activation: torch.Tensor) -> torch.Tensor:
-    """The logits of a forward pass in which ``module``'s output is replaced by ``activation``."""
-    with hooked(module, lambda act: activation.to(act.dtype)):
+                 activation: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
+    """The logits of a forward pass in which ``module``'s output is replaced by ``activation``; with the
+    ``prefix`` of the same ``input_ids`` (:func:`clean_pass`), the blocks before ``prefix.layer`` are skipped."""
+    with hooked(module, lambda act: activation.to(act.dtype)), \
+            (_skipped(model, prefix) if prefix is not None else contextlib.nullcontext()):
         return model(input_ids=input_ids.to(model.device), use_cache=False).logits
 
 
