@@ -47,7 +47,7 @@ from ._io import check_outputs
 from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
-from .lm import context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module
+from .lm import clean_pass, context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module, skipping
 from .models import VARIABLE_COUNT, ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
@@ -186,9 +186,12 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
                 group["lr"] = cfg.lr * lr_factor(step, steps)
             splice.splicing = False
             with torch.no_grad():
-                clean_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+                logits, _, prefix = clean_pass(model, module, ids, prefix_layer=layer)
+                clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                del logits
             splice.splicing = True
-            kl = next_token_kl(clean_logp, model(input_ids=ids, use_cache=False).logits).mean()
+            with skipping(model, prefix):  # the frozen blocks before the site's give what they gave above
+                kl = next_token_kl(clean_logp, model(input_ids=ids, use_cache=False).logits).mean()
             loss = kl + cfg.recon_coef * splice.fvu
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

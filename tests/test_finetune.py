@@ -64,6 +64,26 @@ def test_finetune_lowers_held_out_kl_and_writes_the_model(tiny_lm, lm, tmp_path,
         assert user["held_out_before_finetune"] == {"fvu": 0.5} and "held_out" not in user  # no stale metrics
 
 
+def test_finetune_skipping_the_prefix_trains_the_same_sae(tiny_lm, lm, monkeypatch):
+    """The spliced pass starts at the site's block (the frozen blocks before it gave the same hidden states in
+    the clean pass): the fine-tuned SAE equals one tuned through the whole model."""
+    import contextlib
+
+    import saecompress.finetune as finetune_module
+
+    _, model, tokenizer = lm
+    tuned = {}
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(finetune_module, "skipping", lambda *_: contextlib.nullcontext())
+        sae = start_sae(tiny_lm, model, tokenizer)
+        tuned[skip], _ = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid",
+                                  FinetuneConfig(tokens=32 * 2 * 5, **CFG), progress=False)
+    for (name, a), (_, b) in zip(tuned[True].state_dict().items(), tuned[False].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(tuned[True].values, start_sae(tiny_lm, model, tokenizer).values)  # it did train
+
+
 def test_finetune_recon_term_keeps_the_reconstruction(tiny_lm, lm):
     _, model, tokenizer = lm
     runs = {}

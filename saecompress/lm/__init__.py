@@ -14,6 +14,7 @@ from .model import (
     keep_mask,
     load_model,
     site_module,
+    skipping,
     spliced_pass,
     token_contexts,
 )
@@ -21,5 +22,5 @@ from .model import (
 __all__ = [
     "CEReference", "SITES", "capture", "ce_eval", "ce_eval_many", "check_harvest", "clean_pass", "context_batches",
     "decoder_layers", "harvest", "hooked", "hookpoint", "keep_mask", "load_model", "next_token_kl",
-    "site_module", "spliced_pass", "token_contexts",
+    "site_module", "skipping", "spliced_pass", "token_contexts",
 ]

@@ -175,7 +175,7 @@ def clean_pass(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
 
 
 @contextlib.contextmanager
-def _skipped(model: nn.Module, prefix: Prefix) -> Iterator[None]:
+def skipping(model: nn.Module, prefix: Prefix) -> Iterator[None]:
     """Blocks ``0..prefix.layer-1`` return ``prefix.hidden`` without computing: block ``prefix.layer`` gets the
     hidden states the clean pass gave it (embeddings, masks and position encodings are still made)."""
     layers = decoder_layers(model)
@@ -199,7 +199,7 @@ def spliced_pass(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
     """The logits of a forward pass in which ``module``'s output is replaced by ``activation``; with the
     ``prefix`` of the same ``input_ids`` (:func:`clean_pass`), the blocks before ``prefix.layer`` are skipped."""
     with hooked(module, lambda act: activation.to(act.dtype)), \
-            (_skipped(model, prefix) if prefix is not None else contextlib.nullcontext()):
+            (skipping(model, prefix) if prefix is not None else contextlib.nullcontext()):
         return model(input_ids=input_ids.to(model.device), use_cache=False).logits
 
 
