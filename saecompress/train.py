@@ -265,6 +265,9 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     if jumprelu_only and sae.activation != "jumprelu":
         raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
                                f"{sae.activation}: drop it, or train --activation jumprelu")
+    if cfg.balance and teacher is not None:
+        raise SaeCompressError("--balance is for training without a teacher (the distillation term is measured in "
+                               "the unscaled space): drop --balance or --teacher")
     if cfg.balance and not dim_scale_applies(sae):
         raise SaeCompressError(f"--balance {cfg.balance} evens out the dims of an untied top-k Expander SAE's "
                                "inputs; this run's model is not one (dense, tied, layer-normed or threshold): "

@@ -387,7 +387,7 @@ class Trainer:
 
     @torch.no_grad()
     def set_dim_scale(self, spread: torch.Tensor, power: float) -> None:
-        """Train a fresh untied expander on inputs whose dim ``j`` is scaled by ``spread_j^-power``.
+        """Train an untied expander on inputs whose dim ``j`` is scaled by ``spread_j^-power``.
 
         ``spread [m]``: each dim's standard deviation in the training space. A residual stream's dims differ
         in variance by two orders of magnitude; with unit decoder rows, a latent whose ``d`` dims all have

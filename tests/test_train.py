@@ -464,12 +464,15 @@ def test_balance_defaults_follow_the_model_and_misfits_are_refused(planted, tmp_
         return json.loads(result.stdout.strip().splitlines()[-1])["training"].get("balance"), out
 
     native, first = balance("--d", str(D))
+    train(path, first.with_name("teacher"), TrainConfig(d=None, n=N, k=2, tokens=1024, batch_size=256,
+                                                        held_out_rows=1000), progress=False)
     assert native == 0.5  # fresh untied top-k expanders train balanced by default
     assert balance("--init", str(first))[0] == 0.5  # --init continues in the space its start was trained in
     assert balance("--d", str(D), "--balance", "0")[0] is None
     assert balance("--d", str(D), "--encoder", "tied")[0] is None
     assert balance("--d", str(D), "--balance", "1")[0] == 1.0
-    for args in (["--d", str(D), "--encoder", "tied"], ["--d", str(D), "--activation", "jumprelu"], ["--dense"]):
+    for args in (["--d", str(D), "--encoder", "tied"], ["--d", str(D), "--activation", "jumprelu"], ["--dense"],
+                 ["--d", str(D), "--teacher", str(first.with_name("teacher"))]):
         bad = runner.invoke(cli, ["train", *common, *args, "--balance", "0.5", "--out", str(tmp_path / "x.safetensors")])
         assert bad.exit_code == 2 and "drop --balance" in bad.output, bad.output
 
