@@ -184,14 +184,18 @@ def skipping(model: nn.Module, prefix: Prefix) -> Iterator[None]:
     def passthrough(*_args, **_kwargs):
         return output
 
-    saved = [block.forward for block in layers[:prefix.layer]]
-    for block in layers[:prefix.layer]:
+    skipped = layers[:prefix.layer]
+    own = [block.__dict__.get("forward") for block in skipped]  # a forward set on the instance (e.g. accelerate's)
+    for block in skipped:
         block.forward = passthrough
     try:
         yield
     finally:
-        for block, forward in zip(layers[:prefix.layer], saved):
-            block.forward = forward
+        for block, forward in zip(skipped, own):
+            if forward is None:
+                del block.forward  # back to the class's method
+            else:
+                block.forward = forward
 
 
 def spliced_pass(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
