@@ -410,6 +410,9 @@ def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
     recipes = _recipes(cfg, dense, model)
     TrainConfig(d=None, n=n, k=k, tokens=cfg.tokens, batch_size=cfg.batch_size).check()
     train_src, held_src = _held_out(cfg, source, eval_acts)
+    for measured in (held_src, ood_src):  # the rows every point is measured on: a NaN row stops the run now
+        if measured is not None:
+            measured.check()
     if train_src.num_rows < cfg.batch_size:
         raise SaeCompressError(f"{acts}: {train_src.num_rows} training rows is less than one batch of "
                                f"{cfg.batch_size}; lower --batch-size or give more rows")

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -190,4 +191,12 @@ def test_outputs_and_missing_settings_are_refused(acts, tmp_path):
     assert "--n N" in one_error(run("--acts", acts, "--d", 4, "--out", tmp_path / "o"))
     assert "--model and --text" in one_error(run("--acts", acts, "--d", 4, *SMALL, "--model", "x", "--out",
                                                  tmp_path / "o"))
+    bad = tmp_path / "nan.npy"  # measurement rows are read before any training
+    np.save(bad, np.full((64, M), np.nan, dtype=np.float32))
+    assert "contains NaN or inf" in one_error(run("--acts", acts, "--ood-acts", bad, "--d", 4, *SMALL,
+                                                  "--out", tmp_path / "o"))
+    (tmp_path / "ood").mkdir()
+    np.save(tmp_path / "ood" / "rows.npy", np.random.default_rng(0).normal(size=(64, M)).astype(np.float32))
+    assert "holds the input" in one_error(run("--acts", acts, "--ood-acts", tmp_path / "ood" / "rows.npy", "--d", 4,
+                                              *SMALL, "--out", tmp_path / "ood"))
     assert not (tmp_path / "o").exists()
