@@ -57,10 +57,17 @@ class _Shard:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` as a float32 tensor; raises on NaN/inf."""
-        t = self.read_raw(start, stop)
+        return self._finite(self.read_raw(start, stop), np.arange(start, stop))
+
+    def read_at(self, rows: np.ndarray) -> torch.Tensor:
+        """The rows at the sorted indices ``rows`` as a float32 tensor; raises on NaN/inf."""
+        t = torch.from_numpy(np.asarray(self.array[rows]))
+        return self._finite(t.view(torch.bfloat16).float() if self.bf16 else t.float(), rows)
+
+    def _finite(self, t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         finite = torch.isfinite(t).all(dim=1)
         if not bool(finite.all()):
-            row = start + int((~finite).nonzero()[0, 0])
+            row = int(rows[int((~finite).nonzero()[0, 0])])
             raise SaeCompressError(
                 f"{self.path}: row {row} contains NaN or inf; re-harvest the activations or remove the bad rows"
             )
@@ -116,6 +123,35 @@ def _open_safetensors(path: Path) -> _Shard:
     else:
         arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
     return _Shard(path, arr, bf16=info["dtype"] == "BF16")
+
+
+def shuffled_batches(num_rows: int, m: int, batch_size: int, *, seed: int = 0, buffer_rows: int | None = None,
+                     chunk_rows: int = 1024, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    """Row indices ``[batch_size]`` of one shuffled epoch over ``num_rows`` rows of width ``m``.
+
+    Contiguous chunks of ``chunk_rows`` rows are visited in a seeded random order and poured into a
+    buffer of ``buffer_rows`` rows (default: 256 MiB of float32 rows, at least two batches); whenever
+    the buffer is full it is permuted and all but about half a buffer is emitted, so a reader holds
+    about 1.5 buffers of nearby rows. The same seed gives the same order; every rank of a
+    data-parallel run computes it and reads only its own part of each batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    buffer_rows = max(buffer_rows or (1 << 28) // (4 * m), 2 * batch_size)
+    chunk_rows = min(chunk_rows, buffer_rows)
+    buf = torch.empty(0, dtype=torch.int64)
+    for c in torch.randperm(-(-num_rows // chunk_rows), generator=gen).tolist():
+        buf = torch.cat([buf, torch.arange(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))])
+        if len(buf) >= buffer_rows:
+            perm = torch.randperm(len(buf), generator=gen)
+            emit = (len(buf) - buffer_rows // 2) // batch_size * batch_size  # keeps < buffer_rows rows
+            for i in range(0, emit, batch_size):
+                yield buf[perm[i:i + batch_size]]
+            buf = buf[perm[emit:]]
+    perm = torch.randperm(len(buf), generator=gen)
+    for i in range(0, len(buf), batch_size):
+        if len(buf) - i < batch_size and drop_last:
+            return
+        yield buf[perm[i:i + batch_size]]
 
 
 def open_activation_array(path: str | os.PathLike) -> _Shard:
@@ -214,17 +250,29 @@ class ActivationSource:
             return torch.empty(0, self.m)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows at the indices ``rows [B]`` of this view, in that order, as float32 ``[B, m]``; raises on NaN/inf."""
+        if rows.numel() == 0:
+            return torch.empty(0, self.m)
+        if int(rows.min()) < 0 or int(rows.max()) >= self.num_rows:
+            raise SaeCompressError(f"row indices outside 0..{self.num_rows} of {self.path}")
+        order = torch.argsort(rows)
+        wanted = rows[order].numpy() + self.start
+        out = torch.empty(len(wanted), self.m)
+        bounds = np.searchsorted(wanted, self._offsets)
+        for i, shard in enumerate(self._shards):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                out[lo:hi] = shard.read_at(wanted[lo:hi] - int(self._offsets[i]))
+        return out[torch.argsort(order)]
+
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                      buffer_rows: int | None = None, chunk_rows: int = 1024,
                      drop_last: bool = False) -> Iterator[torch.Tensor]:
         """One epoch of float32 ``[batch_size, m]`` batches; every row exactly once.
 
-        Without ``shuffle`` rows come in order. With ``shuffle``, contiguous chunks of
-        ``chunk_rows`` rows are visited in a seeded random order and poured into a buffer of
-        ``buffer_rows`` rows (default: 256 MiB worth, at least two batches); whenever the buffer
-        is full it is permuted and all but about half a buffer is emitted, so memory stays bounded by
-        about 1.5 buffers. The same seed gives the same order. The last batch may be short unless
-        ``drop_last``.
+        Without ``shuffle`` rows come in order; with it, in the order of ``shuffled_batches`` (same
+        arguments). The last batch may be short unless ``drop_last``.
         """
         if batch_size <= 0:
             raise SaeCompressError(f"batch size must be positive, got {batch_size}")
@@ -235,29 +283,9 @@ class ActivationSource:
                     return
                 yield self.read(s, e)
             return
-        gen = torch.Generator().manual_seed(seed)
-        buffer_rows = max(buffer_rows or (1 << 28) // (4 * self.m), 2 * batch_size)
-        chunk_rows = min(chunk_rows, buffer_rows)
-        n_chunks = -(-self.num_rows // chunk_rows)
-        buf = torch.empty(min(buffer_rows + chunk_rows, self.num_rows), self.m)
-        fill = 0
-        for c in torch.randperm(n_chunks, generator=gen).tolist():
-            chunk = self.read(c * chunk_rows, min((c + 1) * chunk_rows, self.num_rows))
-            buf[fill:fill + len(chunk)] = chunk
-            fill += len(chunk)
-            if fill >= buffer_rows:
-                perm = torch.randperm(fill, generator=gen)
-                emit = (fill - buffer_rows // 2) // batch_size * batch_size  # keeps < buffer_rows rows
-                for i in range(0, emit, batch_size):
-                    yield buf[perm[i:i + batch_size]]
-                rest = buf[perm[emit:]]
-                buf[:len(rest)] = rest
-                fill = len(rest)
-        perm = torch.randperm(fill, generator=gen)
-        for i in range(0, fill, batch_size):
-            if fill - i < batch_size and drop_last:
-                return
-            yield buf[perm[i:i + batch_size]]
+        for rows in shuffled_batches(self.num_rows, self.m, batch_size, seed=seed, buffer_rows=buffer_rows,
+                                     chunk_rows=chunk_rows, drop_last=drop_last):
+            yield self.read_rows(rows)
 
     def check(self) -> None:
         """Read every row once; raises ``SaeCompressError`` on the first NaN/inf row."""

@@ -20,10 +20,12 @@ from .sparse_ops import (BANDWIDTH, MaskLayout, SparseForward, afa_candidates, a
 DECAYS = ("cosine", "linear", "constant")
 
 
-def fvu_loss(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Batch FVU: squared error over the batch's total variance (the training objective)."""
-    var = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return (recon - target).pow(2).sum() / var
+def fvu_loss(target: torch.Tensor, recon: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch FVU: squared error over the batch's total variance (the training objective); ``variance``: that
+    total when the batch is larger than ``target`` (a data-parallel rank's part of it)."""
+    if variance is None:
+        variance = (target - target.mean(0)).pow(2).sum()
+    return (recon - target).pow(2).sum() / variance.clamp_min(1e-12)
 
 
 def dense_forward(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int, *,

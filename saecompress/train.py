@@ -33,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import atomic_path, check_outputs
-from .activations import ActivationSource, open_activations
+from .activations import ActivationSource, open_activations, shuffled_batches
 from .compact import with_metrics
 from .convert import DEFAULT_MASK, convert
 from .distill import latent_agreement
+from .distributed import LOCAL, Group
 from .errors import SaeCompressError
 from .metrics import evaluate
 from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts,
@@ -186,19 +187,20 @@ def _data_stats(source: ActivationSource, sae, rows: int = 65536) -> tuple[torch
     return mean.to(sae.b_dec.dtype), scale, (x - mean).pow(2).mean(0).sqrt() * scale
 
 
-def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int):
-    """Shuffled training batches from step ``start_step`` on (epochs reshuffle with new seeds)."""
+def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int, group: Group):
+    """This rank's part of each shuffled training batch from step ``start_step`` on (epochs reshuffle with new
+    seeds; every rank draws the same global order and reads only its own rows)."""
     per_epoch = source.num_rows // cfg.batch_size
     if per_epoch < 1:
         raise SaeCompressError(f"{source.path}: {source.num_rows} training rows is less than one batch "
                                f"of {cfg.batch_size}; lower --batch or harvest more activations")
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-        it = source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
+        order = shuffled_batches(source.num_rows, source.m, cfg.batch_size, seed=cfg.seed * 100_003 + epoch,
                                  drop_last=True)
-        for i, x in enumerate(it):
+        for i, rows in enumerate(order):
             if i >= skip:
-                yield x
+                yield source.read_rows(group.part(rows))
         epoch, skip = epoch + 1, 0
 
 
@@ -219,7 +221,8 @@ def _deferred_sigint() -> Iterator[list]:
 
 def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cfg: TrainConfig, *,
           teacher: str | TopKSAE | None = None, init: str | None = None, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None, hub=None) -> tuple[ExpanderSAE | TopKSAE, dict]:
+          progress: bool = True, stop_after: int | None = None, hub=None,
+          group: Group = LOCAL) -> tuple[ExpanderSAE | TopKSAE, dict]:
     """Train on the activations ``acts`` and write the model to ``out``; returns ``(sae, metrics)``.
 
     ``out`` is a compact ``.safetensors`` file for expander SAEs and a SAELens folder for dense
@@ -232,8 +235,15 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     batches, ``tokens // batch_size`` of them. ``hub`` (a ``sources.HubAccess``) says where ``hf://``
     teacher / init sources come from. ``out`` and its checkpoint
     are checked before anything else (see ``_io.check_outputs``); ``out`` is replaced when the run completes.
+    ``group``: this process's rank of a data-parallel run (``launch.py``): every rank trains on its part of
+    each global batch of ``cfg.batch_size`` rows, and only rank 0 reports progress and writes files (the
+    other ranks return empty metrics).
     """
     cfg.check()
+    if cfg.batch_size % group.world:
+        raise SaeCompressError(f"--batch-size {cfg.batch_size} does not split into {group.world} equal parts "
+                               f"(one per process): use a multiple of {group.world}")
+    progress = progress and group.main
     out = Path(out)
     ckpt = out.with_name(out.name + CHECKPOINT_SUFFIX)
     inputs = [acts.path if isinstance(acts, ActivationSource) else acts, init,
@@ -280,7 +290,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
         target, rates = _threshold_targets(cfg, sae, fresh, train_src)
         sae.k = training_cap(target, sae.n)
     total_steps = cfg.tokens // cfg.batch_size
-    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target, target_rates=rates)
+    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target, target_rates=rates, group=group)
     if resume:
         trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
     else:
@@ -297,11 +307,16 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
         if fresh:
             trainer.start_threshold(train_src.read(0, min(1024, train_src.num_rows)))
+    trainer.synchronise()
 
     def checkpoint() -> None:
-        with atomic_path(ckpt) as tmp:
-            torch.save(trainer.state_dict(), tmp)
+        if group.main:
+            with atomic_path(ckpt) as tmp:
+                torch.save(trainer.state_dict(), tmp)
 
+    if group.world > 1 and progress:
+        tqdm.write(f"training on {group.world} processes: {cfg.batch_size // group.world:,} rows of each batch of "
+                   f"{cfg.batch_size:,} per process", file=sys.stderr)
     if progress and cfg.tokens % cfg.batch_size:
         tqdm.write(f"note: training {total_steps * cfg.batch_size:,} of the {cfg.tokens:,} tokens asked: whole "
                    f"batches of {cfg.batch_size:,}", file=sys.stderr)
@@ -313,7 +328,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     bar = tqdm(total=total_steps * cfg.batch_size, initial=trainer.step * cfg.batch_size,
                unit="tok", unit_scale=True, desc="train", disable=not progress, dynamic_ncols=True)
     last = stop_after if stop_after is not None else total_steps
-    batches = _batches(train_src, cfg, trainer.step)
+    batches = _batches(train_src, cfg, trainer.step, group)
     stats: dict[str, float] = {}
     with _deferred_sigint() as interrupted:
         while trainer.step < min(total_steps, last):
@@ -322,16 +337,22 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
             if trainer.step % 10 == 0 or trainer.step == total_steps:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}",
                                 l0=f"{stats['l0']:.1f}", dead=f"{stats['dead']:.3f}", refresh=False)
-            if interrupted:
+            stop = bool(interrupted)
+            if group.world > 1:  # Ctrl-C reaches the ranks at different steps: they stop together, every 10 steps
+                stop = trainer.step % 10 == 0 and bool(group.any(torch.tensor([stop])))
+            if stop:
                 checkpoint()
                 bar.close()
-                tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt} ({out} is written "
-                           "only when a run completes); rerun with --resume to continue", file=sys.stderr)
+                if group.main:
+                    tqdm.write(f"interrupted: checkpoint at step {trainer.step} written to {ckpt} ({out} is written "
+                               "only when a run completes); rerun with --resume to continue", file=sys.stderr)
                 raise KeyboardInterrupt
             if trainer.step % cfg.checkpoint_every == 0 and trainer.step < total_steps:
                 checkpoint()
     bar.close()
     checkpoint()  # the last state: --resume continues a stopped run and only rewrites OUT after a complete one
+    if not group.main:
+        return trainer.export(), {}
     sae = trainer.export()
     cap = _set_l0_cap(sae, held_src or train_src) if sae.activation in VARIABLE_COUNT else None
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 
 from .distill import DistillTerm
+from .distributed import LOCAL, Group
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
 from .models import THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, require_topk, unit_rows
@@ -182,9 +183,15 @@ class Trainer:
 
     def __init__(self, sae: ExpanderSAE | TopKSAE, cfg: TrainConfig, total_steps: int,
                  teacher: TopKSAE | None = None, target_l0: float | None = None,
-                 target_rates: torch.Tensor | None = None):
+                 target_rates: torch.Tensor | None = None, group: Group = LOCAL):
         """``target_l0``: a threshold SAE's target mean L0 (required for one; ``sae.k`` is its cap);
-        ``target_rates [n]``: a JumpReLU SAE's per-latent firing-rate targets (the "rates" rule)."""
+        ``target_rates [n]``: a JumpReLU SAE's per-latent firing-rate targets (the "rates" rule);
+        ``group``: the ranks of a data-parallel run (each step's batch is this rank's part of the global one)."""
+        if group.world > 1 and (teacher is not None or sae.activation in VARIABLE_COUNT):
+            raise SaeCompressError(f"training on {group.world} processes is for top-k SAEs without a teacher; "
+                                   f"{'--teacher' if teacher is not None else sae.activation} runs in one process "
+                                   "for now: drop --nproc")
+        self.group = group
         if teacher is not None:
             require_topk(sae.activation, "train --teacher", "distilling a threshold student comes later")
         self.threshold_rule = sae.activation if sae.activation in THRESHOLD_ACTIVATIONS else None
@@ -247,7 +254,8 @@ class Trainer:
                                threshold=None if self.log_threshold is None else self.log_threshold.exp(),
                                batch_k=round(self.target_l0) if self.threshold_rule == "batchtopk" else None,
                                bandwidth=self.bandwidth)
-        recon_loss = fvu_loss(self._objective_space(xin), self._objective_space(out.recon))
+        target = self._objective_space(xin)
+        recon_loss = fvu_loss(target, self._objective_space(out.recon), self._variance(target))
         loss = recon_loss
         stats: dict[str, float] = {}
         if out.l0 is not None and self.target_rates is None:
@@ -262,7 +270,8 @@ class Trainer:
         if out.aux_recon is not None:
             residual = (xin - out.recon).detach()
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
-            aux_loss = fvu_loss(self._objective_space(residual), self._objective_space(out.aux_recon))
+            residual = self._objective_space(residual)
+            aux_loss = fvu_loss(residual, self._objective_space(out.aux_recon), self._variance(residual))
             loss = loss + cfg.auxk_coef * scale * aux_loss
             stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
@@ -273,21 +282,38 @@ class Trainer:
             group["lr"] = group["base_lr"] * cfg.lr_factor(self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.group.sum_grads(list(sae.parameters()))
         remove_parallel_grad(sae)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         normalize_decoder(sae)
         self._update_threshold(out)
-        self.dead.update(fired(out.top_vals, out.top_idx, sae.n), x.shape[0])
+        group = self.group
+        self.dead.update(group.any(fired(out.top_vals, out.top_idx, sae.n)), x.shape[0] * group.world)
         self.step += 1
         if (self.layout is not None and self.teacher is None and self.reaim_every
                 and self.step % self.reaim_every == 0 and self.step < self.total_steps):
-            stats["reaimed"] = self._reaim_dead(xin, out)
+            stats["reaimed"] = self._reaim_dead(group.rows(xin), group.rows(out.recon.detach()),
+                                                group.rows(out.top_vals.detach().min(1).values))
         l0 = out.l0.detach() if out.l0 is not None else (out.top_vals != 0).sum(1).double().mean()
-        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()), l0=float(l0),
-                     dead=self.dead.fraction())
+        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()), l0=float(l0))
+        if group.world > 1:  # the ranks' partial losses add up; L0 (a mean over equal parts) and re-aims average
+            names = list(stats)
+            total = group.sum(torch.tensor([stats[name] for name in names], dtype=torch.float64))
+            stats = {name: float(v) / (group.world if name in ("l0", "reaimed") else 1)
+                     for name, v in zip(names, total)}
+        stats["dead"] = self.dead.fraction()
         return stats
+
+    def _variance(self, target: torch.Tensor) -> torch.Tensor:
+        """The total variance of the global batch that ``target`` is this rank's part of (no gradient)."""
+        target = target.detach()
+        group = self.group
+        if group.world == 1:
+            return (target - target.mean(0)).pow(2).sum()
+        mean = group.sum(target.sum(0)) / (target.shape[0] * group.world)
+        return group.sum((target - mean).pow(2).sum())
 
     @torch.no_grad()
     def _update_threshold(self, out: SparseForward) -> None:
@@ -324,8 +350,9 @@ class Trainer:
             self.log_threshold.fill_(math.log(theta))
 
     @torch.no_grad()
-    def _reaim_dead(self, xin: torch.Tensor, out: SparseForward) -> int:
-        """Revive each dead latent on the batch rows where it came closest to the top-k.
+    def _reaim_dead(self, xin: torch.Tensor, recon: torch.Tensor, kth: torch.Tensor) -> int:
+        """Revive each dead latent on the batch rows where it came closest to the top-k (``xin``, ``recon``:
+        the batch's inputs and reconstructions; ``kth [B]``: each row's smallest kept code value).
 
         Dead latent ``i`` keeps its encoder direction, rescaled (untied) to the median alive
         encoder norm, since alive encoders grow and a revived latent left at its old scale fires
@@ -345,7 +372,7 @@ class Trainer:
         if self.threshold_rule is not None:  # where a threshold latent fires: above its θ
             thr = sae.threshold[dead].to(xin.dtype).unsqueeze(0)
         else:  # the row's k-th largest pre-activation
-            thr = out.top_vals.detach().min(1).values.unsqueeze(1)
+            thr = kth.unsqueeze(1)
         j = max(1, min(xin.shape[0], round(xin.shape[0] * self.target_l0 / sae.n)))  # an alive latent's share
 
         def margins() -> torch.Tensor:  # [B, D]: pre-activation (without b_enc) minus the row's τ
@@ -358,7 +385,7 @@ class Trainer:
             if alive.any():
                 sae.enc_values[dead] *= (norms[alive].median() / norms[dead].clamp_min(1e-12)).unsqueeze(1)
         rows = margins().topk(j, dim=0).indices  # [j, D]
-        residual = (xin - out.recon.detach())[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
+        residual = (xin - recon)[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
         sae.values[dead] = unit_rows(residual)
         best = margins().topk(j, dim=0).values[-1]  # tied: the encoder just changed
         sae.b_enc[dead] = -best + 1e-3 * thr.abs().mean()
@@ -367,6 +394,18 @@ class Trainer:
                 reset_moments(self.optimizer, param, dead)
         self.dead.revived(dead)
         return int(dead.numel())
+
+    @torch.no_grad()
+    def synchronise(self) -> None:
+        """Every rank of a data-parallel run takes rank 0's model and scales (after set-up, before the first step)."""
+        group = self.group
+        if group.world == 1:
+            return
+        for t in self.sae.state_dict().values():  # the parameters' and buffers' own storage
+            group.broadcast(t)
+        self.input_scale = float(group.broadcast(torch.tensor([self.input_scale], dtype=torch.float64)))
+        if self.dim_scale is not None:
+            group.broadcast(self.dim_scale)
 
     @torch.no_grad()
     def set_input_scale(self, scale: float) -> None:

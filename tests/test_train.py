@@ -407,7 +407,7 @@ def test_reaim_revives_dead_latents_on_their_best_rows():
     trainer.since_fired[dead] = trainer.dead_tokens
     alive_norm = sae.enc_values.detach()[~dead].norm(dim=1).median()
 
-    assert trainer._reaim_dead(x, out) == int(dead.sum())
+    assert trainer._reaim_dead(x, out.recon.detach(), out.top_vals.detach().min(1).values) == int(dead.sum())
     with torch.no_grad():
         pre = sae.pre_activations(x)[:, dead]
     tau = out.top_vals.min(1).values.unsqueeze(1)

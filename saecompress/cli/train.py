@@ -7,8 +7,9 @@ import click
 from .._json import dumps
 from ..convert import MASKS
 from ..errors import SaeCompressError
+from ..launch import environment_group, run_ranks
 from ..models import ALL_ACTIVATIONS, ENCODERS
-from ..train import TrainConfig
+from ..train import CHECKPOINT_SUFFIX, TrainConfig
 from ..trainer import SPARSITY_TARGETS
 from ..train import train as run_training
 from .options import config_option, hub_options
@@ -97,20 +98,25 @@ from .options import config_option, hub_options
 @config_option(TrainConfig, "checkpoint_every", "--checkpoint-every", type=click.IntRange(min=1),
               help="Steps between checkpoints.")
 @config_option(TrainConfig, "seed", "--seed", type=click.IntRange(min=0), help="Seed of initialisation and data order.")
-@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required).")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required; any number of processes).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (torch.distributed, gloo): each trains on its share of "
+                   "every --batch-size batch, the result as one process would train it. Under torchrun leave it out "
+                   "(torchrun starts the processes).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
           balance, afa_coef, l0_coef,
           bandwidth, threshold_lr, rate_step, sparsity_target, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
-          resume, hub, as_json) -> None:
+          resume, nproc, hub, as_json) -> None:
     """Train an Expander SAE (or, with --dense, a TopK baseline) on activations.
 
     \b
     Native:   saecompress train --acts acts/ --d 7 --k 32 --expansion 8 --out sae.safetensors
     JumpReLU: saecompress train --acts acts/ --dense --activation jumprelu --k 32 --expansion 8 --out sae/
     Distil:   saecompress train --acts acts/ --d 7 --teacher ./dense-sae --out sae.safetensors
+    Processes: saecompress train --nproc 2 ...   (or: torchrun --nproc_per_node 2 -m saecompress -- train ...)
     Ctrl-C writes a checkpoint; rerun the same command with --resume to continue.
     """
     given = {name for name in ("batch_size", "d", "encoder", "mask_seed", "mask")
@@ -129,7 +135,17 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
-    _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True, hub=hub)
+    group = environment_group()
+    if group.world > 1 and nproc > 1:
+        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    if nproc > 1:
+        _, metrics = run_ranks(nproc, run_training, acts, out, cfg, teacher=teacher, init=init, resume=resume,
+                               progress=True, hub=hub, checkpoint=f"{out}{CHECKPOINT_SUFFIX}")
+    else:
+        _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True, hub=hub,
+                                  group=group)
+    if not group.main:
+        return
     if as_json:
         click.echo(dumps(metrics))
         return
