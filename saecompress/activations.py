@@ -201,6 +201,11 @@ class ActivationSource:
         self.manifest = dict(manifest or {})
         self.path = path
 
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor, name: str) -> ActivationSource:
+        """A source over the float32 rows ``[N, m]`` held in memory (``name`` stands for a path in messages)."""
+        return cls([_Shard(Path(name), rows.detach().float().contiguous().numpy(), bf16=False)], path=Path(name))
+
     def __len__(self) -> int:
         return self.num_rows
 

@@ -52,7 +52,7 @@ __all__ = ["CHECKPOINT_SUFFIX", "TrainConfig", "Trainer", "train"]
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
-def _initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None,
+def initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str | None,
                    hub=None) -> tuple[ExpanderSAE | TopKSAE, Loaded | None]:
     """The model training starts from (``init`` file, ``convert(teacher)``, or a fresh one) and the
     loaded ``init`` source, if any."""
@@ -205,7 +205,7 @@ def _batches(source: ActivationSource, cfg: TrainConfig, start_step: int, group:
 
 
 @contextlib.contextmanager
-def _deferred_sigint() -> Iterator[list]:
+def deferred_sigint() -> Iterator[list]:
     """Turn Ctrl-C into a flag (a non-empty list) checked between steps, so the checkpoint
     written on interruption is a consistent step boundary (and resumes bit-exactly)."""
     flag: list = []
@@ -217,6 +217,52 @@ def _deferred_sigint() -> Iterator[list]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def make_trainer(sae, cfg: TrainConfig, rows: ActivationSource, total_steps: int, *, fresh: bool,
+                 start: Loaded | None = None, teacher: TopKSAE | None = None, group: Group = LOCAL,
+                 state: dict | None = None, where: Path | None = None) -> Trainer:
+    """The ``Trainer`` of a run on ``sae``, set up on the first training ``rows`` (the data mean, scale and dim
+    spread; a threshold SAE's targets), or from a checkpoint ``state`` (read from ``where``); refuses options
+    that do not apply to the model."""
+    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth", "threshold_lr", "rate_step")
+                     if getattr(cfg, name) != getattr(TrainConfig, name)]
+    if jumprelu_only and sae.activation != "jumprelu":
+        raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
+                               f"{sae.activation}: drop it, or train --activation jumprelu")
+    if cfg.balance and teacher is not None:
+        raise SaeCompressError("--balance is for training without a teacher (the distillation term is measured in "
+                               "the unscaled space): drop --balance or --teacher")
+    if cfg.balance and not dim_scale_applies(sae):
+        raise SaeCompressError(f"--balance {cfg.balance} evens out the dims of an untied top-k Expander SAE's "
+                               "inputs; this run's model is not one (dense, tied, layer-normed or threshold): "
+                               "drop --balance")
+    if cfg.afa_coef and sae.activation != "topafa":
+        raise SaeCompressError(f"--afa-coef weighs top-AFA's norm-matching term; this run trains {sae.activation}: "
+                               "drop it, or train --activation topafa")
+    target = rates = None
+    if sae.activation in THRESHOLD_ACTIVATIONS:
+        target, rates = _threshold_targets(cfg, sae, fresh, rows)
+        sae.k = training_cap(target, sae.n)
+    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target, target_rates=rates, group=group)
+    if state is not None:
+        trainer.load_state_dict(state, where)
+    else:
+        mean, scale, dim_std = _data_stats(rows, sae)
+        if fresh:
+            with torch.no_grad():
+                sae.b_dec.copy_(mean)
+        trainer.set_input_scale(scale)
+        balance = _balance(cfg, fresh, start)
+        if balance and dim_scale_applies(sae):
+            trainer.set_dim_scale(dim_std, balance)
+        normalize_decoder(sae)
+        if fresh and getattr(sae, "enc_values", None) is not None:
+            _fit_encoder_scale(trainer, rows.read(0, min(4096, rows.num_rows)))
+        if fresh:
+            trainer.start_threshold(rows.read(0, min(1024, rows.num_rows)))
+    trainer.synchronise()
+    return trainer
 
 
 def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cfg: TrainConfig, *,
@@ -267,47 +313,12 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
         require_topk(teacher.activation, "train --teacher", "distilling from a threshold teacher comes later; "
                      "train a threshold SAE natively with --activation")
         teacher.eval().requires_grad_(False)
-    sae, start = _initial_model(cfg, source.m, teacher, init, hub)
+    sae, start = initial_model(cfg, source.m, teacher, init, hub)
     origin = start or origin
     fresh = init is None and teacher is None
-    jumprelu_only = [f"--{name.replace('_', '-')}" for name in ("l0_coef", "bandwidth", "threshold_lr", "rate_step")
-                     if getattr(cfg, name) != getattr(TrainConfig, name)]
-    if jumprelu_only and sae.activation != "jumprelu":
-        raise SaeCompressError(f"{jumprelu_only[0]} tunes the jumprelu training rule; this run trains "
-                               f"{sae.activation}: drop it, or train --activation jumprelu")
-    if cfg.balance and teacher is not None:
-        raise SaeCompressError("--balance is for training without a teacher (the distillation term is measured in "
-                               "the unscaled space): drop --balance or --teacher")
-    if cfg.balance and not dim_scale_applies(sae):
-        raise SaeCompressError(f"--balance {cfg.balance} evens out the dims of an untied top-k Expander SAE's "
-                               "inputs; this run's model is not one (dense, tied, layer-normed or threshold): "
-                               "drop --balance")
-    if cfg.afa_coef and sae.activation != "topafa":
-        raise SaeCompressError(f"--afa-coef weighs top-AFA's norm-matching term; this run trains {sae.activation}: "
-                               "drop it, or train --activation topafa")
-    target = rates = None
-    if sae.activation in THRESHOLD_ACTIVATIONS:
-        target, rates = _threshold_targets(cfg, sae, fresh, train_src)
-        sae.k = training_cap(target, sae.n)
     total_steps = cfg.tokens // cfg.batch_size
-    trainer = Trainer(sae, cfg, total_steps, teacher, target_l0=target, target_rates=rates, group=group)
-    if resume:
-        trainer.load_state_dict(torch.load(ckpt, weights_only=True), ckpt)
-    else:
-        mean, scale, dim_std = _data_stats(train_src, sae)
-        if init is None and teacher is None:
-            with torch.no_grad():
-                sae.b_dec.copy_(mean)
-        trainer.set_input_scale(scale)
-        balance = _balance(cfg, fresh, start)
-        if balance and dim_scale_applies(sae):
-            trainer.set_dim_scale(dim_std, balance)
-        normalize_decoder(sae)
-        if fresh and getattr(sae, "enc_values", None) is not None:
-            _fit_encoder_scale(trainer, train_src.read(0, min(4096, train_src.num_rows)))
-        if fresh:
-            trainer.start_threshold(train_src.read(0, min(1024, train_src.num_rows)))
-    trainer.synchronise()
+    trainer = make_trainer(sae, cfg, train_src, total_steps, fresh=fresh, start=start, teacher=teacher, group=group,
+                           state=torch.load(ckpt, weights_only=True) if resume else None, where=ckpt)
 
     def checkpoint() -> None:
         if group.main:
@@ -330,7 +341,7 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     last = stop_after if stop_after is not None else total_steps
     batches = _batches(train_src, cfg, trainer.step, group)
     stats: dict[str, float] = {}
-    with _deferred_sigint() as interrupted:
+    with deferred_sigint() as interrupted:
         while trainer.step < min(total_steps, last):
             stats = trainer.train_step(next(batches))
             bar.update(cfg.batch_size)
@@ -353,6 +364,20 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
     checkpoint()  # the last state: --resume continues a stopped run and only rewrites OUT after a complete one
     if not group.main:
         return trainer.export(), {}
+    sae, metrics = finish(trainer, held_src, train_src, teacher)
+    if trainer.step < total_steps:
+        metrics["training"]["stopped_early"] = True
+    else:
+        save(sae, out, with_metrics(metrics, metrics.get("held_out")), origin)
+    return sae, metrics
+
+
+def finish(trainer: Trainer, held_src: ActivationSource | None, train_src: ActivationSource,
+           teacher: TopKSAE | None = None) -> tuple[ExpanderSAE | TopKSAE, dict[str, Any]]:
+    """The trained model in the activations' units and its metrics (held-out fidelity, the run's settings); a
+    variable-count SAE's cap ``k`` set on ``held_src`` (else on ``train_src``)."""
+    cfg = trainer.cfg
+    target, rates = trainer.target_l0 if trainer.threshold_rule else None, trainer.target_rates
     sae = trainer.export()
     cap = _set_l0_cap(sae, held_src or train_src) if sae.activation in VARIABLE_COUNT else None
     metrics = final_metrics(sae, held_src, teacher, cfg, trainer)
@@ -367,10 +392,6 @@ def train(acts: str | os.PathLike | ActivationSource, out: str | os.PathLike, cf
                      "threshold_lr": cfg.threshold_lr}
                if trainer.threshold_rule == "jumprelu"
                else {"threshold": float(sae.threshold[0])} if trainer.threshold_rule == "batchtopk" else {}))
-    if trainer.step < total_steps:
-        metrics["training"]["stopped_early"] = True
-    else:
-        save(sae, out, with_metrics(metrics, metrics.get("held_out")), origin)
     return sae, metrics
 
 

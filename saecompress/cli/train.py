@@ -7,22 +7,37 @@ import click
 from .._json import dumps
 from ..convert import MASKS
 from ..errors import SaeCompressError
+from ..lm import SITES
 from ..launch import environment_group, run_ranks
 from ..models import ALL_ACTIVATIONS, ENCODERS
 from ..train import CHECKPOINT_SUFFIX, TrainConfig
 from ..trainer import SPARSITY_TARGETS
 from ..train import train as run_training
+from .acts import text_options
 from .options import config_option, hub_options
 
 
 
 @click.command("train")
-@click.option("--acts", required=True, type=click.Path(exists=True),
+@click.option("--acts", type=click.Path(exists=True), default=None,
               help="Activations [N, m]: a .npy/.safetensors file or a shard folder from `saecompress acts`. "
                    "The last --held-out rows are kept for the final metrics.")
+@click.option("--model", "model_path", default=None,
+              help="Instead of --acts: train from this causal LM (folder, hub id or .gguf) over --text, one SAE per "
+                   "--layers hookpoint, with no activation files.")
+@text_options
+@click.option("--layers", default=None, help="With --model: the layers to train on, e.g. 6,12,18 (one LM pass serves them all).")
+@click.option("--site", type=click.Choice(SITES), default="resid", show_default=True,
+              help="With --model: resid (output of each block), mlp_out or attn_out.")
+@click.option("--lm-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --model: contexts per LM forward pass.")
+@click.option("--window", type=click.IntRange(min=1), default=256, show_default=True,
+              help="With --model: contexts per shuffle window (rows are shuffled within a window; a multiple of "
+                   "--lm-batch).")
 @click.option("--out", required=True, type=click.Path(),
-              help="Output compact .safetensors file (with --dense: a SAELens folder). A checkpoint "
-                   "OUT.ckpt is written beside it.")
+              help="Output compact .safetensors file (with --dense: a SAELens folder); with --model a folder of "
+                   "HOOKPOINT/expander.safetensors, as `push` uploads. A checkpoint OUT.ckpt (with --model: "
+                   "OUT/train.ckpt) is written beside it.")
 @config_option(TrainConfig, "d", "--d", "d", type=click.IntRange(min=1), help="Nonzeros per latent (mask degree).")
 @click.option("--dense", is_flag=True, help="Train a dense TopK SAE baseline instead (refuses --d, --encoder, --mask, --mask-seed).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
@@ -94,7 +109,8 @@ from .options import config_option, hub_options
               help="Weight of the latent-matching term (with --teacher).")
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
               help="Rows at the end of --acts kept out of training, for the final metrics (0: none) "
-                   "[default: 8192, at most a tenth of the rows].")
+                   "[default: 8192, at most a tenth of the rows]; with --model the rows after the training text "
+                   "[default: 8192].")
 @config_option(TrainConfig, "checkpoint_every", "--checkpoint-every", type=click.IntRange(min=1),
               help="Steps between checkpoints.")
 @config_option(TrainConfig, "seed", "--seed", type=click.IntRange(min=0), help="Seed of initialisation and data order.")
@@ -105,7 +121,8 @@ from .options import config_option, hub_options
                    "(torchrun starts the processes).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
-def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
+def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch, window,
+          out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
           balance, afa_coef, l0_coef,
           bandwidth, threshold_lr, rate_step, sparsity_target, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
@@ -114,6 +131,7 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
 
     \b
     Native:   saecompress train --acts acts/ --d 7 --k 32 --expansion 8 --out sae.safetensors
+    Live LM:  saecompress train --model ./lm --text corpus/ --layers 6,12 --d 7 --expansion 8 --out saes/
     JumpReLU: saecompress train --acts acts/ --dense --activation jumprelu --k 32 --expansion 8 --out sae/
     Distil:   saecompress train --acts acts/ --d 7 --teacher ./dense-sae --out sae.safetensors
     Processes: saecompress train --nproc 2 ...   (or: torchrun --nproc_per_node 2 -m saecompress -- train ...)
@@ -135,6 +153,19 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
                       encoder=encoder, mask_seed=mask_seed, mask=mask, tokens=tokens, batch_size=batch, lr=lr,
                       k_aux=k_aux, auxk_coef=auxk_coef, dead_tokens=dead_tokens, reaim_every=reaim_every, distill_coef=distill_coef,
                       held_out_rows=held_out, checkpoint_every=checkpoint_every, seed=seed)
+    if model_path is not None:
+        _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch,
+                          window, held_out, out, cfg, acts=acts, teacher=teacher, init=init, nproc=nproc, resume=resume,
+                          as_json=as_json)
+        return
+    if acts is None:
+        raise SaeCompressError("say what to train on: --acts ACTS (activation files) or --model M --text T --layers L")
+    ctx = click.get_current_context()
+    stream_only = [f"--{name.replace('_', '-')}" for name in ("texts", "layers", "gguf_file", "context", "keep_first",
+                                                              "outlier_factor", "site", "lm_batch", "window")
+                   if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+    if stream_only:
+        raise SaeCompressError(f"{stream_only[0].replace('--texts', '--text')} is for training from a live model: give --model, or drop it")
     group = environment_group()
     if group.world > 1 and nproc > 1:
         raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
@@ -159,3 +190,41 @@ def train(acts, out, d, dense, k, n, expansion, teacher, init, tokens, batch_siz
         if "latent_agreement" in held:
             line += f", latent agreement {held['latent_agreement']:.1%}"
     click.echo(line)
+
+
+def _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch, window,
+                      held_out, out, cfg, *, acts, teacher, init, nproc, resume, as_json) -> None:
+    from ..lm import load_model
+    from ..stream import StreamConfig, train_streaming
+    from ..texts import read_texts, text_files
+
+    for flag, given in (("--acts", acts), ("--teacher", teacher), ("--init", init), ("--nproc", nproc > 1)):
+        if given:
+            raise SaeCompressError(f"{flag} does not go with --model (training from a live model starts fresh SAEs "
+                                   "in one process for now): drop it")
+    if not texts or not layers:
+        raise SaeCompressError("training from a live model needs --text (files or folders) and --layers (e.g. 6,12)")
+    try:
+        parsed = tuple(int(part) for part in layers.split(","))
+    except ValueError:
+        raise SaeCompressError(f"--layers {layers}: give layer numbers separated by commas, e.g. 6,12,18") from None
+    stream = StreamConfig(layers=parsed, site=site, context=context, lm_batch=lm_batch, window=window,
+                          drop_first=not keep_first, outlier_factor=outlier_factor or None,
+                          held_out=8192 if held_out is None else held_out)
+    stream.check()
+    files = text_files(texts)
+    model, tokenizer = load_model(model_path, gguf_file)
+    results = train_streaming(model, tokenizer, read_texts(files), out, cfg, stream, resume=resume,
+                              inputs=[model_path, gguf_file, *files])
+    if as_json:
+        click.echo(dumps(results))
+        return
+    for name, metrics in results.items():
+        held = metrics.get("held_out", {})
+        line = f"wrote {out}/{name}: {metrics['training']['tokens']:,} tokens"
+        if held:
+            line += f"; held-out FVU {held['fvu']:.4f}, L0 {held['l0']:.1f}, dead {held['dead_fraction']:.2%}"
+        click.echo(line)
+        if metrics["training"].get("text_ran_out"):
+            click.echo(f"warning: the text ran out: {name} trained on {metrics['training']['tokens']:,} of the "
+                       f"{cfg.tokens:,} tokens asked (its learning rate had not decayed); give more text", err=True)

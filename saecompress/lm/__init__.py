@@ -6,6 +6,7 @@ from .harvest import check_harvest, harvest
 from .model import (
     SITES,
     capture,
+    capture_sites,
     clean_pass,
     context_batches,
     decoder_layers,
@@ -20,7 +21,7 @@ from .model import (
 )
 
 __all__ = [
-    "CEReference", "SITES", "capture", "ce_eval", "ce_eval_many", "check_harvest", "clean_pass", "context_batches",
+    "CEReference", "SITES", "capture", "capture_sites", "ce_eval", "ce_eval_many", "check_harvest", "clean_pass", "context_batches",
     "decoder_layers", "harvest", "hooked", "hookpoint", "keep_mask", "load_model", "next_token_kl",
     "site_module", "skipping", "spliced_pass", "token_contexts",
 ]

@@ -122,15 +122,29 @@ def hooked(module: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor | None
 
 def capture(model: nn.Module, input_ids: torch.Tensor, layer: int, site: str) -> torch.Tensor:
     """The float32 activation ``[B, T, m]`` at ``(layer, site)``; the forward stops right after it."""
-    box: list[torch.Tensor] = []
+    return capture_sites(model, input_ids, [(layer, site)])[0]
 
-    def grab(act: torch.Tensor) -> None:
-        box.append(act.detach().float())
-        raise _Stop
 
-    with torch.no_grad(), hooked(site_module(model, layer, site), grab), contextlib.suppress(_Stop):
+def capture_sites(model: nn.Module, input_ids: torch.Tensor, sites: list[tuple[int, str]]) -> list[torch.Tensor]:
+    """The float32 activations ``[B, T, m]`` at each ``(layer, site)`` of one forward pass, which stops once
+    the last of them is captured."""
+    modules = [site_module(model, layer, site) for layer, site in sites]
+    if len(set(map(id, modules))) < len(modules):
+        raise SaeCompressError("a hookpoint is named twice; give each layer once")
+    box: dict[int, torch.Tensor] = {}
+
+    def grab(i: int) -> Callable[[torch.Tensor], None]:
+        def keep(act: torch.Tensor) -> None:
+            box[i] = act.detach().float().cpu()
+            if len(box) == len(modules):
+                raise _Stop
+        return keep
+
+    with contextlib.ExitStack() as hooks, torch.no_grad(), contextlib.suppress(_Stop):
+        for i, module in enumerate(modules):
+            hooks.enter_context(hooked(module, grab(i)))
         model(input_ids=input_ids.to(model.device), use_cache=False)
-    return box[0].cpu()
+    return [box[i] for i in range(len(modules))]
 
 
 @dataclass

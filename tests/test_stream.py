@@ -1,0 +1,106 @@
+"""Training from a live LM (``train --model``): the same model as ``acts`` + ``train --acts`` on the same rows, bit for
+bit; several hookpoints from one pass, laid out as ``push`` uploads; ``--resume``; what is refused."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from saecompress.cli.main import cli
+from saecompress.compact import load_compact, read_compact_metadata
+from saecompress.errors import SaeCompressError
+from saecompress.lm import harvest, load_model, token_contexts
+from saecompress.stream import StreamConfig, train_streaming, window_rows
+from saecompress.train import TrainConfig, train
+
+CONTEXT, LM_BATCH, WINDOW = 32, 4, 16
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"d": 4, "n": 96, "k": 6, "batch_size": 64, "tokens": 64 * 6, "held_out_rows": 0,
+                          "checkpoint_every": 4, **kw})
+
+
+def stream(**kw) -> StreamConfig:
+    return StreamConfig(**{"layers": (1,), "context": CONTEXT, "lm_batch": LM_BATCH, "window": WINDOW,
+                           "held_out": 0, **kw})
+
+
+def model_of(path):
+    loaded = load_compact(path)
+    return loaded[0] if isinstance(loaded, tuple) else loaded
+
+
+def test_streaming_trains_what_harvest_then_train_trains(tiny_llama, tiny_lm, tmp_path, one_thread):
+    model, tokenizer = load_model(tiny_llama)
+    texts = tiny_lm.texts(n_docs=20)
+    first = list(token_contexts(tokenizer, texts, CONTEXT))[:WINDOW]
+    rows = window_rows(model, first, stream())[0].shape[0]  # the first window's kept rows
+    assert rows >= 6 * 64
+    harvest(model, tokenizer, texts, 1, tokens=rows, out=tmp_path / "acts", context=CONTEXT, batch=LM_BATCH,
+            progress=False)
+    from_file, _ = train(tmp_path / "acts", tmp_path / "file.safetensors", cfg(), progress=False)
+    results = train_streaming(model, tokenizer, texts, tmp_path / "live", cfg(), stream(), progress=False)
+    from_stream = model_of(tmp_path / "live" / "blocks.1.hook_resid_post" / "expander.safetensors")
+    for name, value in from_file.state_dict().items():
+        assert torch.equal(value, from_stream.state_dict()[name]), name
+    assert results["blocks.1.hook_resid_post"]["training"]["tokens"] == 6 * 64
+
+
+def test_several_hookpoints_resume_and_push_layout(tiny_llama, tiny_lm, tmp_path, one_thread):
+    model, tokenizer = load_model(tiny_llama)
+    texts = tiny_lm.texts(n_docs=40)
+    run = dict(cfg=cfg(tokens=64 * 20), stream=stream(layers=(0, 1), held_out=256))
+    whole = train_streaming(model, tokenizer, texts, tmp_path / "whole", progress=False, **run)
+    assert train_streaming(model, tokenizer, texts, tmp_path / "parts", progress=False, stop_after=9, **run) == {}
+    assert (tmp_path / "parts" / "train.ckpt").is_file() and not any((tmp_path / "parts").rglob("*.safetensors"))
+    resumed = train_streaming(model, tokenizer, texts, tmp_path / "parts", progress=False, resume=True, **run)
+    assert set(whole) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    for name in whole:  # past window boundaries: 20 steps are more than one window's batches
+        a = model_of(tmp_path / "whole" / name / "expander.safetensors")
+        b = model_of(tmp_path / "parts" / name / "expander.safetensors")
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), name
+        assert resumed[name]["held_out"]["fvu"] == whole[name]["held_out"]["fvu"] < 1
+        meta = read_compact_metadata(tmp_path / "whole" / name / "expander.safetensors")
+        assert json.dumps(meta).count(name) >= 1
+    layer0 = window_rows(model, list(token_contexts(tokenizer, texts, CONTEXT))[:WINDOW], stream(layers=(0, 1)))
+    assert layer0[0].shape[1] == layer0[1].shape[1] and not torch.equal(layer0[0][:10], layer0[1][:10])
+
+
+def test_cli_from_a_live_model_and_what_it_refuses(tiny_llama, tiny_lm, tmp_path, one_thread):
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(tiny_lm.texts(n_docs=30)))
+    base = ["train", "--model", str(tiny_llama), "--text", str(text), "--context", "32", "--lm-batch", "4",
+            "--window", "16", "--d", "4", "--n", "64", "--k", "4", "--batch-size", "64", "--tokens", "640",
+            "--held-out", "128"]
+    result = CliRunner().invoke(cli, base + ["--layers", "0,1", "--out", str(tmp_path / "saes")])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "blocks.0.hook_resid_post" in result.output
+    for layer in (0, 1):
+        assert (tmp_path / "saes" / f"blocks.{layer}.hook_resid_post" / "expander.safetensors").is_file()
+    refusals = [
+        (base + ["--layers", "0,0", "--out", str(tmp_path / "x")], "twice"),
+        (base + ["--layers", "0", "--nproc", "2", "--out", str(tmp_path / "x")], "--nproc"),
+        (base + ["--layers", "0", "--window", "6", "--out", str(tmp_path / "x")], "multiple of --lm-batch"),
+        (base + ["--layers", "zero", "--out", str(tmp_path / "x")], "layer numbers"),
+        (base + ["--layers", "7", "--out", str(tmp_path / "x")], "layer"),
+        (base + ["--layers", "0", "--out", str(tmp_path)], "holds the input"),
+        (["train", "--acts", str(text), "--layers", "0", "--out", str(tmp_path / "y.safetensors")], "--layers"),
+        (["train", "--d", "4", "--out", str(tmp_path / "y.safetensors")], "--acts"),
+    ]
+    for argv, words in refusals:
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 2 and words in result.output, (argv, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_text_that_runs_out_is_said(tiny_llama, tiny_lm, tmp_path, one_thread):
+    model, tokenizer = load_model(tiny_llama)
+    results = train_streaming(model, tokenizer, tiny_lm.texts(n_docs=4), tmp_path / "out", cfg(tokens=64 * 400),
+                              stream(), progress=False)
+    assert results["blocks.1.hook_resid_post"]["training"]["text_ran_out"]
+    assert results["blocks.1.hook_resid_post"]["training"]["tokens"] < 64 * 400
+    with pytest.raises(SaeCompressError, match="resume"):
+        train_streaming(model, tokenizer, tiny_lm.texts(), tmp_path / "none", cfg(), stream(), resume=True)
