@@ -108,6 +108,7 @@ def _rank_main(fn: Callable[..., Any], args: tuple, kwargs: dict, threads: int) 
         try:
             return fn(*args, **kwargs, group=group)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     return main()

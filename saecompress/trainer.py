@@ -255,7 +255,9 @@ class Trainer:
                                batch_k=round(self.target_l0) if self.threshold_rule == "batchtopk" else None,
                                bandwidth=self.bandwidth)
         target = self._objective_space(xin)
-        recon_loss = fvu_loss(target, self._objective_space(out.recon), self._variance(target))
+        residual = None if out.aux_recon is None else self._objective_space((xin - out.recon).detach())
+        variances = self._variances(target, *([] if residual is None else [residual]))
+        recon_loss = fvu_loss(target, self._objective_space(out.recon), variances[0])
         loss = recon_loss
         stats: dict[str, float] = {}
         if out.l0 is not None and self.target_rates is None:
@@ -267,11 +269,9 @@ class Trainer:
             afa_loss = (out.top_vals.norm(dim=1) - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
             loss = loss + cfg.afa_coef * afa_loss
             stats["afa"] = float(afa_loss.detach())
-        if out.aux_recon is not None:
-            residual = (xin - out.recon).detach()
+        if residual is not None:
             scale = min(1.0, int(dead.sum()) / max(1, self.k_aux))
-            residual = self._objective_space(residual)
-            aux_loss = fvu_loss(residual, self._objective_space(out.aux_recon), self._variance(residual))
+            aux_loss = fvu_loss(residual, self._objective_space(out.aux_recon), variances[1])
             loss = loss + cfg.auxk_coef * scale * aux_loss
             stats["auxk"] = float(aux_loss.detach())
         if self.teacher is not None:
@@ -290,30 +290,35 @@ class Trainer:
         normalize_decoder(sae)
         self._update_threshold(out)
         group = self.group
-        self.dead.update(group.any(fired(out.top_vals, out.top_idx, sae.n)), x.shape[0] * group.world)
+        fired_now = fired(out.top_vals, out.top_idx, sae.n)
+        l0 = out.l0.detach() if out.l0 is not None else (out.top_vals != 0).sum(1).double().mean()
+        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()), l0=float(l0))
+        if group.world > 1:  # one collective: where latents fired, and the ranks' partial losses (they add up)
+            names = list(stats)
+            total = group.sum(torch.cat([fired_now.double(), torch.tensor([stats[k] for k in names]).double()]))
+            fired_now = total[:sae.n] > 0
+            stats = {k: float(v) / (group.world if k == "l0" else 1) for k, v in zip(names, total[sae.n:])}
+        self.dead.update(fired_now, x.shape[0] * group.world)
         self.step += 1
         if (self.layout is not None and self.teacher is None and self.reaim_every
                 and self.step % self.reaim_every == 0 and self.step < self.total_steps):
-            stats["reaimed"] = self._reaim_dead(group.rows(xin), group.rows(out.recon.detach()),
-                                                group.rows(out.top_vals.detach().min(1).values))
-        l0 = out.l0.detach() if out.l0 is not None else (out.top_vals != 0).sum(1).double().mean()
-        stats.update(loss=float(loss.detach()), fvu=float(recon_loss.detach()), l0=float(l0))
-        if group.world > 1:  # the ranks' partial losses add up; L0 (a mean over equal parts) and re-aims average
-            names = list(stats)
-            total = group.sum(torch.tensor([stats[name] for name in names], dtype=torch.float64))
-            stats = {name: float(v) / (group.world if name in ("l0", "reaimed") else 1)
-                     for name, v in zip(names, total)}
+            stats["reaimed"] = self._reaim_dead(xin, out.recon.detach(), out.top_vals.detach().min(1).values)
         stats["dead"] = self.dead.fraction()
         return stats
 
-    def _variance(self, target: torch.Tensor) -> torch.Tensor:
-        """The total variance of the global batch that ``target`` is this rank's part of (no gradient)."""
-        target = target.detach()
+    def _variances(self, *targets: torch.Tensor) -> list[torch.Tensor]:
+        """The total variance of each global batch that a ``target`` is this rank's part of (no gradient; one
+        collective for all of them)."""
+        targets = tuple(t.detach() for t in targets)
         group = self.group
         if group.world == 1:
-            return (target - target.mean(0)).pow(2).sum()
-        mean = group.sum(target.sum(0)) / (target.shape[0] * group.world)
-        return group.sum((target - mean).pow(2).sum())
+            return [(t - t.mean(0)).pow(2).sum() for t in targets]
+        sums = group.sum(torch.cat([torch.cat([t.sum(0), t.pow(2).sum().reshape(1)]).double() for t in targets]))
+        count = targets[0].shape[0] * group.world
+        out = []
+        for t, part in zip(targets, sums.split([t.shape[1] + 1 for t in targets])):
+            out.append((part[-1] - part[:-1].pow(2).sum() / count).to(t.dtype))
+        return out
 
     @torch.no_grad()
     def _update_threshold(self, out: SparseForward) -> None:
@@ -352,7 +357,7 @@ class Trainer:
     @torch.no_grad()
     def _reaim_dead(self, xin: torch.Tensor, recon: torch.Tensor, kth: torch.Tensor) -> int:
         """Revive each dead latent on the batch rows where it came closest to the top-k (``xin``, ``recon``:
-        the batch's inputs and reconstructions; ``kth [B]``: each row's smallest kept code value).
+        this rank's rows of the batch and their reconstructions; ``kth [b]``: each row's smallest kept code value).
 
         Dead latent ``i`` keeps its encoder direction, rescaled (untied) to the median alive
         encoder norm, since alive encoders grow and a revived latent left at its old scale fires
@@ -366,17 +371,23 @@ class Trainer:
         dead = self.dead.indices()
         if dead.numel() == 0:
             return 0
+        group = self.group
         xc = xin - sae.b_dec
         support = sae.indices[dead]  # [D, d]
-        xs = xc[:, support]  # [B, D, d]: each dead latent's inputs
+        xs = xc[:, support]  # [b, D, d]: each dead latent's inputs on this rank's rows
         if self.threshold_rule is not None:  # where a threshold latent fires: above its θ
             thr = sae.threshold[dead].to(xin.dtype).unsqueeze(0)
         else:  # the row's k-th largest pre-activation
             thr = kth.unsqueeze(1)
-        j = max(1, min(xin.shape[0], round(xin.shape[0] * self.target_l0 / sae.n)))  # an alive latent's share
+        rows = xin.shape[0] * group.world  # the global batch
+        j = max(1, min(rows, round(rows * self.target_l0 / sae.n)))  # an alive latent's share
 
-        def margins() -> torch.Tensor:  # [B, D]: pre-activation (without b_enc) minus the row's τ
-            return torch.einsum("bjd,jd->bj", xs, sae.encoder_values[dead]) - thr
+        def best_rows() -> tuple[torch.Tensor, torch.Tensor]:  # [j, D]: the largest margins of the global batch
+            margins = torch.einsum("bjd,jd->bj", xs, sae.encoder_values[dead]) - thr  # pre-act (no b_enc) − τ
+            top = margins.topk(min(j, xin.shape[0]), dim=0)
+            values, where = group.rows(top.values), group.rows(top.indices + group.rank * xin.shape[0])
+            values, pick = values.topk(j, dim=0)
+            return values, where.gather(0, pick)
 
         if sae.enc_values is not None:  # alive encoders grow during training: match their norm
             norms = sae.enc_values.norm(dim=1)
@@ -384,11 +395,13 @@ class Trainer:
             alive[dead] = False
             if alive.any():
                 sae.enc_values[dead] *= (norms[alive].median() / norms[dead].clamp_min(1e-12)).unsqueeze(1)
-        rows = margins().topk(j, dim=0).indices  # [j, D]
-        residual = (xin - recon)[rows.unsqueeze(2), support.unsqueeze(0)].sum(0)
+        chosen = best_rows()[1] - group.rank * xin.shape[0]  # [j, D] rows of this rank where in range
+        mine = (chosen >= 0) & (chosen < xin.shape[0])
+        picked = (xin - recon)[chosen.clamp(0, xin.shape[0] - 1).unsqueeze(2), support.unsqueeze(0)]
+        residual = group.sum((picked * mine.unsqueeze(2)).sum(0))
         sae.values[dead] = unit_rows(residual)
-        best = margins().topk(j, dim=0).values[-1]  # tied: the encoder just changed
-        sae.b_enc[dead] = -best + 1e-3 * thr.abs().mean()
+        best = best_rows()[0][-1]  # tied: the encoder just changed
+        sae.b_enc[dead] = -best + 1e-3 * group.sum(thr.abs().sum()) / (thr.numel() * group.world)
         for param in (sae.values, sae.enc_values, sae.b_enc):
             if param is not None:
                 reset_moments(self.optimizer, param, dead)

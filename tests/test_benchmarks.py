@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-QUICK = ["mask_generation.py", "encode_decode.py", "convert.py", "train_step.py", "onnx_encode.py", "ce_prefix.py"]
+QUICK = ["mask_generation.py", "encode_decode.py", "convert.py", "train_step.py", "onnx_encode.py", "ce_prefix.py",
+         "scale.py"]
 
 
 @pytest.mark.parametrize("script", QUICK)
