@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--tokens", type=int, default=131072, help="training tokens of the stream table")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", choices=("ranks", "stream"), help="print one of the two tables")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     steps = (10, 60)
@@ -119,7 +120,10 @@ def main() -> None:
         acts = folder / "rows.npy"
         np.save(acts, planted_rows(32768 if not a.quick else 4096, a.m))
         cfg = TrainConfig(d=a.d, n=a.n, k=a.k, batch_size=1024 if not a.quick else 256, held_out_rows=1024)
-        ranks_table(acts, a.m, cfg, *steps, a.rounds, folder)
+        if a.only != "stream":
+            ranks_table(acts, a.m, cfg, *steps, a.rounds, folder)
+        if a.only == "ranks":
+            return
         if a.quick:
             model, tokenizer = _tiny_model()
             texts = [" ".join("the cat sat on a mat and ran far" for _ in range(40))] * 20

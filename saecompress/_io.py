@@ -84,12 +84,19 @@ class AtomicDirectory:
     errors name ``target``, never the temporary folder.
     """
 
-    def __init__(self, target: str | os.PathLike, *, merge: bool = False):
+    def __init__(self, target: str | os.PathLike, *, merge: bool = False, name: str | None = None):
+        """``name``: the temporary folder's own name beside ``target`` (known to other processes that write into
+        it; made if missing), instead of a fresh random one."""
         self.target = Path(target)
         self.merge = merge
         with output_errors(self.target):
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
+            if name is not None:
+                self.path = self.target.parent / name
+                self.path.mkdir(exist_ok=True)
+            else:
+                self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp",
+                                                  dir=self.target.parent))
             os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual mode
 
     def __enter__(self) -> Path:

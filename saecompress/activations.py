@@ -349,7 +349,9 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, m: int, *, dtype: str = "float32",
-                 shard_rows: int = 65536, overwrite: bool = False):
+                 shard_rows: int = 65536, overwrite: bool = False, staging: str | None = None, prefix: str = "shard"):
+        """``staging``: the name of a temporary folder beside ``out_dir`` that several writers share (each with
+        its own shard ``prefix``); one of them writes the manifest (``write_manifest``) and commits it."""
         check_choice("activation dtype", dtype, SHARD_DTYPES)
         self.out_dir = Path(out_dir)
         check_shard_folder(self.out_dir, overwrite)
@@ -357,7 +359,8 @@ class ShardWriter:
         self.dtype = dtype
         self.shard_rows = shard_rows
         self.overwrite = overwrite
-        self._staging = AtomicDirectory(self.out_dir)
+        self.prefix = prefix
+        self._staging = AtomicDirectory(self.out_dir, name=staging)
         self._tmp = self._staging.path
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
@@ -385,18 +388,32 @@ class ShardWriter:
         shard, rest = data[:rows].contiguous(), data[rows:]
         self._pending = [rest] if len(rest) else []
         self._pending_rows = len(rest)
-        name = f"shard-{len(self.shards):05d}.safetensors"
+        name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
         with output_errors(self.out_dir):
             write_safetensors(self._tmp / name, {"activations": shard}, {})
         self.shards.append({"file": name, "rows": int(shard.shape[0])})
         self.num_rows += int(shard.shape[0])
 
-    def close(self, metadata: dict[str, Any] | None = None) -> Path:
-        """Flush, write ``manifest.json`` (``metadata`` merged in) and move the directory into place."""
+    @property
+    def folder(self) -> Path:
+        """The temporary folder the shards are written into until the manifest is."""
+        return self._tmp
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Write the rows still held; returns every shard written (``file``, ``rows``)."""
         if self._pending_rows:
             self._flush(self._pending_rows)
-        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "m": self.m, "num_rows": self.num_rows,
-                    "dtype": self.dtype, **(metadata or {}), "shards": self.shards}
+        return self.shards
+
+    def close(self, metadata: dict[str, Any] | None = None) -> Path:
+        """Flush, write ``manifest.json`` (``metadata`` merged in) and move the directory into place."""
+        return self.write_manifest(self.flush(), metadata)
+
+    def write_manifest(self, shards: list[dict[str, Any]], metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``manifest.json`` listing ``shards`` (``metadata`` merged in) and move the directory into place."""
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "m": self.m,
+                    "num_rows": sum(shard["rows"] for shard in shards), "dtype": self.dtype, **(metadata or {}),
+                    "shards": shards}
         with output_errors(self.out_dir):
             (self._tmp / MANIFEST).write_text(dumps(manifest, indent=2) + "\n")
         return self._staging.commit()

@@ -54,6 +54,33 @@ class Group:
         """Bool ``flags`` or-ed over the ranks."""
         return self.sum(flags.to(torch.int32)) > 0 if self.world > 1 else flags
 
+    def smallest(self, value: int) -> int:
+        """The smallest of the ranks' ``value``."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        _collective(dist.all_reduce, t, dist.ReduceOp.MIN)
+        return int(t)
+
+    def gather_to(self, t: torch.Tensor, owner: int | None = None) -> torch.Tensor | None:
+        """Every rank's ``t [b_r, ...]`` (any ``b_r``) concatenated in rank order, on rank ``owner`` (``None``
+        elsewhere), or on every rank when ``owner`` is ``None``."""
+        if self.world == 1:
+            return t
+        counts = torch.zeros(self.world, dtype=torch.int64)
+        counts[self.rank] = t.shape[0]
+        self.sum(counts)
+        padded = t.new_zeros((int(counts.max()), *t.shape[1:]))
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if owner in (None, self.rank) else None
+        if owner is None:
+            _collective(dist.all_gather, parts, padded)
+        else:
+            _collective(dist.gather, padded, parts, owner)
+        if parts is None:
+            return None
+        return torch.cat([part[:count] for part, count in zip(parts, counts.tolist())])
+
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t [b, ...]`` (equal shapes) concatenated in rank order: the global batch."""
         if self.world == 1:

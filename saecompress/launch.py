@@ -2,7 +2,7 @@
 
 ``run_ranks(nproc, fn, ...)`` starts ``nproc`` processes on this machine with torch.distributed's
 elastic launcher (as ``torchrun --standalone`` does) and calls ``fn(..., group=Group)`` in each;
-it returns rank 0's result. When one rank fails, the launcher stops the others and the failure
+it returns every rank's result. When one rank fails, the launcher stops the others and the failure
 becomes one ``SaeCompressError`` line (the rank, and what stopped it). ``environment_group`` joins a
 run that ``torchrun`` started (its ``WORLD_SIZE`` / ``RANK`` / ``MASTER_*`` environment). Training runs
 on the CPU, so the backend is gloo.
@@ -36,11 +36,16 @@ def environment_group() -> Group:
     return Group(dist.get_rank(), dist.get_world_size())
 
 
+def run_id() -> str:
+    """The name of the run this process belongs to (the same on every rank; empty outside one)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
 def run_ranks(nproc: int, fn: Callable[..., Any], *args: Any, threads: int | None = None, checkpoint: str = "",
               **kwargs: Any) -> Any:
     """``fn(*args, **kwargs, group=...)`` on ``nproc`` processes of this machine, ``threads`` torch threads each
-    (default: the cores shared out); returns rank 0's result. ``checkpoint``: the file a failed run can resume
-    from, for the error line."""
+    (default: the cores shared out); returns every rank's result, in rank order. ``checkpoint``: the file a failed
+    run can resume from, for the error line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -65,7 +70,7 @@ def run_ranks(nproc: int, fn: Callable[..., Any], *args: Any, threads: int | Non
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
-    return results[0]
+    return [results[rank] for rank in range(nproc)]
 
 
 def failure_message(failures: dict, checkpoint: str = "") -> str:

@@ -65,7 +65,7 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
     cfg = TrainConfig(d=4, n=256, k=8, tokens=256 * 40, batch_size=256, held_out_rows=1024, checkpoint_every=10,
                       reaim_every=2)
     one, metrics_one = train(acts, tmp_path / "one.safetensors", cfg, progress=False)
-    two, metrics_two = run_ranks(2, train, acts, tmp_path / "two.safetensors", cfg, progress=False, threads=1)
+    two, metrics_two = run_ranks(2, train, acts, tmp_path / "two.safetensors", cfg, progress=False, threads=1)[0]
     assert metrics_one["training"]["train_dead_fraction"] > 0  # re-aiming had work to do (and was gathered)
     assert_same_model(one, two)
     assert_same_model(one, model(tmp_path / "two.safetensors"))

@@ -11,7 +11,8 @@ from saecompress.cli.main import cli
 from saecompress.compact import load_compact, read_compact_metadata
 from saecompress.errors import SaeCompressError
 from saecompress.lm import harvest, load_model, token_contexts
-from saecompress.stream import StreamConfig, train_streaming, window_rows
+from saecompress.launch import run_ranks
+from saecompress.stream import StreamConfig, train_from_files, train_streaming, window_rows
 from saecompress.train import TrainConfig, train
 
 CONTEXT, LM_BATCH, WINDOW = 32, 4, 16
@@ -81,7 +82,7 @@ def test_cli_from_a_live_model_and_what_it_refuses(tiny_llama, tiny_lm, tmp_path
         assert (tmp_path / "saes" / f"blocks.{layer}.hook_resid_post" / "expander.safetensors").is_file()
     refusals = [
         (base + ["--layers", "0,0", "--out", str(tmp_path / "x")], "twice"),
-        (base + ["--layers", "0", "--nproc", "2", "--out", str(tmp_path / "x")], "--nproc"),
+        (base + ["--layers", "0", "--distribute-hookpoints", "--out", str(tmp_path / "x")], "--nproc"),
         (base + ["--layers", "0", "--window", "6", "--out", str(tmp_path / "x")], "multiple of --lm-batch"),
         (base + ["--layers", "zero", "--out", str(tmp_path / "x")], "layer numbers"),
         (base + ["--layers", "7", "--out", str(tmp_path / "x")], "layer"),
@@ -104,3 +105,53 @@ def test_text_that_runs_out_is_said(tiny_llama, tiny_lm, tmp_path, one_thread):
     assert results["blocks.1.hook_resid_post"]["training"]["tokens"] < 64 * 400
     with pytest.raises(SaeCompressError, match="resume"):
         train_streaming(model, tokenizer, tiny_lm.texts(), tmp_path / "none", cfg(), stream(), resume=True)
+
+
+def test_two_processes_hookpoint_parallel_and_data_parallel(tiny_llama, tiny_lm, tmp_path):
+    """Each rank runs the LM on its share of the contexts. Hookpoint parallel: each hookpoint trained and written
+    once, by its own rank, exactly as one process trains it; data parallel: what one process trains, written by
+    rank 0."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(tiny_lm.texts(n_docs=40)))
+    run = dict(cfg=cfg(tokens=64 * 12), stream=stream(layers=(0, 1), held_out=256))
+    one = train_from_files(str(tiny_llama), None, [text], tmp_path / "one", progress=False, **run)
+    parts = run_ranks(2, train_from_files, str(tiny_llama), None, [text], tmp_path / "two", progress=False,
+                      distribute=True, threads=1, **run)
+    assert [set(part) for part in parts] == [{"blocks.0.hook_resid_post"}, {"blocks.1.hook_resid_post"}]
+    for name in one:
+        a = model_of(tmp_path / "one" / name / "expander.safetensors")
+        b = model_of(tmp_path / "two" / name / "expander.safetensors")
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), name
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.ckpt")) == ["train.ckpt", "train.rank1.ckpt"]
+
+    parts = run_ranks(2, train_from_files, str(tiny_llama), None, [text], tmp_path / "dp", progress=False,
+                      threads=1, **run)
+    assert parts[1] == {} and set(parts[0]) == set(one)
+    for name in one:  # the one-process run's steps, within float rounding
+        a = model_of(tmp_path / "one" / name / "expander.safetensors")
+        b = model_of(tmp_path / "dp" / name / "expander.safetensors")
+        for key, value in a.state_dict().items():
+            assert float((value.double() - b.state_dict()[key].double()).abs().max()) <= 1e-4 * float(
+                value.abs().max().clamp_min(1)), (name, key)
+        assert parts[0][name]["held_out"]["fvu"] == pytest.approx(one[name]["held_out"]["fvu"], rel=1e-3)
+
+
+def test_acts_sharded_over_two_processes(tiny_llama, tiny_lm, tmp_path):
+    """Each rank harvests every other LM batch; one manifest lists both ranks' shards; together the rows are the
+    rows one process harvests (the whole text: more tokens are asked than it has)."""
+    from saecompress.activations import open_activations
+    from saecompress.lm.harvest import harvest_files
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(tiny_lm.texts(n_docs=12)))
+    run = dict(tokens=100_000, context=CONTEXT, batch=LM_BATCH, shard_rows=200, progress=False)
+    one = harvest_files(str(tiny_llama), None, [text], 1, "resid", out=tmp_path / "one", **run)
+    two = run_ranks(2, harvest_files, str(tiny_llama), None, [text], 1, "resid", out=tmp_path / "two", threads=1,
+                    **run)
+    assert two[1] == {} and two[0]["processes"] == 2
+    assert {shard["file"].split("-")[1] for shard in two[0]["shards"]} == {"r0", "r1"}
+    assert two[0]["num_rows"] == one["num_rows"] and two[0]["tokens_seen"] == one["tokens_seen"]
+    a = open_activations(tmp_path / "one").read(0, one["num_rows"])
+    b = open_activations(tmp_path / "two").read(0, one["num_rows"])
+    assert torch.equal(a[a[:, 0].argsort()], b[b[:, 0].argsort()])
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())

@@ -9,8 +9,10 @@ import click
 from .._json import dumps
 from ..activations import SHARD_DTYPES
 from ..errors import SaeCompressError
-from ..lm import SITES, check_harvest, harvest, load_model
-from ..texts import read_texts, text_files
+from ..launch import environment_group, run_ranks
+from ..lm import SITES, check_harvest
+from ..lm.harvest import harvest_files
+from ..texts import text_files
 
 
 def text_options(func):
@@ -50,21 +52,32 @@ def text_options(func):
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (shard-*.safetensors + manifest.json); written atomically.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine, each running the LM on every N-th batch of contexts and writing its "
+                   "share of the rows; one manifest (under torchrun leave it out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 def acts(model_path: str, gguf_file: str | None, texts: tuple[str, ...], context: int, keep_first: bool,
          outlier_factor: float, layer: int, site: str, tokens: int, batch: int, dtype: str, shard_rows: int,
-         out: str, overwrite: bool, as_json: bool) -> None:
+         out: str, overwrite: bool, nproc: int, as_json: bool) -> None:
     """Harvest TOKENS activation rows at LAYER/SITE of a causal LM over text files into --out."""
     if not texts:
         raise SaeCompressError("give at least one --text FILE or folder to harvest from")
     files = text_files(texts)
     check_harvest(out, tokens, overwrite=overwrite, inputs=[model_path, gguf_file, *files])
     start = time.perf_counter()
-    model, tokenizer = load_model(model_path, gguf_file)
-    manifest = harvest(model, tokenizer, read_texts(files), layer, site, tokens=tokens, out=out, context=context,
-                       batch=batch, drop_first=not keep_first, outlier_factor=outlier_factor or None, dtype=dtype,
-                       shard_rows=shard_rows, overwrite=overwrite, progress=not as_json,
-                       metadata={"model": model_path, "gguf_file": gguf_file, "texts": [str(f) for f in files]})
+    group = environment_group()
+    if group.world > 1 and nproc > 1:
+        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    run = dict(tokens=tokens, out=out, context=context, batch=batch, drop_first=not keep_first,
+               outlier_factor=outlier_factor or None, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
+               progress=not as_json, metadata={"model": model_path, "gguf_file": gguf_file,
+                                                "texts": [str(f) for f in files]})
+    if nproc > 1:
+        manifest = run_ranks(nproc, harvest_files, model_path, gguf_file, files, layer, site, **run)[0]
+    else:
+        manifest = harvest_files(model_path, gguf_file, files, layer, site, group=group, **run)
+    if not manifest:  # another rank of a torchrun run writes the manifest and reports
+        return
     if as_json:
         click.echo(dumps(manifest))
         return

@@ -31,6 +31,9 @@ from .options import config_option, hub_options
               help="With --model: resid (output of each block), mlp_out or attn_out.")
 @click.option("--lm-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="With --model: contexts per LM forward pass.")
+@click.option("--distribute-hookpoints", is_flag=True,
+              help="With --model and several processes: each process trains its own hookpoints (on every process's "
+                   "rows, gathered), instead of every process training every hookpoint on its share.")
 @click.option("--window", type=click.IntRange(min=1), default=256, show_default=True,
               help="With --model: contexts per shuffle window (rows are shuffled within a window; a multiple of "
                    "--lm-batch).")
@@ -121,8 +124,8 @@ from .options import config_option, hub_options
                    "(torchrun starts the processes).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
-def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch, window,
-          out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
+def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch,
+          distribute_hookpoints, window, out, d, dense, k, n, expansion, teacher, init, tokens, batch_size, batch_alias, lr, activation,
           balance, afa_coef, l0_coef,
           bandwidth, threshold_lr, rate_step, sparsity_target, encoder,
           mask_seed, mask, auxk_coef, k_aux, dead_tokens, reaim_every, distill_coef, held_out, checkpoint_every, seed,
@@ -156,13 +159,14 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
     if model_path is not None:
         _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch,
                           window, held_out, out, cfg, acts=acts, teacher=teacher, init=init, nproc=nproc, resume=resume,
-                          as_json=as_json)
+                          distribute=distribute_hookpoints, as_json=as_json)
         return
     if acts is None:
         raise SaeCompressError("say what to train on: --acts ACTS (activation files) or --model M --text T --layers L")
     ctx = click.get_current_context()
     stream_only = [f"--{name.replace('_', '-')}" for name in ("texts", "layers", "gguf_file", "context", "keep_first",
-                                                              "outlier_factor", "site", "lm_batch", "window")
+                                                              "outlier_factor", "site", "lm_batch", "window",
+                                                              "distribute_hookpoints")
                    if ctx.get_parameter_source(name).name == "COMMANDLINE"]
     if stream_only:
         raise SaeCompressError(f"{stream_only[0].replace('--texts', '--text')} is for training from a live model: give --model, or drop it")
@@ -171,7 +175,7 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
         raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
     if nproc > 1:
         _, metrics = run_ranks(nproc, run_training, acts, out, cfg, teacher=teacher, init=init, resume=resume,
-                               progress=True, hub=hub, checkpoint=f"{out}{CHECKPOINT_SUFFIX}")
+                               progress=True, hub=hub, checkpoint=f"{out}{CHECKPOINT_SUFFIX}")[0]
     else:
         _, metrics = run_training(acts, out, cfg, teacher=teacher, init=init, resume=resume, progress=True, hub=hub,
                                   group=group)
@@ -193,15 +197,14 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
 
 
 def _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch, window,
-                      held_out, out, cfg, *, acts, teacher, init, nproc, resume, as_json) -> None:
-    from ..lm import load_model
-    from ..stream import StreamConfig, train_streaming
-    from ..texts import read_texts, text_files
+                      held_out, out, cfg, *, acts, teacher, init, nproc, resume, distribute, as_json) -> None:
+    from ..stream import CHECKPOINT_NAME, StreamConfig, train_from_files
+    from ..texts import text_files
 
-    for flag, given in (("--acts", acts), ("--teacher", teacher), ("--init", init), ("--nproc", nproc > 1)):
+    for flag, given in (("--acts", acts), ("--teacher", teacher), ("--init", init)):
         if given:
             raise SaeCompressError(f"{flag} does not go with --model (training from a live model starts fresh SAEs "
-                                   "in one process for now): drop it")
+                                   "for now): drop it")
     if not texts or not layers:
         raise SaeCompressError("training from a live model needs --text (files or folders) and --layers (e.g. 6,12)")
     try:
@@ -213,9 +216,22 @@ def _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier
                           held_out=8192 if held_out is None else held_out)
     stream.check()
     files = text_files(texts)
-    model, tokenizer = load_model(model_path, gguf_file)
-    results = train_streaming(model, tokenizer, read_texts(files), out, cfg, stream, resume=resume,
-                              inputs=[model_path, gguf_file, *files])
+    group = environment_group()
+    if group.world > 1 and nproc > 1:
+        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    if distribute and max(nproc, group.world) == 1:
+        raise SaeCompressError("--distribute-hookpoints shares the hookpoints out among processes: give --nproc N "
+                               "(or start the run with torchrun), or drop it")
+    run = dict(resume=resume, distribute=distribute, progress=True)
+    if nproc > 1:
+        results = {}
+        for part in run_ranks(nproc, train_from_files, model_path, gguf_file, files, out, cfg, stream,
+                              checkpoint=f"{out}/{CHECKPOINT_NAME}", **run):
+            results.update(part)
+    else:
+        results = train_from_files(model_path, gguf_file, files, out, cfg, stream, group=group, **run)
+    if not results:  # another rank of a torchrun run writes and reports
+        return
     if as_json:
         click.echo(dumps(results))
         return
