@@ -79,7 +79,7 @@ def test_readme_launch_lines_as_written(tmp_path):
     short = ["--tokens", "8192", "--held-out", "1024"]  # appended: the last value of an option wins
     cfg = TrainConfig(d=7, k=32, expansion=8, tokens=8192, held_out_rows=1024)
     reference, _ = train(tmp_path / "acts", tmp_path / "one.safetensors", cfg, progress=False)
-    for start, holding in (("saecompress train", "--nproc 2"), ("torchrun", "-m saecompress -- train")):
+    for start, holding in (("saecompress train", "--nproc 2"), ("torchrun --standalone", "-m saecompress -- train")):
         argv = readme_line(start, holding)
         if argv[0] == "torchrun":
             argv[0] = str(Path(sys.executable).with_name("torchrun"))

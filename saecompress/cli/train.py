@@ -119,8 +119,9 @@ from .options import config_option, hub_options
 @config_option(TrainConfig, "seed", "--seed", type=click.IntRange(min=0), help="Seed of initialisation and data order.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt (same options required; any number of processes).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Data-parallel processes on this machine (torch.distributed, gloo): each trains on its share of "
-                   "every --batch-size batch, the result as one process would train it. Under torchrun leave it out "
+              help="Processes on this machine (torch.distributed, gloo): data parallel, each trains on its share of "
+                   "every --batch-size batch, the result as one process would train it (with --model each also runs "
+                   "the LM on its share of the text; see --distribute-hookpoints). Under torchrun leave it out "
                    "(torchrun starts the processes).")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
