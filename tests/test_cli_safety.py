@@ -128,7 +128,7 @@ def test_no_output_inside_the_hugging_face_cache(tmp_path, monkeypatch, compact)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     # refused before any download (no hub is reachable here)
     assert "Hugging Face cache" in error_line("convert", "hf://alice/dense", cache / "models--a--b" / "x.safetensors")
-    assert "Hugging Face cache" in error_line("pull", "alice/sae", "--out", cache / "mine")
+    assert "Hugging Face cache" in error_line("pull", "alice/sae", "--local-dir", cache / "mine")
     assert "Hugging Face cache" in error_line("export", compact, cache / "sae.onnx")
     assert not cache.exists()
 
@@ -284,7 +284,7 @@ def test_hub_conversion_and_push_hold_no_local_path(dense_io, hub, upload_folder
     meta = compact_metadata(sae, "float32") | {"source": json.dumps(provenance)}
     write_safetensors(old, compact_tensors(sae, "float32"), meta)
     for path in (out, old):
-        ok("push", path, "alice/shared")
+        ok("push", "alice/shared", path)
     for name in ("README.md", "layers.2/expander.safetensors", "layers.4/expander.safetensors"):
         pulled = hf_hub_download("alice/shared", name, endpoint=hub.url, cache_dir=tmp_path / "check")
         assert_no_machine_path(Path(pulled).read_bytes(), tmp_path)

@@ -137,7 +137,7 @@ def test_the_model_card_shows_the_metrics_convert_writes(isolated_hf, tmp_path):
     record = read_compact_metadata(out)["user"]["metrics"]
     assert record["fvu"] == report["fvu"] and record["l0"] == report["l0"] and record["num_rows"] == 512
     with HubServer(tmp_path / "server") as server:
-        pushed = runner.invoke(cli, ["push", str(out), "alice/converted", "--endpoint", server.url])
+        pushed = runner.invoke(cli, ["push", "alice/converted", str(out), "--endpoint", server.url])
         assert pushed.exit_code == 0, pushed.output
         card = Path(hf_hub_download("alice/converted", "README.md", endpoint=server.url)).read_text()
     header = next(line for line in card.splitlines() if line.startswith("| hookpoint | file"))

@@ -78,7 +78,8 @@ def test_parse_hf_uri():
 def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir):
     result = push(sae_dir, REPO)
     assert result.created_commit and result.commit_sha == hub.branch_head(REPO)
-    assert result.uploaded == ["README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
+    assert result.uploaded == ["README.md", "layers.3/cfg.json", "layers.3/expander.safetensors", "layers.5/cfg.json",
+                               "layers.5/expander.safetensors"]
     assert sorted(hub.lfs_uploads) == sorted(hub.file_entry(REPO, f"{hp}/expander.safetensors").sha256
                                              for hp in ("layers.3", "layers.5"))
 
@@ -88,8 +89,11 @@ def test_push_two_hookpoints_pull_and_load_bit_exact(hub, sae_dir):
     root = Path(os.path.commonpath(files))
     assert [f.relative_to(root).as_posix() for f in files] == [
         ".gitattributes", "README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
+    cfg = json.loads((root / "layers.5" / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["d"]) == ("expander", 16, 64, 4, 4)
+    assert cfg["activation"] == "signed_topk" and cfg["metadata"]["hook_name"] == "layers.5"
     for hp in ("layers.3", "layers.5"):
-        pulled = next(f for f in files if f.parent.name == hp)
+        pulled = next(f for f in files if f.parent.name == hp and f.name == "expander.safetensors")
         assert pulled.read_bytes() == (sae_dir / hp / "sae.safetensors").read_bytes()
         loaded = load_source(f"hf://{REPO}/{hp}")
         assert isinstance(loaded.model, ExpanderSAE)
@@ -120,7 +124,8 @@ def test_repush_unchanged_is_a_no_op_and_changes_upload_only_the_diff(hub_file, 
     again = push(sae_dir, REPO)
     assert not again.created_commit and again.uploaded == []
     assert again.commit_sha == head and hub.n_commits(REPO) == n_commits and hub.lfs_uploads == uploads
-    assert again.unchanged == ["README.md", "layers.3/expander.safetensors", "layers.5/expander.safetensors"]
+    assert again.unchanged == ["README.md", "layers.3/cfg.json", "layers.3/expander.safetensors", "layers.5/cfg.json",
+                               "layers.5/expander.safetensors"]
 
     hub_file(7, "layers.5", sae_dir / "layers.5" / "sae.safetensors")
     changed = push(sae_dir, REPO)
@@ -167,15 +172,22 @@ def test_pull_one_hookpoint_downloads_only_it(hub, sae_dir, tmp_path):
 
 
 def test_cli_push_and_pull(hub, sae_dir, tmp_path):
-    res = run_cli("push", str(sae_dir), REPO, "--endpoint", hub.url, "--message", "first")
+    res = run_cli("push", REPO, str(sae_dir), "--endpoint", hub.url, "--commit-message", "first")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["created_commit"] and out["commit_sha"] == hub.branch_head(REPO)
-    res = run_cli("pull", f"{REPO}/layers.5@main", "--out", str(tmp_path / "dl"), "--endpoint", hub.url)
+    res = run_cli("pull", f"{REPO}/layers.5@main", "--local-dir", str(tmp_path / "dl"), "--endpoint", hub.url)
     assert res.exit_code == 0, res.output
     assert res.stdout.split() == [str(tmp_path / "dl" / "layers.5" / "expander.safetensors")]
-    res = run_cli("push", str(sae_dir), REPO, "--endpoint", hub.url)
-    assert json.loads(res.stdout)["created_commit"] is False
+    assert json.loads((tmp_path / "dl" / "layers.5" / "cfg.json").read_text())["architecture"] == "expander"
+    res = run_cli("push", str(sae_dir), REPO, "--endpoint", hub.url, "--message", "again")  # the older spellings
+    assert res.exit_code == 0 and json.loads(res.stdout)["created_commit"] is False
+    assert "the old order" in res.stderr and "older spelling of --commit-message" in res.stderr
+    res = run_cli("push", REPO, str(sae_dir / "layers.5" / "sae.safetensors"), "layers.9", "--endpoint", hub.url)
+    assert res.exit_code == 0 and "layers.9/expander.safetensors" in json.loads(res.stdout)["uploaded"]
+    res = run_cli("pull", f"{REPO}/layers.9", "--out", str(tmp_path / "old"), "--endpoint", hub.url)
+    assert res.exit_code == 0 and "older spelling of --local-dir" in res.stderr
+    assert res.stdout.split() == [str(tmp_path / "old" / "layers.9" / "expander.safetensors")]
 
 
 def test_tampered_blob_is_refused(hub, sae_dir):
@@ -191,7 +203,7 @@ def test_tampered_blob_is_refused(hub, sae_dir):
         saecompress.load(f"hf://{REPO}/layers.3")
     assert "integrity" in cli_error("pull", f"{REPO}/layers.3")
     blob.write_bytes(good)  # the corrupt cache entry was removed, so a retry downloads afresh
-    assert pull(f"{REPO}/layers.3")[0].read_bytes() == (sae_dir / "layers.3" / "sae.safetensors").read_bytes()
+    assert pull(f"{REPO}/layers.3")[-1].read_bytes() == (sae_dir / "layers.3" / "sae.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("ref, message", [

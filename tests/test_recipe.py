@@ -98,10 +98,10 @@ def test_readme_recipe_convert_topd_train_init_finetune_on_a_layer_normed_sae(wo
     for name, path in (("retrained", retrained), ("tuned", tuned)):
         (folder / name).mkdir(parents=True)
         (folder / name / "sae.safetensors").write_bytes(path.read_bytes())
-    pushed = json.loads(ok("push", folder, "alice/recipe"))
+    pushed = json.loads(ok("push", "alice/recipe", folder))
     assert pushed["created_commit"]
     for name, path in (("retrained", retrained), ("tuned", tuned)):
-        [pulled] = [p for p in ok("pull", f"alice/recipe/{name}", "--out", tmp_path / "dl").split()
+        [pulled] = [p for p in ok("pull", f"alice/recipe/{name}", "--local-dir", tmp_path / "dl").split()
                     if p.endswith(".safetensors")]
         assert open(pulled, "rb").read() == path.read_bytes()
         assert_same_sae(saecompress.load(f"hf://alice/recipe/{name}"), load_compact(path))

@@ -145,10 +145,11 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
 
 
 def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = None,
-               source: dict | None = None) -> Path:
+               source: dict | None = None, library: dict | None = None) -> Path:
     """Write ``sae`` as a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) that :func:`read` loads back;
     ``metadata`` goes under ``cfg.json``'s ``metadata.saecompress``, beside the scalar facts of ``source``
-    (the provenance of the SAE it was made from, through ``provenance.shareable``)."""
+    (the provenance of the SAE it was made from, through ``provenance.shareable``) and ``library`` (SAELens's
+    own metadata fields, such as ``model_name`` and ``hook_name``)."""
     folder = Path(folder)
     with output_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def save_dense(sae: TopKSAE, folder: str | os.PathLike, metadata: dict | None = 
            "normalize_activations": "layer_norm" if sae.normalize_input else "none",
            "apply_b_dec_to_input": True, "dtype": "float32",
            "metadata": {"saecompress": metadata or {}, **training, **{k: v for k, v in shareable(source or {}).items()
-                                                          if isinstance(v, (str, int, float))}}}
+                                                          if isinstance(v, (str, int, float))}, **(library or {})}}
     tensors = {name: getattr(sae, name).detach().float().contiguous()
                for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
     if sae.threshold is not None:

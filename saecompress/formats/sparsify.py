@@ -15,9 +15,14 @@ cfg: ``d_in``, ``k``, ``num_latents`` (0 ⇒ ``d_in * expansion_factor``), ``act
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
+from .._io import atomic_path, output_errors
+from .._json import dumps
 from ..errors import SaeCompressError
 from ..models import TopKSAE
 from ._common import build_dense, int_value, read_json, read_safetensors, refuse, source_dtype, tensor
@@ -77,3 +82,25 @@ def read(folder: Path, hookpoint: str | None = None) -> tuple[TopKSAE, dict[str,
             "source_dtype": source_dtype(sd),
         },
     )
+
+
+def save(sae: TopKSAE, folder: str | os.PathLike) -> Path:
+    """Write a ReLU-then-TopK ``sae`` (no layer norm, no threshold) as a sparsify hookpoint folder that sparsify's
+    ``SparseCoder.load_from_disk`` and :func:`read` load."""
+    if sae.activation not in ("relu_topk", "topk_relu") or sae.normalize_input:
+        raise SaeCompressError(f"sparsify holds ReLU-then-TopK SAEs without layer norm; this one is {sae.activation}"
+                               f"{' with layer norm' if sae.normalize_input else ''}")
+    folder = Path(folder)
+    with output_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"activation": "topk", "expansion_factor": max(1, sae.n // sae.m), "normalize_decoder": True,
+           "num_latents": sae.n, "k": sae.k, "multi_topk": False, "skip_connection": False, "transcode": False,
+           "d_in": sae.m}
+    tensors = {"encoder.weight": sae.W_enc.detach().T.float().contiguous(),
+               "encoder.bias": sae.b_enc.detach().float().contiguous(),
+               "W_dec": sae.W_dec.detach().float().contiguous(), "b_dec": sae.b_dec.detach().float().contiguous()}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(folder / CFG) as tmp:
+        tmp.write_text(dumps(cfg, indent=2))
+    return folder

@@ -7,7 +7,8 @@ override). Uploads use Xet when the Hub offers it and plain Git LFS otherwise
 """
 
 from .pull import pull, resolve_hf_source
-from .push import COMPACT_NAME, ONNX_NAME, PushResult, push
+from .layout import COMPACT_NAME, ONNX_NAME
+from .push import PushResult, push
 from .uri import HfUri, parse_hf_uri
 
 __all__ = ["COMPACT_NAME", "ONNX_NAME", "HfUri", "PushResult", "parse_hf_uri", "pull", "push", "resolve_hf_source"]

@@ -11,6 +11,7 @@ from .._io import check_outputs
 from ..compact import is_compact_file, load_compact, read_compact_metadata
 from ..errors import SaeCompressError
 from .client import content_ids, hub_errors, is_offline, make_api, transport_errors
+from .layout import CFG_NAME, COMPACT_NAME
 from .uri import HfUri, parse_hf_uri
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,9 @@ def pull(ref: str, *, out: str | os.PathLike | None = None, endpoint: str | None
 
     Files go into the Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE``), or into the
     folder ``out``. Every file is checked against the Hub's sha256 and every compact file is fully
-    loaded once (format, shapes, finite values, mask index hash). Returns the local file paths.
+    loaded once (format, shapes, finite values, mask index hash). Returns the local file paths, less the
+    ``cfg.json`` that ``push`` writes beside each compact file for hub tools (downloaded, not listed: the
+    compact file holds the same facts).
     ``out`` is checked first (a writable folder outside the Hugging Face cache); files already in it
     are replaced by the pulled ones of the same name.
     """
@@ -152,4 +155,5 @@ def pull(ref: str, *, out: str | os.PathLike | None = None, endpoint: str | None
     for file in files:
         if file.suffix == ".safetensors" and is_compact_file(file):
             load_compact(file)
-    return files
+    return [f for f in files if not (f.name == CFG_NAME and any(g.parent == f.parent and g.name == COMPACT_NAME
+                                                                 for g in files))]

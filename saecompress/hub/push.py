@@ -9,18 +9,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..compact import is_compact_file, load_compact, parse_compact_metadata, read_compact_metadata, shareable_copy
+from .._json import dumps
 from ..errors import SaeCompressError
 from ..exporters.onnx import export_onnx
 from ..provenance import shareable
 from .card import CardEntry, render_card
 from .client import content_ids, hub_errors, is_missing_xet_error, make_api, plain_lfs_uploads, xet_disabled_by_env
+from .layout import CARD_NAME, CFG_NAME, COMPACT_NAME, ONNX_NAME
 from .uri import check_repo_id
 
 log = logging.getLogger(__name__)
 
-COMPACT_NAME = "expander.safetensors"  # name of the compact file inside each hookpoint folder
-ONNX_NAME = "encode.onnx"  # name of the --with-onnx export inside each hookpoint folder
-CARD_NAME = "README.md"
 
 
 @dataclass
@@ -126,6 +125,26 @@ def _remote_card_entries(api, repo_id: str, sha: str, tree: dict, skip: set[str]
     return entries
 
 
+def hookpoint_cfg(meta: dict, hookpoint: str) -> dict:
+    """The SAELens-style ``cfg.json`` beside a compact file: what hub tools read to know what a folder holds
+    (SAELens's keys ``architecture``, ``d_in``, ``d_sae``, ``k``, ``metadata.model_name`` / ``hook_name``, and the
+    expander's own ``d``, mask and storage)."""
+    source, training = meta["source"], meta["user"].get("training") or {}
+    return {"architecture": "expander", "d_in": meta["m"], "d_sae": meta["n"], "k": meta["k"], "d": meta["d"],
+            "activation": meta["activation"], "encoder": meta["encoder"], "mask": meta["mask"],
+            "normalize_activations": "layer_norm" if meta["normalize_input"] else "none", "dtype": meta["dtype"],
+            "format": meta["format"], "format_version": int(meta["format_version"]), "file": COMPACT_NAME,
+            "metadata": {"model_name": source.get("model_name"),
+                         "hook_name": training.get("hookpoint") or source.get("hookpoint") or hookpoint or None}}
+
+
+def _write_cfg(local: _Local, folder: Path) -> Path:
+    out = folder / (local.hookpoint.replace("/", "__") or "root") / CFG_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps(hookpoint_cfg(local.meta, local.hookpoint), indent=2) + "\n")
+    return out
+
+
 def _export_onnx(local: _Local, folder: Path) -> Path:
     out = folder / (local.hookpoint.replace("/", "__") or "root") / ONNX_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +181,7 @@ def push(path: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = No
     with tempfile.TemporaryDirectory(prefix="saecompress-push-") as tmp:
         locals_ = [_without_local_paths(lp, Path(tmp) / "shareable") for lp in locals_]
         files = [(lp.path, f"{lp.folder}{COMPACT_NAME}") for lp in locals_]
+        files += [(_write_cfg(lp, Path(tmp) / "cfg"), f"{lp.folder}{CFG_NAME}") for lp in locals_]
         if with_onnx:
             files += [(_export_onnx(lp, Path(tmp)), f"{lp.folder}{ONNX_NAME}") for lp in locals_]
         entries = [CardEntry(lp.hookpoint, f"{lp.folder}{COMPACT_NAME}", lp.path.stat().st_size, lp.meta)
