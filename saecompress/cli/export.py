@@ -38,6 +38,9 @@ from .options import hub_options
               help="Also output the dense codes [.., n] (zeros except the k active latents).")
 @click.option("--seq", is_flag=True,
               help="Inputs [batch, seq, m] instead of [batch, m] (both axes dynamic).")
+@click.option("--inline", is_flag=True,
+              help="Inline the custom-domain functions (onnx's own inliner): standard ops only, for tools and "
+                   "runtimes that do not take model-local functions.")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="ONNX opset (18..21; IR version 10). onnxruntime >= 1.16 reads opset 18.")
 @click.option("--max-l0", type=click.IntRange(min=1), default=None,
@@ -47,7 +50,7 @@ from .options import hub_options
               help=f"Threshold SAEs: take max_l0 from these activations (the 99.9th percentile of the per-row "
                    f"L0 on their first {CAP_ROWS:,} rows) instead of --max-l0.")
 def export(src: str, out: str, hookpoint: str | None, hub, fmt: str, approximate: bool, model_name: str | None,
-           hook_name: str | None, graph: str, dtype: str, dense_output: bool, seq: bool, opset: int,
+           hook_name: str | None, graph: str, dtype: str, dense_output: bool, seq: bool, inline: bool, opset: int,
            max_l0: int | None, acts: str | None) -> None:
     """Export the SAE SRC (compact file, dense SAE folder/file, or hf://owner/repo[/hookpoint][@rev])
     to the ONNX file OUT.
@@ -64,8 +67,8 @@ def export(src: str, out: str, hookpoint: str | None, hub, fmt: str, approximate
       saecompress export sae.safetensors sae-saelens/ --format saelens --hook-name blocks.15.hook_resid_post
     """
     ctx = click.get_current_context()
-    onnx_only = [f"--{name.replace('_', '-')}" for name in ("graph", "dtype", "dense_output", "seq", "opset", "max_l0",
-                                                           "acts")
+    onnx_only = [f"--{name.replace('_', '-')}" for name in ("graph", "dtype", "dense_output", "seq", "inline", "opset",
+                                                           "max_l0", "acts")
                  if ctx.get_parameter_source(name).name == "COMMANDLINE"]
     library_only = [f"--{name.replace('_', '-')}" for name in ("approximate", "model_name", "hook_name")
                     if ctx.get_parameter_source(name).name == "COMMANDLINE"]
@@ -85,9 +88,10 @@ def export(src: str, out: str, hookpoint: str | None, hub, fmt: str, approximate
     if library_only:
         raise SaeCompressError(f"{library_only[0]} is for --format saelens / sparsify: drop it, or add --format")
     path = export_onnx(src, out, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
-                       hookpoint=hookpoint, hub=hub, max_l0=max_l0, acts=acts)
+                       hookpoint=hookpoint, hub=hub, max_l0=max_l0, acts=acts, inline=inline)
     cap = read_onnx_metadata(onnx.load(str(path), load_external_data=False)).get("max_l0")  # the cap used
     click.echo(dumps({"hookpoints": [{"hookpoint": hookpoint, "path": str(path), "graph": graph, "dtype": dtype,
-                                           "dense_output": dense_output, "seq": seq, "opset": opset,
+                                           "dense_output": dense_output, "seq": seq, "inline": inline,
+                                           "opset": opset,
                                            **({} if cap is None else {"max_l0": int(cap)}),
                                            "file_bytes": path.stat().st_size}]}))

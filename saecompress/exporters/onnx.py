@@ -52,7 +52,7 @@ _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: str = "float32",
                 dense_output: bool = False, opset: int = 18, seq: bool = False, hookpoint: str | None = None,
                 hub=None, storage_dtype: str | None = None, source: dict | None = None,
-                max_l0: int | None = None, acts=None, max_rows: int = CAP_ROWS) -> Path:
+                max_l0: int | None = None, acts=None, max_rows: int = CAP_ROWS, inline: bool = False) -> Path:
     """Write ``sae`` (a model, or any source ``saecompress.load`` accepts) as an ONNX file.
 
     ``dtype`` is the dtype of the graph's float inputs/outputs and of the float32 weights it
@@ -75,9 +75,23 @@ def export_onnx(sae, path: str | os.PathLike, graph: str = "encode", *, dtype: s
         max_l0 = _cap_from_acts(sae, max_l0, acts, max_rows)
     model = build_onnx(sae, graph, dtype=dtype, dense_output=dense_output, opset=opset, seq=seq,
                        storage_dtype=storage_dtype or "float32", source=source, max_l0=max_l0)
+    if inline:
+        model = inlined(model)
     with atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
     return Path(path)
+
+
+def inlined(model: ModelProto) -> ModelProto:
+    """``model`` with its model-local functions inlined (``onnx.inliner``): standard ops only, no functions."""
+    from onnx import inliner
+
+    flat = inliner.inline_local_functions(model)
+    del flat.functions[:]
+    keep = [entry for entry in flat.opset_import if entry.domain != DOMAIN]
+    del flat.opset_import[:]
+    flat.opset_import.extend(keep)
+    return flat
 
 
 def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str = "float32",
