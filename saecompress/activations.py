@@ -12,12 +12,8 @@ batch that contains them is read; ``ActivationSource.check()`` scans everything 
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +22,29 @@ import torch
 
 from ._io import AtomicDirectory, atomic_path, output_errors
 from ._json import dumps
+from .arrays import MANIFEST, ArrayFile, array_files
 from .compact import write_safetensors
 from .errors import SaeCompressError, check_choice
 
-MANIFEST = "manifest.json"
 FORMAT_NAME = "saecompress-activations"
 FORMAT_VERSION = 1
-_SHARD_SUFFIXES = (".safetensors", ".npy")
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_DTYPES = tuple(_TORCH_DTYPES)  # storage dtypes of activation shards
 
 
-@dataclass(frozen=True)
 class _Shard:
-    """One memory-mapped ``[rows, m]`` array; ``bf16`` arrays are mapped as uint16 bit patterns."""
+    """One ``arrays.ArrayFile`` read as float32 torch rows, NaN/inf refused."""
 
-    path: Path
-    array: np.ndarray
-    bf16: bool
+    def __init__(self, file: ArrayFile):
+        self.file, self.path, self.array = file, file.path, file.array
 
     @property
     def rows(self) -> int:
-        return self.array.shape[0]
+        return self.file.rows
 
     def read_raw(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` (along the first axis) as a float32 tensor, NaN/inf included."""
-        t = torch.from_numpy(np.array(self.array[start:stop], copy=True))
-        return t.view(torch.bfloat16).float() if self.bf16 else t.float()
+        return torch.from_numpy(self.file.floats(start, stop))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` as a float32 tensor; raises on NaN/inf."""
@@ -61,8 +52,7 @@ class _Shard:
 
     def read_at(self, rows: np.ndarray) -> torch.Tensor:
         """The rows at the sorted indices ``rows`` as a float32 tensor; raises on NaN/inf."""
-        t = torch.from_numpy(np.asarray(self.array[rows]))
-        return self._finite(t.view(torch.bfloat16).float() if self.bf16 else t.float(), rows)
+        return self._finite(torch.from_numpy(self.file.floats_at(rows)), rows)
 
     def _finite(self, t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         finite = torch.isfinite(t).all(dim=1)
@@ -72,57 +62,6 @@ class _Shard:
                 f"{self.path}: row {row} contains NaN or inf; re-harvest the activations or remove the bad rows"
             )
         return t
-
-
-def _open_npy(path: Path) -> _Shard:
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError for truncated or foreign files
-        raise SaeCompressError(f"{path}: not a readable .npy array ({e}); re-create the file") from None
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise SaeCompressError(f"{path}: dtype {arr.dtype} is not floating point; store activations as float16/32/64")
-    return _Shard(path, arr, bf16=False)
-
-
-def _open_safetensors(path: Path) -> _Shard:
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise SaeCompressError(f"{path}: not a valid safetensors file ({e}); re-create the file") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    if "activations" in tensors:
-        name = "activations"
-    elif len(tensors) == 1:
-        (name,) = tensors
-    else:
-        raise SaeCompressError(
-            f"{path}: holds tensors {sorted(tensors)}; expected one named 'activations' (or a single tensor)"
-        )
-    info = tensors[name]
-    dtype = _ST_DTYPES.get(info.get("dtype"))
-    if dtype is None:
-        raise SaeCompressError(
-            f"{path}: tensor '{name}' has dtype {info.get('dtype')}; activations must be F16, BF16, F32 or F64"
-        )
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
-    offset = 8 + header_len + begin
-    if len(shape) < 1:
-        raise SaeCompressError(f"{path}: tensor '{name}' is a scalar; activations must be [..., m]")
-    if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
-        raise SaeCompressError(f"{path}: tensor '{name}' byte range does not match its shape; re-create the file")
-    if offset + (end - begin) > size:
-        raise SaeCompressError(f"{path}: file is truncated ({size} bytes, needs {offset + end - begin}); re-create it")
-    if shape[0] == 0:
-        arr = np.zeros(shape, dtype=dtype)
-    else:
-        arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-    return _Shard(path, arr, bf16=info["dtype"] == "BF16")
 
 
 def shuffled_batches(num_rows: int, m: int, batch_size: int, *, seed: int = 0, buffer_rows: int | None = None,
@@ -154,29 +93,6 @@ def shuffled_batches(num_rows: int, m: int, batch_size: int, *, seed: int = 0, b
         yield buf[perm[i:i + batch_size]]
 
 
-def open_activation_array(path: str | os.PathLike) -> _Shard:
-    """A memory-mapped float array from a ``.npy`` or ``.safetensors`` file, as ``[rows, m]``.
-
-    A safetensors file must hold a tensor ``activations`` or exactly one tensor. ``[m]`` is one
-    row; leading axes of ``[..., m]`` are flattened.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SaeCompressError(f"{path}: no such activation file (give a .npy or .safetensors file)")
-    if path.suffix == ".npy":
-        shard = _open_npy(path)
-    elif path.suffix == ".safetensors":
-        shard = _open_safetensors(path)
-    else:
-        raise SaeCompressError(f"{path}: unknown activation file type; use .npy or .safetensors shards")
-    shape = shard.array.shape
-    if len(shape) < 1 or shape[-1] < 1:
-        raise SaeCompressError(f"{path}: array has shape {list(shape)}; activations must be [..., m] with m >= 1")
-    if len(shape) != 2:
-        shard = _Shard(path, shard.array.reshape(-1, shape[-1]), shard.bf16)
-    return shard
-
-
 class ActivationSource:
     """A read-only view of rows ``[start, stop)`` of a list of ``[N_i, m]`` shards.
 
@@ -204,7 +120,8 @@ class ActivationSource:
     @classmethod
     def of_rows(cls, rows: torch.Tensor, name: str) -> ActivationSource:
         """A source over the float32 rows ``[N, m]`` held in memory (``name`` stands for a path in messages)."""
-        return cls([_Shard(Path(name), rows.detach().float().contiguous().numpy(), bf16=False)], path=Path(name))
+        array = rows.detach().float().contiguous().numpy()
+        return cls([_Shard(ArrayFile(Path(name), array, bf16=False))], path=Path(name))
 
     def __len__(self) -> int:
         return self.num_rows
@@ -299,38 +216,10 @@ class ActivationSource:
 
 
 def open_activations(path: str | os.PathLike) -> ActivationSource:
-    """Open a ``.npy``/``.safetensors`` file or a directory of shards as an :class:`ActivationSource`.
-
-    In a directory with ``manifest.json`` the manifest's shard list (and row counts) is used;
-    otherwise every ``*.safetensors``/``*.npy`` file, in name order.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise SaeCompressError(f"{p}: no such activation file or directory")
-    if p.is_file():
-        return ActivationSource([open_activation_array(p)], path=p)
-    manifest_path = p / MANIFEST
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            files = [entry["file"] for entry in manifest["shards"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise SaeCompressError(f"{manifest_path}: unreadable manifest ({e}); re-run `saecompress acts`") from None
-        missing = [f for f in files if not (p / f).is_file()]
-        if missing:
-            raise SaeCompressError(f"{p}: shard {missing[0]} listed in manifest.json is missing; re-run `saecompress acts`")
-        shards = [open_activation_array(p / f) for f in files]
-        for entry, shard in zip(manifest["shards"], shards):
-            if "rows" in entry and entry["rows"] != shard.rows:
-                raise SaeCompressError(
-                    f"{shard.path}: has {shard.rows} rows but manifest.json says {entry['rows']}; re-run `saecompress acts`"
-                )
-        source = ActivationSource(shards, manifest, p)
-        if "m" in manifest and manifest["m"] != source.m:
-            raise SaeCompressError(f"{manifest_path}: says m={manifest['m']} but the shards have m={source.m}")
-        return source
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _SHARD_SUFFIXES and not f.name.startswith("."))
-    return ActivationSource([open_activation_array(f) for f in files], path=p)
+    """Open a ``.npy``/``.safetensors`` file or a directory of shards as an :class:`ActivationSource`
+    (``arrays.array_files`` lists them)."""
+    shards, manifest, p = array_files(path)
+    return ActivationSource([_Shard(shard) for shard in shards], manifest, p)
 
 
 def check_shard_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:

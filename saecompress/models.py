@@ -42,21 +42,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import SaeCompressError, check_choice
+from .kinds import (ACTIVATIONS, ALL_ACTIVATIONS, ENCODERS, ORDERINGS, THRESHOLD_ACTIVATIONS,  # noqa: F401 (re-exported)
+                    VARIABLE_COUNT)
 from .mask import MASK_ALGORITHM, expander_mask
 
-# The one definition of the top-k orderings: activation -> (what top-k ranks: "value" (pre),
-# "relu" (ReLU(pre)) or "abs" (|pre|, the kept values keep their sign); ReLU on the kept values).
-# Every spelling (chunked encode, sparse training ops, ONNX graphs) reads this table.
-ORDERINGS: dict[str, tuple[str, bool]] = {
-    "topk_relu": ("value", True), "relu_topk": ("relu", False), "signed_topk": ("value", False),
-    "abs_topk": ("abs", False)}
-ACTIVATIONS = tuple(ORDERINGS)
-# Activations gated by a learned threshold (the per-latent / global θ buffer ``threshold``).
-THRESHOLD_ACTIVATIONS = ("jumprelu", "batchtopk")
-# Activations that fire a variable number of latents per row, ``k`` capping what is kept (``max_l0``).
-VARIABLE_COUNT = THRESHOLD_ACTIVATIONS + ("topafa",)
-ALL_ACTIVATIONS = ACTIVATIONS + VARIABLE_COUNT
-ENCODERS = ("tied", "untied")
 # A variable-count SAE's cap k, set on data: this quantile of its per-row L0 (``l0_cap``).
 L0_CAP_QUANTILE = 0.999
 Activation = Literal["topk_relu", "relu_topk", "signed_topk", "abs_topk", "jumprelu", "batchtopk", "topafa"]

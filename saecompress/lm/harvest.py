@@ -12,7 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import check_outputs
-from ..activations import ShardWriter, check_shard_folder, open_activation_array
+from ..activations import ShardWriter, check_shard_folder
+from ..arrays import open_array_file
 from ..distributed import LOCAL, Group
 from ..errors import SaeCompressError
 from .model import capture, context_batches, hookpoint, keep_mask, site_module
@@ -83,7 +84,7 @@ def harvest(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, 
             stats = {name: int(value) for name, value in zip(stats, counts)}
             if not group.main:
                 return {}
-            shards = [{"file": f.name, "rows": open_activation_array(f).rows}
+            shards = [{"file": f.name, "rows": open_array_file(f).rows}
                       for f in sorted(writer.folder.glob("shard-r*.safetensors"), key=_shard_order)]
         meta = {"model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
                 "architecture": type(model).__name__, "layer": layer, "site": site,
