@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .activations import open_activations
+from .arrays import array_files
 from .errors import SaeCompressError, first_line
-from .exporters.onnx import build_onnx, read_onnx_metadata
-from .models import VARIABLE_COUNT, ExpanderSAE, TopKSAE
-from .sources import load_source
+from .exporters.metadata import read_onnx_metadata
+from .kinds import VARIABLE_COUNT
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -69,6 +68,10 @@ def _load_model_bytes(model, hookpoint: str | None = None, hub=None, max_l0: int
             raise SaeCompressError(f"{path}: an exported file's max_l0 is fixed; drop --max-l0 or re-export "
                                    "with `saecompress export --max-l0`")
         return path.read_bytes()
+    from .exporters.onnx import build_onnx  # exporting needs torch; running an .onnx file does not
+    from .models import ExpanderSAE, TopKSAE
+    from .sources import load_source
+
     if isinstance(model, (ExpanderSAE, TopKSAE)):
         return build_onnx(model, "autoencoder", max_l0=max_l0).SerializeToString()
     loaded = load_source(model, hookpoint, hub=hub)
@@ -230,7 +233,7 @@ def _wide(dtype: np.dtype) -> np.dtype:
 
 def read_activation_arrays(source: str | os.PathLike, stdin=None, chunk_rows: int = 65536):
     """Yield float arrays ``[..., m]``: ``[rows, m]`` chunks of any activation source
-    ``open_activations`` reads (memory-mapped), or the arrays of a stream of ``.npy`` arrays
+    ``arrays.array_files`` reads (memory-mapped), or the arrays of a stream of ``.npy`` arrays
     (``source == "-"``: read ``stdin``, a binary stream, until EOF).
 
     Unlike training readers this keeps NaN/Inf rows: the monitor reports and skips them.
@@ -238,9 +241,9 @@ def read_activation_arrays(source: str | os.PathLike, stdin=None, chunk_rows: in
     if str(source) == "-":
         yield from _npy_stream(stdin)
         return
-    acts = open_activations(source)
-    for start in range(0, acts.num_rows, chunk_rows):
-        yield acts.read(start, min(start + chunk_rows, acts.num_rows), finite=False).numpy()
+    for file in array_files(source)[0]:
+        for start in range(0, file.rows, chunk_rows):
+            yield file.floats(start, min(start + chunk_rows, file.rows))
 
 
 def _npy_stream(stream):

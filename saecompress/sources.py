@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .activations import open_activations
-from .compact import is_compact_file, load_compact, read_compact_metadata, save_compact
+from .arrays import array_files
+from .compact_format import is_compact_file, read_compact_metadata
 from .errors import SaeCompressError
-from .formats import read_sae
-from .formats.saelens import save_dense
-from .models import ExpanderSAE, TopKSAE
+
+if TYPE_CHECKING:  # the models need torch; resolving and describing sources does not (the torch-free runtime)
+    from .models import ExpanderSAE, TopKSAE
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,11 @@ def what_is(path: Path) -> str:
     if path.suffix.lower() == ".onnx":
         return f"an ONNX model; run it with `saecompress monitor {path} --input ACTS`"
     try:
-        acts = open_activations(path)
-    except SaeCompressError:
+        arrays = array_files(path)[0]
+        rows, m = sum(a.rows for a in arrays), arrays[0].array.shape[1]
+    except (SaeCompressError, IndexError):
         return "not a compact SAE file, a dense SAE or activations saecompress reads"
-    return (f"activations [{acts.num_rows}, {acts.m}]; measure an SAE on them with "
-            f"`saecompress eval SAE --acts {path}`")
+    return f"activations [{rows}, {m}]; measure an SAE on them with `saecompress eval SAE --acts {path}`"
 
 
 def find_compact(path: Path, hookpoint: str | None = None) -> Path | None:
@@ -92,6 +92,9 @@ def find_compact(path: Path, hookpoint: str | None = None) -> Path | None:
 def load_source(src: str | os.PathLike, hookpoint: str | None = None, *,
                 hub: HubAccess | None = None) -> Loaded:
     """Load any SAE source (as :func:`load`) with the facts of its file beside the model."""
+    from .compact import load_compact
+    from .formats import read_sae
+
     path, hookpoint = resolve(src, hookpoint, hub)
     compact = find_compact(path, hookpoint)
     if compact is not None:
@@ -112,6 +115,10 @@ def save(sae: ExpanderSAE | TopKSAE, out: str | os.PathLike, metadata: dict, ori
     ``origin`` is the source ``sae`` was made from: its provenance is recorded, and a compact file
     keeps its storage dtype (else float32).
     """
+    from .compact import save_compact
+    from .formats.saelens import save_dense
+    from .models import ExpanderSAE
+
     source = origin.provenance if origin is not None else {}
     if isinstance(sae, ExpanderSAE):
         dtype = origin.storage_dtype if origin is not None else "float32"

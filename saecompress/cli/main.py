@@ -56,6 +56,13 @@ class LazyGroup(click.Group):
                 raise
             click.echo(f"error: {err.format_message()} (see `{err.ctx.command_path} --help`)", err=True)
             sys.exit(2)
+        except ModuleNotFoundError as err:
+            if ctx.meta.get("saecompress.debug") or (err.name or "").split(".")[0] != "torch":
+                raise
+            click.echo("error: this command needs torch, which this install lacks (saecompress[runtime] runs "
+                       "`monitor` on .onnx files, `pull` and `info`): install it with pip install 'saecompress[cpu]' "
+                       "(torch first: see the README)", err=True)
+            sys.exit(2)
         except (SaeCompressError, OSError) as err:
             if ctx.meta.get("saecompress.debug"):
                 raise

@@ -37,13 +37,13 @@ from ..sources import load_source
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout, expander_decode_function,
                              expander_encode_function, layer_norm_function, norm_of_rows, select_counted,
                              unused_slots_safe)
+from .metadata import METADATA_PREFIX, read_onnx_metadata  # noqa: F401 (read_onnx_metadata re-exported)
 from .onnx_graph import GraphBuilder
 
 GRAPHS = ("encode", "decode", "autoencoder")
 DTYPES = ("float32", "float16")
 IR_VERSION = 10
 OPSETS = range(18, 22)  # ReduceMax with axes as an input needs 18; IR 10 covers up to 21
-METADATA_PREFIX = "saecompress."
 CAP_ROWS = 65_536  # activation rows export reads to set a threshold SAE's cap (--acts)
 
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -362,14 +362,6 @@ _DOC = {
     "decode": "saecompress SAE decoder: top_indices, top_values [..., k] -> reconstruction [..., m].",
     "autoencoder": "saecompress SAE: activations [..., m] -> reconstruction [..., m], top_indices, top_values.",
 }
-
-
-def read_onnx_metadata(model: ModelProto | dict[str, str]) -> dict[str, str]:
-    """The ``saecompress.*`` metadata of an exported model (or of onnxruntime's
-    ``custom_metadata_map``), without the prefix."""
-    props = model if isinstance(model, dict) else {p.key: p.value for p in model.metadata_props}
-    return {key[len(METADATA_PREFIX):]: value for key, value in props.items()
-            if key.startswith(METADATA_PREFIX)}
 
 
 __all__ = ["GRAPHS", "DTYPES", "IR_VERSION", "EncodeLayout", "build_onnx", "export_onnx",

@@ -6,9 +6,17 @@ override). Uploads use Xet when the Hub offers it and plain Git LFS otherwise
 (or with ``HF_HUB_DISABLE_XET=1``). Failures raise ``SaeCompressError`` with one line.
 """
 
-from .pull import pull, resolve_hf_source
+from importlib import import_module
+
 from .layout import COMPACT_NAME, ONNX_NAME
-from .push import PushResult, push
+from .pull import pull, resolve_hf_source
 from .uri import HfUri, parse_hf_uri
+
+
+def __getattr__(name: str):
+    if name in ("push", "PushResult"):  # push exports ONNX graphs (torch); pull and hf:// sources do not
+        return getattr(import_module("saecompress.hub.push"), name)
+    raise AttributeError(f"module 'saecompress.hub' has no attribute {name!r}")
+
 
 __all__ = ["COMPACT_NAME", "ONNX_NAME", "HfUri", "PushResult", "parse_hf_uri", "pull", "push", "resolve_hf_source"]

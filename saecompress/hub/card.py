@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..compact import compression_ratio
-from ..models import VARIABLE_COUNT
+from ..compact_format import compression_ratio
+from ..kinds import VARIABLE_COUNT
 from ..provenance import shareable, source_label
 from ..units import human_bytes
 

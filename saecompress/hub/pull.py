@@ -8,7 +8,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from .._io import check_outputs
-from ..compact import is_compact_file, load_compact, read_compact_metadata
+from ..compact_format import is_compact_file, read_compact, read_compact_metadata
 from ..errors import SaeCompressError
 from .client import content_ids, hub_errors, is_offline, make_api, transport_errors
 from .layout import CFG_NAME, COMPACT_NAME
@@ -154,6 +154,6 @@ def pull(ref: str, *, out: str | os.PathLike | None = None, endpoint: str | None
                          cache_dir=cache_dir, out=out)
     for file in files:
         if file.suffix == ".safetensors" and is_compact_file(file):
-            load_compact(file)
+            read_compact(file)  # every check a load makes
     return [f for f in files if not (f.name == CFG_NAME and any(g.parent == f.parent and g.name == COMPACT_NAME
                                                                  for g in files))]
