@@ -1,11 +1,13 @@
-"""ONNX encode throughput: expander graph vs the dense MatMul+TopK graph vs torch, one thread.
+"""ONNX encode throughput: expander graph vs dense graphs vs torch, one thread.
 
 Prints two Markdown tables:
 
 1. rows/s of the ORT expander encode, the ORT dense encode of the equivalent dense SAE
-   (``ExpanderSAE.to_dense()``), their ratio, and torch (``ExpanderSAE`` / ``TopKSAE``) at
-   m=2048, n ∈ {16384, 65536}, d ∈ {7, 16, 64}, k=64, batch ∈ {1, 64, 512}, plus file sizes;
-2. the encode formulations measured (see docs/ONNX.md) at the largest n and d=7.
+   (``ExpanderSAE.to_dense()``, the project's own dense export), the plain dense graph a user would
+   write (``MatMul`` + ``Add`` + ``TopK``, ``common.plain_dense_graph``), the ratios, and torch
+   (``ExpanderSAE`` / ``TopKSAE``) at m=2048, n ∈ {16384, 65536}, d ∈ {7, 16, 64}, k=64,
+   batch ∈ {1, 64, 512}, plus file sizes;
+2. the encode formulations measured (see docs/ONNX.md) at the largest n and d=7, against both dense graphs.
 
 Timings alternate between the engines round by round (so a busy machine slows all alike) and
 report medians; the ratio is the median of per-round ratios. ``--quick`` runs tiny sizes in
@@ -21,7 +23,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import print_table
+from common import plain_dense_graph, print_table
 
 from saecompress.exporters.onnx import EncodeLayout, build_onnx
 from saecompress.models import ExpanderSAE
@@ -44,6 +46,12 @@ def session(model, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def plain(dense):
+    """The plain MatMul+Add+TopK graph of a dense ``TopKSAE``."""
+    return plain_dense_graph(dense.W_enc.detach().numpy(), dense.b_enc.detach().numpy(),
+                             dense.b_dec.detach().numpy(), dense.k)
+
+
 def main_table(sizes, batches, k, threads, rounds, budget, m) -> None:
     rows = []
     for n in sizes["n"]:
@@ -56,6 +64,7 @@ def main_table(sizes, batches, k, threads, rounds, budget, m) -> None:
             expander_model, dense_model = build_onnx(sae), build_onnx(dense)
             exp_bytes, dense_bytes = expander_model.ByteSize(), dense_model.ByteSize()
             exp_sess, dense_sess = session(expander_model, threads), session(dense_model, threads)
+            plain_sess = session(plain(dense), threads)
             for batch in batches:
                 x = np.random.default_rng(1).standard_normal((batch, m)).astype(np.float32)
                 xt = torch.from_numpy(x)
@@ -64,39 +73,45 @@ def main_table(sizes, batches, k, threads, rounds, budget, m) -> None:
                     t = interleaved({
                         "ort_exp": lambda: exp_sess.run(None, feeds),
                         "ort_dense": lambda: dense_sess.run(None, feeds),
+                        "ort_plain": lambda: plain_sess.run(None, feeds),
                         "torch_exp": lambda: sae.encode(xt),
                         "torch_dense": lambda: dense.encode(xt),
                     }, rounds, budget)
                 med = {name: statistics.median(v) for name, v in t.items()}
                 ratio = statistics.median(a / b for a, b in zip(t["ort_dense"], t["ort_exp"]))
+                plain_ratio = statistics.median(a / b for a, b in zip(t["ort_plain"], t["ort_exp"]))
                 rows.append([n, d, batch, batch / med["ort_exp"], batch / med["ort_dense"], f"{ratio:.1f}x",
+                             batch / med["ort_plain"], f"{plain_ratio:.1f}x",
                              batch / med["torch_exp"], batch / med["torch_dense"],
                              f"{exp_bytes / 2**20:.1f}", f"{dense_bytes / 2**20:.0f}"])
                 print(f"  n={n} d={d} batch={batch}: {ratio:.1f}x", file=sys.stderr, flush=True)
     print(f"\nEncode rows/s, m={m}, k={k}, {threads} thread(s), onnxruntime {ort.__version__} CPU\n")
-    print_table(["n", "d", "batch", "ORT expander", "ORT dense", "speedup", "torch expander",
-                 "torch dense", "expander MiB", "dense MiB"], rows)
+    print_table(["n", "d", "batch", "ORT expander", "ORT dense export", "speedup", "ORT plain dense",
+                 "speedup vs plain", "torch expander", "torch dense", "expander MiB", "dense MiB"], rows)
 
 
 def formulation_table(n, d, batches, k, threads, rounds, budget, m) -> None:
     torch.manual_seed(0)
     sae = ExpanderSAE(m, n, d, k, activation="topk_relu")
-    dense_sess = session(build_onnx(sae.to_dense()), threads)
+    dense = sae.to_dense()
+    dense_sess, plain_sess = session(build_onnx(dense), threads), session(plain(dense), threads)
     sessions = {name: session(build_onnx(sae, layout=layout), threads)
                 for name, layout in FORMULATIONS.items()}
     rows = []
     for batch in batches:
         x = np.random.default_rng(1).standard_normal((batch, m)).astype(np.float32)
         feeds = {"activations": x}
-        engines = {"dense": lambda: dense_sess.run(None, feeds)}
+        engines = {"dense export": lambda: dense_sess.run(None, feeds),
+                   "plain dense (MatMul+Add+TopK)": lambda: plain_sess.run(None, feeds)}
         for name, sess in sessions.items():
             engines[name] = lambda sess=sess: sess.run(None, feeds)
         t = interleaved(engines, rounds, budget)
         for name, samples in t.items():
-            ratio = statistics.median(a / b for a, b in zip(t["dense"], samples))
-            rows.append([batch, name, batch / statistics.median(samples), f"{ratio:.1f}x"])
+            ratio = statistics.median(a / b for a, b in zip(t["dense export"], samples))
+            plain_ratio = statistics.median(a / b for a, b in zip(t["plain dense (MatMul+Add+TopK)"], samples))
+            rows.append([batch, name, batch / statistics.median(samples), f"{ratio:.1f}x", f"{plain_ratio:.1f}x"])
     print(f"\nFormulations of ExpanderEncode, m={m}, n={n}, d={d}, k={k}, {threads} thread(s)\n")
-    print_table(["batch", "formulation", "rows/s", "vs dense"], rows)
+    print_table(["batch", "formulation", "rows/s", "vs dense export", "vs plain dense"], rows)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ that did not fire: index -1, value 0); ``monitor.overflow`` holds each row's lat
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .errors import SaeCompressError, first_line
 from .exporters.metadata import read_onnx_metadata
 from .kinds import VARIABLE_COUNT
 
+BACKENDS = ("onnxruntime", "torch")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -85,17 +87,44 @@ class Monitor:
     ``batch_size`` rows go to onnxruntime per call; ``threads`` sets intra-op threads (default:
     onnxruntime's choice); ``providers`` forces execution providers (default: CUDA if usable, else CPU).
     ``hookpoint`` and ``hub`` (a ``sources.HubAccess``) pick the SAE of a source, as for ``saecompress.load``;
-    ``max_l0`` caps a threshold SAE exported in memory (as ``build_onnx``).
+    ``max_l0`` caps a threshold SAE exported in memory (as ``build_onnx``). ``backend="torch"`` runs the SAE
+    itself with torch on ``device`` (default: cuda when available), for a service that already holds torch
+    and a GPU next to its LLM; the outputs are the graphs' (unfired slots -1, overflow counted).
     """
 
     def __init__(self, model, providers: list[str] | None = None, batch_size: int = 512,
                  threads: int | None = None, hookpoint: str | None = None, hub=None,
-                 max_l0: int | None = None) -> None:
-        import onnxruntime as ort
-
+                 max_l0: int | None = None, backend: str = "onnxruntime", device: str | None = None) -> None:
         if batch_size < 1:
             raise SaeCompressError(f"batch_size must be >= 1, got {batch_size}")
+        if backend not in BACKENDS:
+            raise SaeCompressError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.batch_size = int(batch_size)
+        if backend == "torch":
+            if providers:
+                raise SaeCompressError("providers choose onnxruntime's execution providers; the torch backend runs "
+                                       "on device= (default: cuda when available)")
+            meta = self._start_torch(model, hookpoint, hub, max_l0, device, threads)
+        else:
+            if device is not None:
+                raise SaeCompressError("device= is for backend='torch'; onnxruntime takes providers=")
+            meta = self._start_onnxruntime(model, providers, hookpoint, hub, max_l0, threads)
+        self.graph = meta["graph"]
+        if self.graph == "decode":
+            raise SaeCompressError(f"{model}: a decode-only graph cannot monitor activations; "
+                                   "export --graph encode or autoencoder")
+        self.m, self.n, self.k = int(meta["m"]), int(meta["n"]), int(meta["k"])
+        self.metadata = meta
+        self.variable_count = meta.get("activation") in VARIABLE_COUNT
+        self._thresholds = np.full(self.n, np.inf, dtype=np.float32)
+        self.watched: dict[int, float] = {}
+        self.skipped_rows: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.overflow: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.overflow_rows = self.overflow_latents = 0
+
+    def _start_onnxruntime(self, model, providers, hookpoint, hub, max_l0, threads) -> dict[str, str]:
+        import onnxruntime as ort
+
         data = _load_model_bytes(model, hookpoint, hub, max_l0)
         options = ort.SessionOptions()
         if threads is not None:
@@ -115,22 +144,50 @@ class Monitor:
         if "graph" not in meta:
             raise SaeCompressError(f"{model}: not an ONNX file exported by saecompress (no saecompress.* "
                                    "metadata); export it with `saecompress export`")
-        self.graph = meta["graph"]
-        if self.graph == "decode":
-            raise SaeCompressError(f"{model}: a decode-only graph cannot monitor activations; "
-                                   "export --graph encode or autoencoder")
-        self.m, self.n, self.k = int(meta["m"]), int(meta["n"]), int(meta["k"])
-        self.metadata = meta
-        self.variable_count = meta.get("activation") in VARIABLE_COUNT
         first = self.session.get_inputs()[0]
         self._input_rank = len(first.shape)
         self._input_dtype = np.float16 if "float16" in first.type else np.float32
         self._outputs = [o.name for o in self.session.get_outputs()]
-        self._thresholds = np.full(self.n, np.inf, dtype=np.float32)
-        self.watched: dict[int, float] = {}
-        self.skipped_rows: np.ndarray = np.zeros(0, dtype=np.int64)
-        self.overflow: np.ndarray = np.zeros(0, dtype=np.int64)
-        self.overflow_rows = self.overflow_latents = 0
+        self._forward = lambda names, batch: self.session.run(names, {first.name: batch})
+        return meta
+
+    def _start_torch(self, model, hookpoint, hub, max_l0, device, threads) -> dict[str, str]:
+        import torch
+
+        from .exporters.onnx import kept_latents
+        from .models import ExpanderSAE, TopKSAE, active_counts
+        from .sources import load_source
+
+        if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+            raise SaeCompressError(f"{model}: the torch backend runs an SAE (compact file, dense SAE, hf://…), not "
+                                   "an ONNX graph; give the SAE, or use backend='onnxruntime'")
+        sae = model if isinstance(model, (ExpanderSAE, TopKSAE)) else load_source(model, hookpoint, hub=hub).model
+        if sae.activation == "topafa":
+            raise SaeCompressError("the torch backend does not count top-AFA's overflow yet; use backend='onnxruntime'")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        sae = copy.deepcopy(sae).float().eval().to(device)
+        sae.k = kept_latents(sae, max_l0)
+        variable = sae.activation in VARIABLE_COUNT
+
+        @torch.inference_mode()
+        def forward(names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+            recon, values, indices = sae.reconstruct(x)
+            if variable:  # as the graphs: unfired slots -1 / 0, the latents beyond the cap counted
+                indices = torch.where(values != 0, indices, -1)
+            out = {"top_indices": indices, "top_values": values, "reconstruction": recon}
+            if variable and "overflow" in names:
+                out["overflow"] = (active_counts(sae, x)[0].to(device) - sae.k).clamp_min(0)
+            return [out[name].cpu().numpy() for name in names]
+
+        self.provider = f"torch:{device}"
+        self._input_rank, self._input_dtype = 2, np.float32
+        self._outputs = ["reconstruction", "top_indices", "top_values"]
+        self._forward = forward
+        return {"graph": "autoencoder", "m": str(sae.m), "n": str(sae.n), "k": str(sae.k),
+                "activation": sae.activation}
 
     def __repr__(self) -> str:
         return f"Monitor(graph={self.graph}, m={self.m}, n={self.n}, k={self.k}, provider={self.provider})"
@@ -162,7 +219,7 @@ class Monitor:
             batch = flat[rows].astype(self._input_dtype, copy=False)
             if self._input_rank == 3:
                 batch = batch[None]
-            outs = self.session.run(names, {self.session.get_inputs()[0].name: batch})
+            outs = self._forward(names, batch)
             if results is None:
                 results = [np.empty((len(flat), *o.shape[self._input_rank - 1:]), dtype=_wide(o.dtype)) for o in outs]
             for result, out in zip(results, outs):

@@ -203,3 +203,33 @@ def test_monitor_cli_bad_watch_and_wrong_width(files, tmp_path):
     result = CliRunner().invoke(cli, ["monitor", str(files["encode"]), "--input", str(tmp_path / "ok.npy"),
                                       "--watch", "12:abc"])
     assert result.exit_code == 2 and "FEATURE:THRESHOLD" in result.output
+
+
+@pytest.mark.parametrize("activation", ["signed_topk", "jumprelu"])
+def test_torch_backend_gives_what_onnxruntime_gives(tmp_path, activation):
+    """``Monitor(backend="torch")``: the SAE itself on torch, with the graphs' outputs (unfired slots -1 / 0, overflow)."""
+    torch.manual_seed(3)
+    threshold = torch.rand(96) * 0.3 if activation == "jumprelu" else None
+    sae = ExpanderSAE(24, 96, 5, 6, activation=activation, encoder="untied", threshold=threshold)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_()
+    save_compact(sae, tmp_path / "sae.safetensors")
+    x = np.random.default_rng(4).standard_normal((70, 24)).astype(np.float32)
+    x[5] = np.inf
+    onnx_mon = Monitor(tmp_path / "sae.safetensors", batch_size=32)
+    torch_mon = Monitor(tmp_path / "sae.safetensors", backend="torch", batch_size=32)
+    assert torch_mon.provider == "torch:cpu" and (torch_mon.m, torch_mon.n, torch_mon.k) == (24, 96, 6)
+    (i1, v1), (i2, v2) = onnx_mon.encode(x), torch_mon.encode(x)
+    for row in range(70):
+        assert dict(zip(i1[row], v1[row].round(4))) == pytest.approx(dict(zip(i2[row], v2[row].round(4))),
+                                                                     abs=1e-3) or row == 5
+    np.testing.assert_array_equal(torch_mon.skipped_rows, [5])
+    np.testing.assert_array_equal(onnx_mon.overflow, torch_mon.overflow)
+    if activation == "jumprelu":
+        assert torch_mon.overflow.sum() > 0 and (i2 == -1).any()
+    np.testing.assert_allclose(onnx_mon.reconstruct(x), torch_mon.reconstruct(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(SaeCompressError, match="not an ONNX graph"):
+        Monitor(tmp_path / "x.onnx", backend="torch")
+    with pytest.raises(SaeCompressError, match="device="):
+        Monitor(tmp_path / "sae.safetensors", device="cpu")

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._json import dumps
 from ..errors import SaeCompressError
-from ..runtime import Monitor, read_activation_arrays
+from ..runtime import BACKENDS, Monitor, read_activation_arrays
 from .options import hub_options
 
 
@@ -68,8 +68,13 @@ def _emit(record: dict, jsonl: bool) -> None:
 @click.option("--provider", default=None,
               help="Force an execution provider (e.g. CUDAExecutionProvider). Default: CUDA when "
                    "onnxruntime-gpu is installed and a GPU is usable, else CPU.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
+              help="torch: run the SAE (not an .onnx file) with torch, on --device; for a service that already "
+                   "holds torch and a GPU next to its LLM.")
+@click.option("--device", default=None, help="--backend torch: cpu, cuda, cuda:1 … [default: cuda when available].")
 def monitor(model: str, hookpoint: str | None, hub, source: str, watch: str | None, top: int, jsonl: bool,
-            batch_size: int, threads: int | None, max_l0: int | None, provider: str | None) -> None:
+            batch_size: int, threads: int | None, max_l0: int | None, provider: str | None, backend: str,
+            device: str | None) -> None:
     """Encode activations with the SAE MODEL (an exported .onnx file, a compact file, a dense SAE
     or hf://owner/repo[/hookpoint][@rev]) on onnxruntime.
 
@@ -80,7 +85,7 @@ def monitor(model: str, hookpoint: str | None, hub, source: str, watch: str | No
     """
     thresholds = parse_watch(watch) if watch is not None else None
     mon = Monitor(model, providers=[provider] if provider else None, batch_size=batch_size, threads=threads,
-                  hookpoint=hookpoint, hub=hub, max_l0=max_l0)
+                  hookpoint=hookpoint, hub=hub, max_l0=max_l0, backend=backend, device=device)
     if thresholds is not None:
         mon.watch(thresholds)
     click.echo(f"monitor: {mon.graph} graph, m={mon.m}, n={mon.n}, k={mon.k}, provider {mon.provider}", err=True)

@@ -118,7 +118,7 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
                                "weights are stored in the graph dtype")
     if opset not in OPSETS:
         raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
-    k = sae.k if graph == "decode" and max_l0 is None else _kept_latents(sae, max_l0)  # decode takes any j
+    k = sae.k if graph == "decode" and max_l0 is None else kept_latents(sae, max_l0)  # decode takes any j
     model = _Exporter(sae, dtype, opset, layout, ["batch", "seq"] if seq else ["batch"], storage_dtype,
                       source or {}, k).model(graph, dense_output)
     if model.ByteSize() >= 2**31:
@@ -140,7 +140,7 @@ def _cap_from_acts(sae: ExpanderSAE | TopKSAE, max_l0: int | None, acts, max_row
     return l0_cap(active_counts(sae, x)[0], sae.n)
 
 
-def _kept_latents(sae: ExpanderSAE | TopKSAE, max_l0: int | None) -> int:
+def kept_latents(sae: ExpanderSAE | TopKSAE, max_l0: int | None) -> int:
     """The k of the graph: the model's k, or for a variable-count SAE its cap ``max_l0`` (given, or the
     model's k when k < n)."""
     if sae.activation not in VARIABLE_COUNT:
