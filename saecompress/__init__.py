@@ -5,10 +5,7 @@ Every CLI command has a library function: ``convert`` / ``convert_path``, ``trai
 source (compact file, dense SAE folder in a known layout, ``hf://owner/repo[/hookpoint][@rev]``).
 """
 
-import sys
-import types
-from importlib import import_module
-
+from ._lazy import lazy_package
 from ._version import __version__
 from .errors import SaeCompressError
 
@@ -40,25 +37,6 @@ _LAZY = {
 }
 
 
-# Functions that share their name with the submodule holding them: importing the submodule binds its name on
-# the package, so these are answered before the package's own attributes.
-_SHADOWED = ("convert", "sweep", "train")
-
-
-class _Package(types.ModuleType):
-    def __getattribute__(self, name: str):
-        if name in _SHADOWED:
-            return getattr(import_module(_LAZY[name]), name)
-        return super().__getattribute__(name)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'saecompress' has no attribute {name!r}")
-
-
-sys.modules[__name__].__class__ = _Package
-
+lazy_package(__name__, _LAZY, shadowed=("convert", "sweep", "train"))  # functions named like their submodules
 
 __all__ = ["SaeCompressError", "__version__", *_LAZY]

@@ -6,17 +6,13 @@ override). Uploads use Xet when the Hub offers it and plain Git LFS otherwise
 (or with ``HF_HUB_DISABLE_XET=1``). Failures raise ``SaeCompressError`` with one line.
 """
 
-from importlib import import_module
-
+from .._lazy import lazy_package
 from .layout import COMPACT_NAME, ONNX_NAME
 from .pull import pull, resolve_hf_source
 from .uri import HfUri, parse_hf_uri
 
-
-def __getattr__(name: str):
-    if name in ("push", "PushResult"):  # push exports ONNX graphs (torch); pull and hf:// sources do not
-        return getattr(import_module("saecompress.hub.push"), name)
-    raise AttributeError(f"module 'saecompress.hub' has no attribute {name!r}")
+# push exports ONNX graphs (torch); pull and hf:// sources do not. push is named like its submodule.
+lazy_package(__name__, {"push": "saecompress.hub.push", "PushResult": "saecompress.hub.push"}, shadowed=("push",))
 
 
 __all__ = ["COMPACT_NAME", "ONNX_NAME", "HfUri", "PushResult", "parse_hf_uri", "pull", "push", "resolve_hf_source"]
