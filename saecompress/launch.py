@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -56,15 +57,18 @@ def run_ranks(nproc: int, fn: Callable[..., Any], *args: Any, threads: int | Non
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"saecompress-{uuid.uuid4().hex}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
-    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher",
-                                                   "torch.multiprocessing")]
+    quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+             if name.startswith(("torch.distributed", "torch.multiprocessing"))]  # one error line is ours to print
     levels = [log.level for log in quiet]
     for log in quiet:
         log.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, _rank_main)(fn, args, kwargs, threads)
     except ChildFailedError as e:
-        raise SaeCompressError(failure_message(e.failures, checkpoint)) from None
+        text = failure_message(e.failures, checkpoint)
+        if text.startswith("rank "):  # a rank died mid-run: rank 0's progress bar may still hold the line
+            sys.stderr.write("\n")
+        raise SaeCompressError(text) from None
     except SignalException:  # Ctrl-C: the launcher passed it on to the ranks, which stopped at a checkpoint
         raise KeyboardInterrupt from None
     finally:
