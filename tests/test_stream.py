@@ -155,3 +155,22 @@ def test_acts_sharded_over_two_processes(tiny_llama, tiny_lm, tmp_path):
     b = open_activations(tmp_path / "two").read(0, one["num_rows"])
     assert torch.equal(a[a[:, 0].argsort()], b[b[:, 0].argsort()])
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_hookpoint_parallel_run_resumes_from_its_checkpoints(tiny_llama, tiny_lm, tmp_path):
+    """Stopped at a window end (each rank writes its own checkpoint there) and resumed with the same number of
+    processes: the files of an uninterrupted run, bit for bit."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(tiny_lm.texts(n_docs=40)))
+    run = dict(cfg=cfg(tokens=64 * 20), stream=stream(layers=(0, 1), held_out=128), progress=False, distribute=True,
+               threads=1)
+    args = (str(tiny_llama), None, [text])
+    run_ranks(2, train_from_files, *args, tmp_path / "whole", **run)
+    assert run_ranks(2, train_from_files, *args, tmp_path / "parts", stop_after=5, **run) == [{}, {}]
+    assert {p.name for p in (tmp_path / "parts").glob("*.ckpt")} == {"train.ckpt", "train.rank1.ckpt"}
+    assert not any((tmp_path / "parts").rglob("*.safetensors"))
+    run_ranks(2, train_from_files, *args, tmp_path / "parts", resume=True, **run)
+    for name in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        a = model_of(tmp_path / "whole" / name / "expander.safetensors")
+        b = model_of(tmp_path / "parts" / name / "expander.safetensors")
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), name
