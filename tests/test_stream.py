@@ -174,3 +174,31 @@ def test_hookpoint_parallel_run_resumes_from_its_checkpoints(tiny_llama, tiny_lm
         a = model_of(tmp_path / "whole" / name / "expander.safetensors")
         b = model_of(tmp_path / "parts" / name / "expander.safetensors")
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), name
+
+
+def test_cli_lines_on_two_processes(tiny_llama, tiny_lm, tmp_path):
+    """`train --model … --nproc 2 --distribute-hookpoints` and `acts … --nproc 2` as a user types them."""
+    import subprocess
+    import sys
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(tiny_lm.texts(n_docs=30)))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    common = ["--model", str(tiny_llama), "--text", str(text), "--context", "32", "--nproc", "2"]
+    train_args = ["train", *common, "--lm-batch", "4", "--window", "16", "--layers", "0,1", "--distribute-hookpoints",
+                  "--d", "4", "--n", "64", "--k", "4", "--batch-size", "64", "--tokens", "640", "--held-out", "128",
+                  "--out", str(tmp_path / "saes")]
+    acts_args = ["acts", *common, "--batch", "4", "--layer", "1", "--tokens", "1000", "--out", str(tmp_path / "acts")]
+    out = {}
+    for args in (train_args, acts_args):
+        done = subprocess.run([sys.executable, "-m", "saecompress", *args], capture_output=True, text=True,
+                              timeout=240, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        out[args[0]] = done.stdout
+    assert {line.split(":")[0] for line in out["train"].splitlines()} == {
+        f"wrote {tmp_path / 'saes'}/blocks.{layer}.hook_resid_post" for layer in (0, 1)}  # each hookpoint once
+    for layer in (0, 1):
+        assert (tmp_path / "saes" / f"blocks.{layer}.hook_resid_post" / "expander.safetensors").is_file()
+    assert "1,000 rows" in out["acts"]
+    assert json.loads((tmp_path / "acts" / "manifest.json").read_text())["processes"] == 2
