@@ -8,7 +8,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 QUICK = ["mask_generation.py", "encode_decode.py", "convert.py", "train_step.py", "onnx_encode.py", "ce_prefix.py",
-         "scale.py", "gpu_check.py"]
+         "scale.py", "gpu_check.py", "native_encode.py"]
 
 
 @pytest.mark.parametrize("script", QUICK)
