@@ -14,14 +14,13 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import plain_dense_graph, print_table
+from common import median_seconds, plain_dense_graph, print_table
 from saecompress.exporters.onnx import build_onnx
 from saecompress.models import ExpanderSAE
 
@@ -38,15 +37,6 @@ def session(model) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def median_call(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -95,8 +85,8 @@ def main() -> None:
             feeds = {"activations": x}
             for _ in range(a.rounds):
                 times["native kernel"].append(native())
-                times["ORT expander graph"].append(median_call(lambda: expander_sess.run(None, feeds), calls))
-                times["ORT plain dense"].append(median_call(lambda: plain_sess.run(None, feeds), calls))
+                times["ORT expander graph"].append(median_seconds(lambda: expander_sess.run(None, feeds), calls, warmup=0))
+                times["ORT plain dense"].append(median_seconds(lambda: plain_sess.run(None, feeds), calls, warmup=0))
             plain = statistics.median(times["ORT plain dense"])
             for name, samples in times.items():
                 rows.append([batch, name, batch / statistics.median(samples), f"{plain / statistics.median(samples):.1f}x"])
