@@ -165,6 +165,12 @@ class Monitor:
         if sae.activation == "topafa":
             raise SaeCompressError("the torch backend does not count top-AFA's overflow yet; use backend='onnxruntime'")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise SaeCompressError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SaeCompressError(f"device {device!r}: torch sees no CUDA GPU here; use --device cpu")
         if threads is not None:
             torch.set_num_threads(int(threads))
         sae = copy.deepcopy(sae).float().eval().to(device)

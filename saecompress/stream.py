@@ -122,10 +122,7 @@ def train_streaming(model: nn.Module, tokenizer: Any, texts: Iterable[str], out:
     mine = [name for name in names if not distribute or owner[name] == group.rank]
     files = outputs(out, stream, cfg)
     ckpt = out / (CHECKPOINT_NAME if not distribute or group.main else f"train.rank{group.rank}.ckpt")
-    inputs = list(inputs)
-    check_outputs([out], inputs, kind="folder")
-    check_outputs(list(files.values()), inputs, kind="file" if cfg.d is not None else "folder")
-    check_outputs([ckpt], inputs, kind="file")
+    check_stream_outputs(out, stream, cfg, inputs, ckpt)
     if resume and not ckpt.is_file():
         raise SaeCompressError(f"{ckpt}: no checkpoint to resume from; run without --resume")
     for layer in stream.layers:  # a bad layer or site fails before any text is read
@@ -241,6 +238,16 @@ def train_streaming(model: nn.Module, tokenizer: Any, texts: Iterable[str], out:
     return results
 
 
+def check_stream_outputs(out: Path, stream: StreamConfig, cfg: TrainConfig, inputs: Iterable[Any],
+                         ckpt: Path | None = None) -> None:
+    """What ``train_streaming`` refuses to write (see ``_io.check_outputs``): ``out``, its SAE files and the
+    checkpoint ``ckpt`` (default ``out/train.ckpt``) may not be, hold or lie inside an input."""
+    inputs = list(inputs)
+    check_outputs([out], inputs, kind="folder")
+    check_outputs(list(outputs(out, stream, cfg).values()), inputs, kind="file" if cfg.d is not None else "folder")
+    check_outputs([ckpt or out / CHECKPOINT_NAME], inputs, kind="file")
+
+
 def window_contexts(stream: StreamConfig, rows: int) -> int:
     """Contexts of the next window: ``stream.window``, or fewer (whole LM batches) when ``rows`` more rows finish
     training (the last window reads only the text it needs)."""
@@ -255,9 +262,10 @@ def train_from_files(model_path: str, gguf_file: str | None, text_files: list[Pa
     from .lm import load_model
     from .texts import read_texts
 
+    inputs = [model_path, gguf_file, *text_files]
+    check_stream_outputs(Path(out), stream, cfg, inputs)  # before the model loads
     model, tokenizer = load_model(model_path, gguf_file)
-    return train_streaming(model, tokenizer, read_texts(text_files), out, cfg, stream,
-                           inputs=[model_path, gguf_file, *text_files], **kwargs)
+    return train_streaming(model, tokenizer, read_texts(text_files), out, cfg, stream, inputs=inputs, **kwargs)
 
 
 def _start(cfg: TrainConfig, rows: ActivationSource, total_steps: int, state: dict | None, where: Path,

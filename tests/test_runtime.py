@@ -233,3 +233,5 @@ def test_torch_backend_gives_what_onnxruntime_gives(tmp_path, activation):
         Monitor(tmp_path / "x.onnx", backend="torch")
     with pytest.raises(SaeCompressError, match="device="):
         Monitor(tmp_path / "sae.safetensors", device="cpu")
+    with pytest.raises(SaeCompressError, match="not a torch device"):
+        Monitor(tmp_path / "sae.safetensors", backend="torch", device="nope")
