@@ -62,7 +62,7 @@ class Group:
         _collective(dist.all_reduce, t, dist.ReduceOp.MIN)
         return int(t)
 
-    def gather_to(self, t: torch.Tensor, owner: int | None = None) -> torch.Tensor | None:
+    def gather(self, t: torch.Tensor, owner: int | None = None) -> torch.Tensor | None:
         """Every rank's ``t [b_r, ...]`` (any ``b_r``) concatenated in rank order, on rank ``owner`` (``None``
         elsewhere), or on every rank when ``owner`` is ``None``."""
         if self.world == 1:
@@ -80,14 +80,6 @@ class Group:
         if parts is None:
             return None
         return torch.cat([part[:count] for part, count in zip(parts, counts.tolist())])
-
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``t [b, ...]`` (equal shapes) concatenated in rank order: the global batch."""
-        if self.world == 1:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        _collective(dist.all_gather, parts, t.contiguous())
-        return torch.cat(parts)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``t`` on every rank (in place; returned)."""

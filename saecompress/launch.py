@@ -37,6 +37,15 @@ def environment_group() -> Group:
     return Group(dist.get_rank(), dist.get_world_size())
 
 
+def process_group(nproc: int) -> Group:
+    """The ``Group`` of a command run with ``--nproc nproc``: torchrun's (refusing ``--nproc`` under it), else
+    ``LOCAL`` (``run_ranks`` then starts the processes)."""
+    group = environment_group()
+    if group.world > 1 and nproc > 1:
+        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    return group
+
+
 def run_id() -> str:
     """The name of the run this process belongs to (the same on every rank; empty outside one)."""
     return os.environ.get("TORCHELASTIC_RUN_ID", "")

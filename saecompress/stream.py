@@ -174,7 +174,7 @@ def train_streaming(model: nn.Module, tokenizer: Any, texts: Iterable[str], out:
             first = group.rank * passes + min(group.rank, extra)
             own = batch[first * stream.lm_batch:(first + passes + (group.rank < extra)) * stream.lm_batch]
             for name, rows in zip(names, window_rows(model, own, stream)):
-                rows = group.gather_to(rows, owner[name] if distribute else None)  # the whole window's rows
+                rows = group.gather(rows, owner[name] if distribute else None)  # the whole window's rows
                 if rows is None:
                     continue
                 source = last[name] = ActivationSource.of_rows(rows, f"<{name}: window {window}>")

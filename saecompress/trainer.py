@@ -306,13 +306,13 @@ class Trainer:
         stats["dead"] = self.dead.fraction()
         return stats
 
-    def _variances(self, *targets: torch.Tensor) -> list[torch.Tensor]:
+    def _variances(self, *targets: torch.Tensor) -> list[torch.Tensor | None]:
         """The total variance of each global batch that a ``target`` is this rank's part of (no gradient; one
-        collective for all of them)."""
-        targets = tuple(t.detach() for t in targets)
+        collective for all of them); ``None`` in one process, where the batch is the whole of it."""
         group = self.group
-        if group.world == 1:
-            return [(t - t.mean(0)).pow(2).sum() for t in targets]
+        if group.world == 1:  # fvu_loss measures the batch itself
+            return [None] * len(targets)
+        targets = tuple(t.detach() for t in targets)
         sums = group.sum(torch.cat([torch.cat([t.sum(0), t.pow(2).sum().reshape(1)]).double() for t in targets]))
         count = targets[0].shape[0] * group.world
         out = []
@@ -385,7 +385,7 @@ class Trainer:
         def best_rows() -> tuple[torch.Tensor, torch.Tensor]:  # [j, D]: the largest margins of the global batch
             margins = torch.einsum("bjd,jd->bj", xs, sae.encoder_values[dead]) - thr  # pre-act (no b_enc) − τ
             top = margins.topk(min(j, xin.shape[0]), dim=0)
-            values, where = group.rows(top.values), group.rows(top.indices + group.rank * xin.shape[0])
+            values, where = group.gather(top.values), group.gather(top.indices + group.rank * xin.shape[0])
             values, pick = values.topk(j, dim=0)
             return values, where.gather(0, pick)
 

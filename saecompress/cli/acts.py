@@ -9,7 +9,7 @@ import click
 from .._json import dumps
 from ..activations import SHARD_DTYPES
 from ..errors import SaeCompressError
-from ..launch import environment_group, run_ranks
+from ..launch import process_group, run_ranks
 from ..lm import SITES, check_harvest
 from ..lm.harvest import harvest_files
 from ..texts import text_files
@@ -65,9 +65,7 @@ def acts(model_path: str, gguf_file: str | None, texts: tuple[str, ...], context
     files = text_files(texts)
     check_harvest(out, tokens, overwrite=overwrite, inputs=[model_path, gguf_file, *files])
     start = time.perf_counter()
-    group = environment_group()
-    if group.world > 1 and nproc > 1:
-        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    group = process_group(nproc)
     run = dict(tokens=tokens, out=out, context=context, batch=batch, drop_first=not keep_first,
                outlier_factor=outlier_factor or None, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
                progress=not as_json, metadata={"model": model_path, "gguf_file": gguf_file,

@@ -8,7 +8,7 @@ from .._json import dumps
 from ..convert import MASKS
 from ..errors import SaeCompressError
 from ..lm import SITES
-from ..launch import environment_group, run_ranks
+from ..launch import process_group, run_ranks
 from ..models import ALL_ACTIVATIONS, ENCODERS
 from ..train import CHECKPOINT_SUFFIX, TrainConfig
 from ..trainer import SPARSITY_TARGETS
@@ -171,9 +171,7 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
                    if ctx.get_parameter_source(name).name == "COMMANDLINE"]
     if stream_only:
         raise SaeCompressError(f"{stream_only[0].replace('--texts', '--text')} is for training from a live model: give --model, or drop it")
-    group = environment_group()
-    if group.world > 1 and nproc > 1:
-        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    group = process_group(nproc)
     if nproc > 1:
         _, metrics = run_ranks(nproc, run_training, acts, out, cfg, teacher=teacher, init=init, resume=resume,
                                progress=True, hub=hub, checkpoint=f"{out}{CHECKPOINT_SUFFIX}")[0]
@@ -185,6 +183,11 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
     if as_json:
         click.echo(dumps(metrics))
         return
+    click.echo(_summary(out, metrics))
+
+
+def _summary(out, metrics: dict) -> str:
+    """The line a finished run prints for the SAE it wrote to ``out``."""
     held = metrics.get("held_out", {})
     line = f"wrote {out}: {metrics['training']['tokens']:,} tokens"
     if held:
@@ -194,7 +197,7 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
         line += f"; k set to {metrics['training']['max_l0']} ({metrics['training']['max_l0_rule']})"
         if "latent_agreement" in held:
             line += f", latent agreement {held['latent_agreement']:.1%}"
-    click.echo(line)
+    return line
 
 
 def _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier_factor, layers, site, lm_batch, window,
@@ -217,9 +220,7 @@ def _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier
                           held_out=8192 if held_out is None else held_out)
     stream.check()
     files = text_files(texts)
-    group = environment_group()
-    if group.world > 1 and nproc > 1:
-        raise SaeCompressError(f"this process is rank {group.rank} of {group.world} started by torchrun: drop --nproc")
+    group = process_group(nproc)
     if distribute and max(nproc, group.world) == 1:
         raise SaeCompressError("--distribute-hookpoints shares the hookpoints out among processes: give --nproc N "
                                "(or start the run with torchrun), or drop it")
@@ -237,11 +238,7 @@ def _train_from_model(model_path, gguf_file, texts, context, keep_first, outlier
         click.echo(dumps(results))
         return
     for name, metrics in results.items():
-        held = metrics.get("held_out", {})
-        line = f"wrote {out}/{name}: {metrics['training']['tokens']:,} tokens"
-        if held:
-            line += f"; held-out FVU {held['fvu']:.4f}, L0 {held['l0']:.1f}, dead {held['dead_fraction']:.2%}"
-        click.echo(line)
+        click.echo(_summary(f"{out}/{name}", metrics))
         if metrics["training"].get("text_ran_out"):
             click.echo(f"warning: the text ran out: {name} trained on {metrics['training']['tokens']:,} of the "
                        f"{cfg.tokens:,} tokens asked (its learning rate had not decayed); give more text", err=True)
