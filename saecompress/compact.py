@@ -72,7 +72,8 @@ def compact_tensors(sae: ExpanderSAE, dtype: str) -> dict[str, torch.Tensor]:
     tensors = _stored_values("values", sae.values, dtype)
     if sae.enc_values is not None:
         tensors |= _stored_values("enc_values", sae.enc_values, dtype)
-    tensors["b_enc"] = sae.b_enc.detach().float().contiguous()
+    if sae.encoder != "pursuit":
+        tensors["b_enc"] = sae.b_enc.detach().float().contiguous()
     tensors["b_dec"] = sae.b_dec.detach().float().contiguous()
     if sae.threshold is not None:
         tensors["threshold"] = sae.threshold.detach().float().contiguous()
@@ -197,7 +198,8 @@ def load_compact(path: str | os.PathLike) -> ExpanderSAE:
         sae.values.copy_(torch.from_numpy(stored_floats(arrays, "values", dtype)))
         if sae.enc_values is not None:
             sae.enc_values.copy_(torch.from_numpy(stored_floats(arrays, "enc_values", dtype)))
-        sae.b_enc.copy_(torch.from_numpy(np.array(arrays["b_enc"])))
+        if "b_enc" in arrays:
+            sae.b_enc.copy_(torch.from_numpy(np.array(arrays["b_enc"])))
         sae.b_dec.copy_(torch.from_numpy(np.array(arrays["b_dec"])))
     return sae
 

@@ -118,7 +118,8 @@ def _expected_shapes(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], t
         shapes[name] = ((n, d), value_dtypes)
         if int8:
             shapes[f"{name}_scale"] = ((n,), ("F32",))
-    shapes["b_enc"] = ((n,), ("F32",))
+    if meta["encoder"] != "pursuit":
+        shapes["b_enc"] = ((n,), ("F32",))
     shapes["b_dec"] = ((m,), ("F32",))
     if meta["activation"] in THRESHOLD_ACTIVATIONS:
         shapes["threshold"] = ((n,), ("F32",))
@@ -190,7 +191,9 @@ def dense_values(m: int, n: int) -> int:
 
 
 def learned_values(m: int, n: int, d: int, encoder: str) -> int:
-    """Learned values of an Expander SAE: ``n·d`` (twice if untied) ``+ n + m``."""
+    """Learned values of an Expander SAE: ``n·d`` (twice if untied) ``+ n + m`` (a pursuit encoder: ``n·d + m``)."""
+    if encoder == "pursuit":
+        return n * d + m
     return (2 if encoder == "untied" else 1) * n * d + n + m
 
 

@@ -48,7 +48,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import clean_pass, context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module, skipping
-from .models import VARIABLE_COUNT, ExpanderSAE, SparseAutoencoder
+from .models import VARIABLE_COUNT, ExpanderSAE, SparseAutoencoder, require_trainable_encoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -164,6 +164,7 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
+    require_trainable_encoder(getattr(sae, "encoder", ""), "finetune")
     if out is not None:
         check_outputs([out], kind="file" if isinstance(sae, ExpanderSAE) else "folder")
     module = site_module(model, layer, site)

@@ -13,4 +13,6 @@ THRESHOLD_ACTIVATIONS = ("jumprelu", "batchtopk")
 # Activations that fire a variable number of latents per row, ``k`` capping what is kept (``max_l0``).
 VARIABLE_COUNT = THRESHOLD_ACTIVATIONS + ("topafa",)
 ALL_ACTIVATIONS = ACTIVATIONS + VARIABLE_COUNT
-ENCODERS = ("tied", "untied")
+# Expander encoders: the decoder's values (tied), their own values (untied), or none (matching pursuit over
+# the decoder rows).
+ENCODERS = ("tied", "untied", "pursuit")

@@ -25,7 +25,9 @@ activations whose ``k`` is a cap (threshold ones and ``topafa``).
 An ``ExpanderSAE``'s decoder row ``i`` is zero except ``values[i, j]`` at dim ``indices[i, j]``;
 its encoder column ``i`` has the same support, with the same values (``encoder="tied"``) or its
 own ``enc_values`` (``"untied"``). Encoding is a gather-and-reduce over latents in chunks, and
-decoding a scatter-add of the k active rows: no m×n matrix is ever built.
+decoding a scatter-add of the k active rows: no m×n matrix is ever built. ``encoder="pursuit"`` has
+no encoder at all: k rounds of matching pursuit over the decoder rows (:func:`pursue`; no ``b_enc``,
+no pre-activations, a top-k ``activation`` only).
 
 Models hold parameters and configuration only: where one came from and how a file stores it
 travel beside it (``sources.Loaded``; writers take them explicitly).
@@ -148,6 +150,72 @@ def select_afa(pre: torch.Tensor, k: int, row_norms: torch.Tensor,
     return values, indices[:, :k], overflow
 
 
+def atom_overlaps(atoms: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(neighbours [n, w], gram [n, w])``: for each expander row, the rows sharing a dim with it and their
+    inner products ``<A_i, A_l>`` (``atoms [n, d]`` on ``indices [n, d]``), padded with index 0 / value 0 to the
+    widest row: the decoder's sparse Gram matrix (rows on d random dims of m meet few others)."""
+    n, d = atoms.shape
+    dims, order = indices.reshape(-1).sort(stable=True)
+    latent, weight = order // d, atoms.reshape(-1)[order]
+    per_dim = torch.bincount(dims)
+    group = per_dim[dims]  # each entry pairs with every entry on its dim (itself included)
+    left = torch.repeat_interleave(torch.arange(dims.numel(), device=dims.device), group)
+    offset = torch.arange(left.numel(), device=dims.device) - torch.repeat_interleave(group.cumsum(0) - group, group)
+    right = (per_dim.cumsum(0) - per_dim)[dims[left]] + offset
+    key, where = torch.unique(latent[left] * n + latent[right], return_inverse=True)
+    value = torch.zeros(key.numel(), dtype=atoms.dtype, device=atoms.device).index_add_(
+        0, where, weight[left] * weight[right])
+    row, col = key // n, key % n
+    counts = torch.bincount(row, minlength=n)
+    pos = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+    neighbours = torch.zeros(n, int(counts.max()), dtype=torch.long, device=row.device)
+    gram = torch.zeros(n, int(counts.max()), dtype=atoms.dtype, device=row.device)
+    neighbours[row, pos], gram[row, pos] = col, value
+    return neighbours, gram
+
+
+def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k: int, activation: str,
+           overlaps: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matching pursuit over an expander's decoder rows: ``(codes [B, k], latents [B, k])`` for ``centred
+    [B, m]`` (``x' − b_dec``), the k distinct latents in the order they were picked.
+
+    Each round scores every latent's correlation ``c_i = <r, D_i>/‖D_i‖`` with the residual ``r``
+    (:func:`topk_scores` under ``activation``: ``|c|`` for ``abs_topk``, ``c`` or ``ReLU(c)`` for the
+    others), picks the best latent not yet picked, takes its code from :func:`topk_kept` (signed under
+    ``abs_topk`` / ``signed_topk``, ≥ 0 under the ReLU orderings) and subtracts that code times its row
+    from ``r``. Picking needs no gradient and no residual: one O(n·d) gather per row gives every ``c``,
+    and each round updates them through the rows that overlap the picked one (:func:`atom_overlaps`).
+    The codes are then recomputed along the picked latents from the residual, exactly and differentiably
+    in ``centred`` and ``values`` (O(k·(m + d)) per row). ``overlaps``: ``atom_overlaps`` of these values, when
+    the caller already has them."""
+    rows = centred.shape[0]
+    norms = values.norm(dim=1).clamp_min(1e-12)
+    atoms = values / norms.unsqueeze(1)
+    with torch.no_grad():
+        neighbours, gram = overlaps or atom_overlaps(atoms.detach(), indices)
+        corr = F.embedding_bag(indices, centred.detach().T.contiguous(), mode="sum",
+                               per_sample_weights=atoms.detach()).T.contiguous()
+        scores = topk_scores(corr, activation)
+        latents = []
+        for _ in range(k):
+            best = scores.argmax(dim=1, keepdim=True)
+            kept = topk_kept(ranked_values(corr, scores.gather(1, best), best, activation), activation)
+            touched = neighbours[best[:, 0]]
+            corr.scatter_add_(1, touched, -kept * gram[best[:, 0]])
+            scores.scatter_(1, touched, topk_scores(corr.gather(1, touched), activation))
+            latents.append(best[:, 0])
+            scores.scatter_(1, torch.stack(latents, 1), float("-inf"))  # each latent is picked once
+    residual, codes = centred, []
+    for best in latents:
+        dims, atom = indices[best], atoms[best]
+        corr = (residual.gather(1, dims) * atom).sum(1, keepdim=True)
+        kept = topk_kept(ranked_values(corr, topk_scores(corr, activation), torch.zeros_like(dims[:, :1]),
+                                       activation), activation)
+        residual = residual.scatter_add(1, dims, -kept * atom)
+        codes.append(kept[:, 0] / norms[best])
+    return torch.stack(codes, 1), torch.stack(latents, 1)
+
+
 @torch.no_grad()
 def active_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per_row [B], per_latent [n])``: how many latents each row of a variable-count SAE fires on
@@ -188,6 +256,15 @@ def require_topk(activation: str, command: str, why: str) -> None:
             f"activation {activation!r} (a variable-count SAE) is not supported by {command} yet ({why}); "
             f"it supports the top-k activations {', '.join(ACTIVATIONS)}"
         )
+
+
+def require_trainable_encoder(encoder: str, command: str) -> None:
+    """Refuse to train a pursuit-encoded SAE in ``command`` (its codes come from no trained encoder)."""
+    if encoder == "pursuit":
+        raise SaeCompressError(
+            f"{command} does not train pursuit-encoded SAEs yet: {command} an untied expander (the default), then "
+            "store its decoder with a pursuit encoder: `saecompress convert SAE.safetensors OUT.safetensors "
+            "--encoder pursuit`")
 
 
 def _checked_threshold(threshold: torch.Tensor | None, n: int, activation: str) -> torch.Tensor | None:
@@ -397,6 +474,9 @@ class ExpanderSAE(SparseAutoencoder):
         super().__init__()
         self._init_common(m, n, k, activation, normalize_input, threshold)
         check_choice("encoder", encoder, ENCODERS)
+        if encoder == "pursuit" and activation not in ACTIVATIONS:
+            raise SaeCompressError(f"a pursuit encoder picks k latents by correlation: activation {activation!r} "
+                                   f"does not apply (use one of {', '.join(ACTIVATIONS)})")
         self.d = int(d)
         self.encoder = encoder
         if indices is None:
@@ -410,7 +490,10 @@ class ExpanderSAE(SparseAutoencoder):
         values = unit_rows(torch.randn(n, d))
         self.values = nn.Parameter(values)
         self.enc_values = nn.Parameter(values.clone()) if encoder == "untied" else None
-        self.b_enc = nn.Parameter(torch.zeros(n))
+        if encoder == "pursuit":  # no encoder bias: zeros, so code that reads b_enc (devices, dtypes) still can
+            self.register_buffer("b_enc", torch.zeros(n))
+        else:
+            self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(m))
 
     @property
@@ -433,13 +516,24 @@ class ExpanderSAE(SparseAutoencoder):
         return torch.cat([pre for _, pre in self._pre_chunks(centred)], dim=1)
 
     def _pre_chunks(self, centred: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.encoder == "pursuit":
+            raise SaeCompressError("a pursuit-encoded SAE has no encoder pre-activations (it picks latents by "
+                                   "matching pursuit); use encode(), or an SAE with a tied or untied encoder")
         x_t = centred.T.contiguous()
         for start, stop in self._latent_chunks(centred.shape[0]):
             yield start, self._chunk_pre(x_t, start, stop).T
 
     def _encode_topk(self, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over latent chunks with a running merge: memory O(B·(chunk + k)), not O(B·n).
-        ``topafa`` merges ``k + 1`` candidates, then applies its rule (``afa_kept``)."""
+        ``topafa`` merges ``k + 1`` candidates, then applies its rule (``afa_kept``); a pursuit encoder
+        runs :func:`pursue` on blocks of rows (memory O(block·n))."""
+        if self.encoder == "pursuit":
+            step = max(1, _CHUNK_ELEMENTS // self.n)
+            with torch.no_grad():
+                overlaps = atom_overlaps(unit_rows(self.values), self.indices)
+            parts = [pursue(block, self.values, self.indices, self.k, self.activation, overlaps)
+                     for block in centred.split(step)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         afa = self.activation == "topafa"
         keep = self.k + 1 if afa else self.k
         norms = self.row_norms() if afa else None
@@ -469,8 +563,23 @@ class ExpanderSAE(SparseAutoencoder):
         return out.scatter_add(1, dims, contrib)
 
     @torch.no_grad()
+    def with_pursuit(self, activation: str | None = None) -> ExpanderSAE:
+        """A copy that encodes by matching pursuit over these decoder rows (``encoder="pursuit"``): the same
+        mask, ``values`` and ``b_dec``; no encoder. ``activation`` (default: this SAE's) is the pursuit's rule."""
+        sae = ExpanderSAE(self.m, self.n, self.d, self.k, seed=self.mask_seed or 0,
+                          activation=activation or self.activation, encoder="pursuit",
+                          indices=None if self.mask_seed is not None else self.indices,
+                          normalize_input=self.normalize_input).to(self.values.dtype)
+        sae.values.copy_(self.values)
+        sae.b_dec.copy_(self.b_dec)
+        return sae
+
+    @torch.no_grad()
     def to_dense(self) -> TopKSAE:
         """The equivalent dense ``TopKSAE`` (same outputs; ``n·m`` floats per matrix)."""
+        if self.encoder == "pursuit":
+            raise SaeCompressError("a pursuit-encoded SAE has no dense TopK equivalent (its codes come from "
+                                   "matching pursuit, not one matmul); use the tied or untied SAE it came from")
         dense = TopKSAE(self.m, self.n, self.k, activation=self.activation,
                         normalize_input=self.normalize_input, threshold=self.threshold)
         dtype = self.values.dtype

@@ -41,7 +41,7 @@ from .distributed import LOCAL, Group
 from .errors import SaeCompressError
 from .metrics import evaluate
 from .models import (L0_CAP_QUANTILE, THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts,
-                     l0_cap, require_topk)
+                     l0_cap, require_topk, require_trainable_encoder)
 from .objective import normalize_decoder
 from .sources import Loaded, load_source, save
 from .sparse_ops import sparse_forward
@@ -60,6 +60,7 @@ def initial_model(cfg: TrainConfig, m: int, teacher: TopKSAE | None, init: str |
     if init is not None:
         start = load_source(init, hub=hub)
         sae = start.model
+        require_trainable_encoder(getattr(sae, "encoder", ""), "train")
     elif teacher is not None:
         if cfg.d is None:
             raise SaeCompressError("distillation trains an expander student: give --d with --teacher")

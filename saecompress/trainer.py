@@ -65,7 +65,8 @@ from .distill import DistillTerm
 from .distributed import LOCAL, Group
 from .errors import SaeCompressError, check_choice
 from .latents import DeadLatents, fired, reset_moments
-from .models import THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, require_topk, unit_rows
+from .models import (THRESHOLD_ACTIVATIONS, VARIABLE_COUNT, ExpanderSAE, TopKSAE, require_topk,
+                     require_trainable_encoder, unit_rows)
 from .objective import DECAYS, fvu_loss, lr_factor, normalize_decoder, remove_parallel_grad, training_forward
 from .sparse_ops import BANDWIDTH, MaskLayout, SparseForward
 
@@ -127,6 +128,7 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
+        require_trainable_encoder(self.encoder, "train")
         if self.n is not None and self.expansion is not None:
             raise SaeCompressError("give the number of latents as --n or --expansion, not both")
         for name in ("k", "tokens", "batch_size", "checkpoint_every"):

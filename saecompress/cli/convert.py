@@ -31,7 +31,9 @@ from .options import hub_options
               help="Seeds tried by --mask search [default: 64].")
 @click.option("--encoder", type=click.Choice(ENCODERS), default=None,
               help=f"Default {DEFAULT_ENCODER}. untied: keep the dense encoder's entries on the same support "
-                   "(twice the values, much better fidelity). tied: the encoder uses the decoder's values.")
+                   "(twice the values, much better fidelity). tied: the encoder uses the decoder's values. "
+                   "pursuit: no encoder; codes by k rounds of matching pursuit over the decoder rows (from an "
+                   "expander SRC with no --d/--mask: its own mask and decoder, e.g. a seed-only native SAE).")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float32", show_default=True,
               help="Storage dtype of the values (int8: symmetric per-latent scales).")
 @hub_options

@@ -12,13 +12,13 @@ from tqdm.auto import tqdm
 
 from .._io import AtomicDirectory, check_outputs, output_errors
 from ..activations import open_activations
-from ..compact import (STORAGE_DTYPES, compression_ratio, dense_values, learned_values, save_compact, stored_copy,
-                       with_metrics)
+from ..compact import (STORAGE_DTYPES, compression_ratio, dense_values, is_compact_file, learned_values, save_compact,
+                       stored_copy, with_metrics)
 from ..errors import SaeCompressError, check_choice
 from ..formats import list_hookpoints, read_sae
 from ..metrics import evaluate
 from ..models import ExpanderSAE, TopKSAE
-from ..sources import HubAccess, resolve
+from ..sources import HubAccess, load_source, resolve
 from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, calibrate, convert, kept_energy,
                       recalibrate_thresholds)
 
@@ -84,7 +84,8 @@ def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str
                       seconds: float = 0.0, calibration_scale: float | None = None,
                       thresholds: dict[str, Any] | None = None, acts: Any = None,
                       batch_size: int = 4096, max_rows: int | None = None) -> ConvertReport:
-    """Kept energy and storage of ``sparse`` vs ``dense``; with ``acts`` (path or ActivationSource) also
+    """Kept energy and storage of ``sparse`` vs ``dense`` (the source: a dense SAE, or the expander whose decoder
+    ``sparse`` keeps); with ``acts`` (path or ActivationSource) also
     FVU, L0 and dead fraction of both (via ``saecompress.metrics.evaluate``), and the verdict
     ``needs_training`` / ``advice``. ``source_format``, ``hookpoint``, ``mask`` (how the mask was
     chosen, default ``explicit``), ``calibration_scale`` and ``thresholds`` (the result of
@@ -99,7 +100,8 @@ def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str
     report = ConvertReport(
         source_format=source_format, hookpoint=hookpoint, m=sparse.m, n=sparse.n,
         d=sparse.d, k=sparse.k, activation=sparse.activation, mask=mask or "explicit", mask_seed=sparse.mask_seed,
-        encoder=sparse.encoder, dtype=dtype, kept_energy=kept_energy(dense, sparse.indices),
+        encoder=sparse.encoder, dtype=dtype,
+        kept_energy=kept_energy(dense, sparse.indices) if isinstance(dense, TopKSAE) else 1.0,  # an expander: its own mask
         dense_values=dense_values(dense.m, dense.n), learned_values=learned,
         storage_ratio=dense_values(dense.m, dense.n) / learned, convert_seconds=seconds,
         calibration_scale=calibration_scale,
@@ -125,6 +127,8 @@ def _verdict(report: ConvertReport) -> tuple[bool, str]:
     """``(needs_training, advice)`` for a finished report (see ``ConvertReport``)."""
     retrain = ("retrain it with `saecompress train --acts ACTS --init OUT --out RETRAINED`, then "
                "`saecompress finetune RETRAINED ...`, before use")
+    if report.mask == "imported" and report.encoder == "pursuit":
+        return False, "the source's mask and decoder, encoded by matching pursuit (k rounds; no encoder stored)"
     if report.mask == "imported":
         return False, "exact import of an Expander SAE checkpoint"
     if report.thresholds == "uncalibrated":
@@ -156,15 +160,23 @@ def _output_name(hookpoint: str) -> str:
 def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, mask: str | None, seed: int,
                  search_seeds: int, encoder: str | None, dtype: str, acts: Any, calibrate_on_acts: bool,
                  k: int | None, batch_size: int, max_rows: int | None) -> ConvertReport:
-    native, provenance = read_sae(src, hookpoint, k=k)
+    if is_compact_file(src):  # an expander re-encoded by pursuit (convert_path allows nothing else)
+        loaded = load_source(src)
+        native, provenance = loaded.model, {**loaded.provenance, "path": str(src)}
+    else:
+        native, provenance = read_sae(src, hookpoint, k=k)
     library = provenance.get("library")
     if k is not None and library != "paper":
         raise SaeCompressError(f"--k is only for Expander-SAE paper checkpoints; this {library} "
                                f"SAE stores its own k={native.k} (drop --k)")
     start = time.perf_counter()
     fit = thresholds = None
-    if isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None and encoder in (None, "tied"):
-        sparse, dense, used_mask = native, native.to_dense(), "imported"
+    same_mask = isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None
+    if same_mask and encoder == "pursuit" and native.encoder != "pursuit":  # the decoder kept, its encoder dropped
+        sparse, dense, used_mask = native.with_pursuit(), native, "imported"
+    elif same_mask and (encoder in (None, "tied") or encoder == native.encoder):
+        sparse, used_mask = native, "imported"
+        dense = native if native.encoder == "pursuit" else native.to_dense()
     else:
         dense = native.to_dense() if isinstance(native, ExpanderSAE) else native
         used_mask = mask or DEFAULT_MASK
@@ -238,7 +250,11 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     out = Path(out)
     options = dict(d=d, mask=mask, seed=seed, search_seeds=search_seeds, encoder=encoder, dtype=dtype, k=k,
                    batch_size=batch_size, max_rows=max_rows, calibrate_on_acts=calibrate_on_acts)
-    hookpoints = [hookpoint] if hookpoint else list_hookpoints(local)
+    compact = is_compact_file(local)
+    if compact and (encoder != "pursuit" or d is not None or mask is not None):
+        raise SaeCompressError(f"{src}: already a compact Expander SAE file; use it directly (convert takes one "
+                               "only to re-encode it by matching pursuit: --encoder pursuit, no --d or --mask)")
+    hookpoints = [hookpoint] if hookpoint else [""] if compact else list_hookpoints(local)
     if hookpoints == [""] or hookpoint:
         if out.is_dir():
             raise SaeCompressError(f"{out} is a folder; give a file name like {out / 'sae.safetensors'}")

@@ -102,7 +102,8 @@ def convert(dense: TopKSAE, d: int, *, mask: str = DEFAULT_MASK, seed: int = 0, 
     sae.values.copy_(W.gather(1, sae.indices))
     if sae.enc_values is not None:
         sae.enc_values.copy_(dense.W_enc.detach().to(torch.float32).T.gather(1, sae.indices))
-    sae.b_enc.copy_(dense.b_enc.detach())
+    if encoder != "pursuit":
+        sae.b_enc.copy_(dense.b_enc.detach())
     sae.b_dec.copy_(dense.b_dec.detach())
     return sae
 
@@ -138,7 +139,8 @@ def calibrate(sae: ExpanderSAE, source: ActivationSource, *, batch_size: int = 4
     c = max(0.0, (xr - rows * float(mean_x @ mean_r)) / var_r) if var_r > 0 else 0.0
     enc_scale = 1.0 if sae.enc_values is not None else math.sqrt(c)
     shift = (mean_x - c * mean_r).to(sae.b_dec.dtype) - sae.b_dec
-    sae.b_enc.add_((sae.encoder_values * shift[sae.indices]).sum(1)).mul_(enc_scale)
+    if sae.encoder != "pursuit":  # pursuit codes follow the residual: nothing to shift
+        sae.b_enc.add_((sae.encoder_values * shift[sae.indices]).sum(1)).mul_(enc_scale)
     sae.values.mul_(c / enc_scale if enc_scale > 0 else 0.0)
     sae.b_dec.add_(shift)
     if sae.threshold is not None:

@@ -116,6 +116,10 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
     if storage_dtype != "float32" and not isinstance(sae, ExpanderSAE):
         raise SaeCompressError(f"storage dtype {storage_dtype} is for Expander SAE values; a dense SAE's "
                                "weights are stored in the graph dtype")
+    if isinstance(sae, ExpanderSAE) and sae.encoder == "pursuit" and graph != "decode":
+        raise SaeCompressError(f"the {graph} graph of a pursuit-encoded SAE is not built yet (its k matching-pursuit "
+                               "rounds have no ONNX form here); export --graph decode, or monitor it with "
+                               "--backend torch")
     if opset not in OPSETS:
         raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
     k = sae.k if graph == "decode" and max_l0 is None else kept_latents(sae, max_l0)  # decode takes any j
