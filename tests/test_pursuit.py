@@ -157,6 +157,19 @@ def test_convert_keeps_a_native_sae_decoder_and_seed(tmp_path):
     assert report["fvu"] < report["fvu_source"]  # pursuit fits the decoder's span better than the random encoder
 
 
+def test_the_pursuit_rule_is_chosen_or_refused(tmp_path):
+    native = ExpanderSAE(M, N, D, K, seed=2, activation="signed_topk", encoder="untied")
+    src = save_compact(native, tmp_path / "native.safetensors")
+    out = tmp_path / "p.safetensors"
+    assert run("convert", src, out, "--encoder", "pursuit", "--pursuit-rule", "abs_topk").exit_code == 0
+    assert load_compact(out).activation == "abs_topk"
+    assert run("convert", src, out, "--encoder", "pursuit").exit_code == 0
+    assert load_compact(out).activation == "signed_topk"  # the source's, unless asked
+    assert "--pursuit-rule is for --encoder pursuit" in error_of(
+        run("convert", src, tmp_path / "q.safetensors", "--pursuit-rule", "abs_topk"))
+    assert "already a compact Expander SAE file" in error_of(run("convert", src, tmp_path / "q.safetensors"))
+
+
 def test_commands_that_cannot_use_a_pursuit_sae_say_what_to_do(tmp_path):
     src = save_compact(pursuit_sae().float(), tmp_path / "p.safetensors")
     acts = write_activations(tmp_path / "acts.safetensors", torch.randn(2048, M))

@@ -7,7 +7,7 @@ import click
 from .._json import dumps
 from ..compact import STORAGE_DTYPES
 from ..convert import DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, convert_path
-from ..models import ENCODERS
+from ..models import ACTIVATIONS, ENCODERS
 from .options import hub_options
 
 
@@ -34,6 +34,10 @@ from .options import hub_options
                    "(twice the values, much better fidelity). tied: the encoder uses the decoder's values. "
                    "pursuit: no encoder; codes by k rounds of matching pursuit over the decoder rows (from an "
                    "expander SRC with no --d/--mask: its own mask and decoder, e.g. a seed-only native SAE).")
+@click.option("--pursuit-rule", type=click.Choice(ACTIVATIONS), default=None,
+              help="With --encoder pursuit: how each round picks and codes a latent. abs_topk: the largest "
+                   "|correlation|, signed codes (the best fidelity); relu_topk: the largest positive one, codes "
+                   ">= 0 (as SAELens's matching-pursuit SAE). Default: the source's activation.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float32", show_default=True,
               help="Storage dtype of the values (int8: symmetric per-latent scales).")
 @hub_options
@@ -54,7 +58,7 @@ from .options import hub_options
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object {"out": OUT, "hookpoints": [report, ...]} instead of text.')
 def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str | None, seed: int | None,
-            search_seeds: int | None, encoder: str | None, dtype: str, hub, acts: str | None, no_calibrate: bool,
+            search_seeds: int | None, encoder: str | None, pursuit_rule: str | None, dtype: str, hub, acts: str | None, no_calibrate: bool,
             max_rows: int | None, k: int | None, as_json: bool) -> None:
     """Convert the dense TopK, JumpReLU or BatchTopK SAE at SRC into a compact Expander SAE file OUT.
 
@@ -68,7 +72,7 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
     to be recalibrated after the projection.
     """
     reports = convert_path(src, out, hookpoint=hookpoint, d=d, mask=mask, seed=seed, search_seeds=search_seeds,
-                           encoder=encoder, dtype=dtype, acts=acts, calibrate_on_acts=not no_calibrate, k=k,
+                           encoder=encoder, pursuit_rule=pursuit_rule, dtype=dtype, acts=acts, calibrate_on_acts=not no_calibrate, k=k,
                            max_rows=max_rows, hub=hub, progress=not as_json)
     if as_json:
         click.echo(dumps({"out": out, "hookpoints": [r.to_dict() for r in reports]}))

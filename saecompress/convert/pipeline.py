@@ -158,11 +158,11 @@ def _output_name(hookpoint: str) -> str:
 
 
 def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, mask: str | None, seed: int,
-                 search_seeds: int, encoder: str | None, dtype: str, acts: Any, calibrate_on_acts: bool,
-                 k: int | None, batch_size: int, max_rows: int | None) -> ConvertReport:
+                 search_seeds: int, encoder: str | None, pursuit_rule: str | None, dtype: str, acts: Any,
+                 calibrate_on_acts: bool, k: int | None, batch_size: int, max_rows: int | None) -> ConvertReport:
     if is_compact_file(src):  # an expander re-encoded by pursuit (convert_path allows nothing else)
         loaded = load_source(src)
-        native, provenance = loaded.model, {**loaded.provenance, "path": str(src)}
+        native, provenance = loaded.model, {**loaded.provenance, "library": "saecompress", "path": str(src)}
     else:
         native, provenance = read_sae(src, hookpoint, k=k)
     library = provenance.get("library")
@@ -173,7 +173,7 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
     fit = thresholds = None
     same_mask = isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None
     if same_mask and encoder == "pursuit" and native.encoder != "pursuit":  # the decoder kept, its encoder dropped
-        sparse, dense, used_mask = native.with_pursuit(), native, "imported"
+        sparse, dense, used_mask = native.with_pursuit(pursuit_rule), native, "imported"
     elif same_mask and (encoder in (None, "tied") or encoder == native.encoder):
         sparse, used_mask = native, "imported"
         dense = native if native.encoder == "pursuit" else native.to_dense()
@@ -182,6 +182,8 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
         used_mask = mask or DEFAULT_MASK
         sparse = convert(dense, DEFAULT_D if d is None else d, mask=used_mask, seed=seed,
                          search_seeds=search_seeds, encoder=encoder or DEFAULT_ENCODER)
+        if pursuit_rule is not None:
+            sparse = sparse.with_pursuit(pursuit_rule)
         if acts is not None and calibrate_on_acts:
             acts = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
             sparse = stored_copy(sparse, dtype)  # fitted at the precision the file stores the encoder in
@@ -214,7 +216,8 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
 
 def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: str | None = None,
                  d: int | None = None, mask: str | None = None, seed: int | None = None,
-                 search_seeds: int | None = None, encoder: str | None = None, dtype: str = "float32",
+                 search_seeds: int | None = None, encoder: str | None = None, pursuit_rule: str | None = None,
+                 dtype: str = "float32",
                  acts: str | os.PathLike | None = None, calibrate_on_acts: bool = True, k: int | None = None,
                  batch_size: int = 4096, max_rows: int | None = None, hub: HubAccess | None = None,
                  progress: bool = True) -> list[ConvertReport]:
@@ -242,13 +245,16 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
         raise SaeCompressError("--seed picks an expander mask; --mask topd has none (give --mask expander or search)")
     if search_seeds is not None and used_mask != "search":
         raise SaeCompressError(f"--search-seeds is for --mask search, not --mask {used_mask}")
+    if pursuit_rule is not None and encoder != "pursuit":
+        raise SaeCompressError("--pursuit-rule is for --encoder pursuit; other encoders keep the source's activation")
     if max_rows is not None and acts is None:
         raise SaeCompressError("--max-rows limits the rows of --acts; give --acts too")
     seed, search_seeds = seed or 0, 64 if search_seeds is None else search_seeds
     check_outputs([out], [src, acts])
     local, hookpoint = resolve(src, hookpoint, hub)
     out = Path(out)
-    options = dict(d=d, mask=mask, seed=seed, search_seeds=search_seeds, encoder=encoder, dtype=dtype, k=k,
+    options = dict(d=d, mask=mask, seed=seed, search_seeds=search_seeds, encoder=encoder, pursuit_rule=pursuit_rule,
+                   dtype=dtype, k=k,
                    batch_size=batch_size, max_rows=max_rows, calibrate_on_acts=calibrate_on_acts)
     compact = is_compact_file(local)
     if compact and (encoder != "pursuit" or d is not None or mask is not None):
