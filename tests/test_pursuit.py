@@ -161,10 +161,13 @@ def test_the_pursuit_rule_is_chosen_or_refused(tmp_path):
     native = ExpanderSAE(M, N, D, K, seed=2, activation="signed_topk", encoder="untied")
     src = save_compact(native, tmp_path / "native.safetensors")
     out = tmp_path / "p.safetensors"
-    assert run("convert", src, out, "--encoder", "pursuit", "--pursuit-rule", "abs_topk").exit_code == 0
-    assert load_compact(out).activation == "abs_topk"
+    assert run("convert", src, out, "--encoder", "pursuit", "--pursuit-rule", "relu_topk").exit_code == 0
+    assert load_compact(out).activation == "relu_topk"
+    again = tmp_path / "again.safetensors"
+    assert run("convert", out, again, "--encoder", "pursuit", "--pursuit-rule", "signed_topk").exit_code == 0
+    assert load_compact(again).activation == "signed_topk"  # a pursuit file's rule changes when asked
     assert run("convert", src, out, "--encoder", "pursuit").exit_code == 0
-    assert load_compact(out).activation == "signed_topk"  # the source's, unless asked
+    assert load_compact(out).activation == "abs_topk"  # the default rule, whatever the source's activation
     assert "--pursuit-rule is for --encoder pursuit" in error_of(
         run("convert", src, tmp_path / "q.safetensors", "--pursuit-rule", "abs_topk"))
     assert "already a compact Expander SAE file" in error_of(run("convert", src, tmp_path / "q.safetensors"))

@@ -37,7 +37,7 @@ from .options import hub_options
 @click.option("--pursuit-rule", type=click.Choice(ACTIVATIONS), default=None,
               help="With --encoder pursuit: how each round picks and codes a latent. abs_topk: the largest "
                    "|correlation|, signed codes (the best fidelity); relu_topk: the largest positive one, codes "
-                   ">= 0 (as SAELens's matching-pursuit SAE). Default: the source's activation.")
+                   ">= 0 (as SAELens's matching-pursuit SAE). Default: abs_topk.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float32", show_default=True,
               help="Storage dtype of the values (int8: symmetric per-latent scales).")
 @hub_options

@@ -19,7 +19,7 @@ from ..formats import list_hookpoints, read_sae
 from ..metrics import evaluate
 from ..models import ExpanderSAE, TopKSAE
 from ..sources import HubAccess, load_source, resolve
-from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, MASKS, calibrate, convert, kept_energy,
+from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, DEFAULT_PURSUIT_RULE, MASKS, calibrate, convert, kept_energy,
                       recalibrate_thresholds)
 
 # A conversion whose FVU on --acts exceeds its source's by more than this needs `train --init` / `finetune`.
@@ -172,8 +172,8 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
     start = time.perf_counter()
     fit = thresholds = None
     same_mask = isinstance(native, ExpanderSAE) and d in (None, native.d) and mask is None
-    if same_mask and encoder == "pursuit" and native.encoder != "pursuit":  # the decoder kept, its encoder dropped
-        sparse, dense, used_mask = native.with_pursuit(pursuit_rule), native, "imported"
+    if same_mask and encoder == "pursuit" and (native.encoder != "pursuit" or pursuit_rule is not None):
+        sparse, dense, used_mask = native.with_pursuit(pursuit_rule or DEFAULT_PURSUIT_RULE), native, "imported"
     elif same_mask and (encoder in (None, "tied") or encoder == native.encoder):
         sparse, used_mask = native, "imported"
         dense = native if native.encoder == "pursuit" else native.to_dense()
@@ -182,8 +182,8 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
         used_mask = mask or DEFAULT_MASK
         sparse = convert(dense, DEFAULT_D if d is None else d, mask=used_mask, seed=seed,
                          search_seeds=search_seeds, encoder=encoder or DEFAULT_ENCODER)
-        if pursuit_rule is not None:
-            sparse = sparse.with_pursuit(pursuit_rule)
+        if sparse.encoder == "pursuit":
+            sparse = sparse.with_pursuit(pursuit_rule or DEFAULT_PURSUIT_RULE)
         if acts is not None and calibrate_on_acts:
             acts = open_activations(acts) if isinstance(acts, (str, os.PathLike)) else acts
             sparse = stored_copy(sparse, dtype)  # fitted at the precision the file stores the encoder in

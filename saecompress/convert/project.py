@@ -40,6 +40,7 @@ from ..models import ENCODERS, ExpanderSAE, TopKSAE, active_counts, l0_cap
 MASKS = ("expander", "topd", "search")
 DEFAULT_D = 7
 DEFAULT_MASK = "topd"
+DEFAULT_PURSUIT_RULE = "abs_topk"  # a pursuit encoder's rule: |correlation|, signed codes (docs/FIDELITY.md)
 DEFAULT_ENCODER = "untied"
 _ROW_CHUNK = 8192  # decoder rows per chunk for |W| top-d (bounds the temporary to chunk × m)
 
