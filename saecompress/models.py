@@ -188,9 +188,13 @@ def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k
     The codes are then recomputed along the picked latents from the residual, exactly and differentiably
     in ``centred`` and ``values`` (O(k·(m + d)) per row). ``overlaps``: ``atom_overlaps`` of these values, when
     the caller already has them."""
-    rows = centred.shape[0]
     norms = values.norm(dim=1).clamp_min(1e-12)
     atoms = values / norms.unsqueeze(1)
+
+    def picked_code(corr: torch.Tensor) -> torch.Tensor:  # [B, 1] correlations of the picks -> their unit codes
+        at = torch.zeros_like(corr, dtype=torch.long)
+        return topk_kept(ranked_values(corr, topk_scores(corr, activation), at, activation), activation)
+
     with torch.no_grad():
         neighbours, gram = overlaps or atom_overlaps(atoms.detach(), indices)
         corr = F.embedding_bag(indices, centred.detach().T.contiguous(), mode="sum",
@@ -199,7 +203,7 @@ def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k
         latents = []
         for _ in range(k):
             best = scores.argmax(dim=1, keepdim=True)
-            kept = topk_kept(ranked_values(corr, scores.gather(1, best), best, activation), activation)
+            kept = picked_code(corr.gather(1, best))
             touched = neighbours[best[:, 0]]
             corr.scatter_add_(1, touched, -kept * gram[best[:, 0]])
             scores.scatter_(1, touched, topk_scores(corr.gather(1, touched), activation))
@@ -208,9 +212,7 @@ def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k
     residual, codes = centred, []
     for best in latents:
         dims, atom = indices[best], atoms[best]
-        corr = (residual.gather(1, dims) * atom).sum(1, keepdim=True)
-        kept = topk_kept(ranked_values(corr, topk_scores(corr, activation), torch.zeros_like(dims[:, :1]),
-                                       activation), activation)
+        kept = picked_code((residual.gather(1, dims) * atom).sum(1, keepdim=True))
         residual = residual.scatter_add(1, dims, -kept * atom)
         codes.append(kept[:, 0] / norms[best])
     return torch.stack(codes, 1), torch.stack(latents, 1)

@@ -19,8 +19,8 @@ from ..formats import list_hookpoints, read_sae
 from ..metrics import evaluate
 from ..models import ExpanderSAE, TopKSAE
 from ..sources import HubAccess, load_source, resolve
-from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, DEFAULT_PURSUIT_RULE, MASKS, calibrate, convert, kept_energy,
-                      recalibrate_thresholds)
+from .project import (DEFAULT_D, DEFAULT_ENCODER, DEFAULT_MASK, DEFAULT_PURSUIT_RULE, MASKS, calibrate, convert,
+                      kept_energy, recalibrate_thresholds)
 
 # A conversion whose FVU on --acts exceeds its source's by more than this needs `train --init` / `finetune`.
 FVU_MARGIN = 0.1
@@ -101,7 +101,8 @@ def conversion_report(dense: TopKSAE, sparse: ExpanderSAE, *, source_format: str
         source_format=source_format, hookpoint=hookpoint, m=sparse.m, n=sparse.n,
         d=sparse.d, k=sparse.k, activation=sparse.activation, mask=mask or "explicit", mask_seed=sparse.mask_seed,
         encoder=sparse.encoder, dtype=dtype,
-        kept_energy=kept_energy(dense, sparse.indices) if isinstance(dense, TopKSAE) else 1.0,  # an expander: its own mask
+        # an expander source keeps its own mask whole
+        kept_energy=kept_energy(dense, sparse.indices) if isinstance(dense, TopKSAE) else 1.0,
         dense_values=dense_values(dense.m, dense.n), learned_values=learned,
         storage_ratio=dense_values(dense.m, dense.n) / learned, convert_seconds=seconds,
         calibration_scale=calibration_scale,
@@ -160,7 +161,7 @@ def _output_name(hookpoint: str) -> str:
 def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, mask: str | None, seed: int,
                  search_seeds: int, encoder: str | None, pursuit_rule: str | None, dtype: str, acts: Any,
                  calibrate_on_acts: bool, k: int | None, batch_size: int, max_rows: int | None) -> ConvertReport:
-    if is_compact_file(src):  # an expander re-encoded by pursuit (convert_path allows nothing else)
+    if hookpoint is None and src.suffix == ".safetensors" and is_compact_file(src):  # re-encoded by pursuit
         loaded = load_source(src)
         native, provenance = loaded.model, {**loaded.provenance, "library": "saecompress", "path": str(src)}
     else:
