@@ -24,6 +24,8 @@ moments reset). The fine-tune refines latents but does not lose them.
 wrt ``pre``; the STE rule that learns θ (``trainer.py``) needs the target-L0 term, which a KL
 fine-tune has no target for. Encoders, decoders and biases learn as for top-k SAEs. A ``topafa`` SAE
 keeps what its norm-matching rule picks among its ``k`` candidates, with gradient through the kept values.
+A **pursuit-encoded** expander (no encoder) learns its decoder values and ``b_dec`` through the codes of
+``models.pursue``; its "encoder norms" are its decoder rows' norms, which pursuit codes do not depend on.
 
 Each step costs two forward passes of the LM and one backward pass through the layers after the
 hookpoint. Adam, cosine decay from ``lr`` to 0 (``objective.lr_factor``), gradient clipping.
@@ -48,7 +50,7 @@ from .compact import with_metrics
 from .errors import SaeCompressError
 from .latents import DeadLatents, fired, reset_moments
 from .lm import clean_pass, context_batches, hooked, hookpoint, keep_mask, next_token_kl, site_module, skipping
-from .models import VARIABLE_COUNT, ExpanderSAE, SparseAutoencoder, require_trainable_encoder
+from .models import VARIABLE_COUNT, ExpanderSAE, SparseAutoencoder
 from .objective import fvu_loss, lr_factor, training_forward
 from .sources import Loaded, save
 from .sparse_ops import MaskLayout
@@ -164,7 +166,6 @@ def finetune(sae: SparseAutoencoder, model: nn.Module, tokenizer: Any, texts: It
     """
     cfg = cfg or FinetuneConfig()
     cfg.check()
-    require_trainable_encoder(getattr(sae, "encoder", ""), "finetune")
     if out is not None:
         check_outputs([out], kind="file" if isinstance(sae, ExpanderSAE) else "folder")
     module = site_module(model, layer, site)

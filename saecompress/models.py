@@ -261,12 +261,12 @@ def require_topk(activation: str, command: str, why: str) -> None:
 
 
 def require_trainable_encoder(encoder: str, command: str) -> None:
-    """Refuse to train a pursuit-encoded SAE in ``command`` (its codes come from no trained encoder)."""
+    """Refuse to train a pursuit-encoded SAE in ``command`` (activation-space training needs an encoder)."""
     if encoder == "pursuit":
         raise SaeCompressError(
             f"{command} does not train pursuit-encoded SAEs yet: {command} an untied expander (the default), then "
             "store its decoder with a pursuit encoder: `saecompress convert SAE.safetensors OUT.safetensors "
-            "--encoder pursuit`")
+            "--encoder pursuit` (`saecompress finetune` then tunes it through the LM)")
 
 
 def _checked_threshold(threshold: torch.Tensor | None, n: int, activation: str) -> torch.Tensor | None:

@@ -4,7 +4,8 @@ the unit-norm decoder constraint and the learning-rate schedule (``train`` and `
 The forward of an ``ExpanderSAE`` goes through the truly sparse ops of ``sparse_ops.py``; a dense
 ``TopKSAE`` (the baseline) uses ordinary autograd. Both return a ``SparseForward`` and pick
 latents with ``models.select_topk``, or for threshold SAEs with the JumpReLU / BatchTopK training
-rules of ``sparse_ops.py`` (one spelling of their pseudo-gradients for both models).
+rules of ``sparse_ops.py`` (one spelling of their pseudo-gradients for both models). A pursuit-encoded
+expander picks by ``models.pursue``, whose codes are differentiable in the decoder values and ``b_dec``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import math
 
 import torch
 
-from .models import SparseAutoencoder, TopKSAE, select_topk, unit_rows
-from .sparse_ops import (BANDWIDTH, MaskLayout, SparseForward, afa_candidates, afa_inputs, aux_activation, gated_code,
-                         sparse_forward, threshold_candidates, threshold_counts, training_rule)
+from .models import SparseAutoencoder, TopKSAE, pursue, select_topk, unit_rows
+from .sparse_ops import (BANDWIDTH, MaskLayout, SparseDecode, SparseForward, afa_candidates, afa_inputs, aux_activation,
+                         gated_code, sparse_forward, threshold_candidates, threshold_counts, training_rule)
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -62,7 +63,11 @@ def training_forward(sae: SparseAutoencoder, x: torch.Tensor, layout: MaskLayout
     """Differentiable forward of either model on ``x`` in its input space (sparse ops for expanders).
 
     A threshold SAE is gated by ``threshold`` (default: its buffer, fixed) over ``sae.k`` candidates
-    per row; ``batch_k`` trains BatchTopK (``B·batch_k`` kept per batch)."""
+    per row; ``batch_k`` trains BatchTopK (``B·batch_k`` kept per batch). A pursuit-encoded SAE has no
+    AuxK term (``dead``, ``k_aux`` unused): its latents compete through the decoder alone."""
+    if getattr(sae, "encoder", None) == "pursuit":
+        code, top_idx = pursue(x - sae.b_dec, sae.values, sae.indices, sae.k, sae.activation)
+        return SparseForward(SparseDecode.apply(code, top_idx, sae.values, sae.b_dec, layout), code, top_idx, None)
     if layout is not None:
         return sparse_forward(sae, x, layout, dead, k_aux, threshold=threshold, batch_k=batch_k,
                               bandwidth=bandwidth)

@@ -1,10 +1,13 @@
 """The storage–fidelity frontier as one run: every recipe × d × dtype made, measured and cached.
 
-Recipes (``RECIPES``) make an Expander SAE of ``n`` latents at each ``d``:
+Recipes (``RECIPES``) make an Expander SAE of ``n`` latents at each ``d``: a base, then optional steps,
+named in order (``native-pursuit-finetune``):
 
 * ``native``: ``train`` a fresh SAE on the seeded expander mask (the file stores only the seed);
 * ``topd-retrain``: ``convert_path`` the dense SAE with ``--mask topd``, then ``train --init`` it;
-* ``topd-retrain-finetune``: then ``finetune`` it through the LM.
+* ``-pursuit``: keep that decoder, encoded by matching pursuit (``ExpanderSAE.with_pursuit``, the rule
+  ``DEFAULT_PURSUIT_RULE``; no encoder stored);
+* ``-finetune``: then ``finetune`` it through the LM.
 
 Each is stored at every dtype and measured on the held-out rows (FVU, L0, dead fraction) and, with
 an LM, for CE-loss recovered; with ``ood_acts`` / ``ood_texts`` (held-out rows and text of another domain
@@ -46,14 +49,16 @@ from ._json import dumps
 from .activations import ActivationSource, open_activations
 from .compact import STORAGE_DTYPES, dense_bytes, save_compact, stored_copy, with_metrics
 from .convert import convert_path
+from .convert.project import DEFAULT_PURSUIT_RULE
 from .errors import SaeCompressError, check_choice
 from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, require_topk
-from .sources import HubAccess, load_source
+from .sources import HubAccess, load_source, save
 from .texts import read_texts, text_files
 from .train import CHECKPOINT_SUFFIX, TrainConfig, train
 
-RECIPES = ("native", "topd-retrain", "topd-retrain-finetune")
+BASES = ("native", "topd-retrain")
+RECIPES = tuple(f"{base}{pursuit}{tune}" for base in BASES for pursuit in ("", "-pursuit") for tune in ("", "-finetune"))
 BASELINES = ("dense", "dense-matched")
 CSV_COLUMNS = ("key", "recipe", "d", "n", "k", "dtype", "file_bytes", "fvu", "explained_variance", "l0",
                "dead_fraction", "ce_recovered", "kl_recovered", "ood_fvu", "ood_dead_fraction", "ood_ce_recovered",
@@ -211,18 +216,24 @@ class _Sweep:
             if recipe == "dense" and self.dense is not None:
                 return []
             return [("train", f"dense-n{n}", {"train": asdict(self._train_config(None, n)), **data})]
-        if recipe == "native":
-            return [("train", f"native-d{d}", {"train": asdict(self._train_config(d, n)), **data})]
-        converted = {"convert": {"d": d, "mask": "topd"}, "dense": self.identity["dense"]}
-        retrained = {**converted, "train": asdict(self._train_config(d, None)), **data}
-        steps = [("convert", f"topd-d{d}", converted), ("train", f"topd-retrain-d{d}", retrained)]
-        if recipe == "topd-retrain-finetune":
+        base = _base(recipe)
+        if base == "native":
+            made = {"train": asdict(self._train_config(d, n)), **data}
+            steps = [("train", f"native-d{d}", made)]
+        else:
+            converted = {"convert": {"d": d, "mask": "topd"}, "dense": self.identity["dense"]}
+            made = {**converted, "train": asdict(self._train_config(d, None)), **data}
+            steps = [("convert", f"topd-d{d}", converted), ("train", f"topd-retrain-d{d}", made)]
+        if "-pursuit" in recipe:
+            made = {**made, "pursuit": DEFAULT_PURSUIT_RULE}
+            steps.append(("pursuit", f"{base}-pursuit-d{d}", made))
+        if recipe.endswith("-finetune"):
             from .finetune import FinetuneConfig  # loads the LM side on first use
 
             cfg = self.cfg
             finetune = FinetuneConfig(tokens=cfg.finetune_tokens or FinetuneConfig.tokens, context=cfg.context,
                                       drop_first=cfg.drop_first, outlier_factor=cfg.outlier_factor)
-            steps.append(("finetune", f"{recipe}-d{d}", {**retrained, "finetune": asdict(finetune),
+            steps.append(("finetune", f"{recipe}-d{d}", {**made, "finetune": asdict(finetune),
                                                          **self._lm_parts(), "texts": self.identity["texts"]}))
         return steps
 
@@ -252,6 +263,9 @@ class _Sweep:
         """One step: ``previous`` (the last step's model, if any) → ``target``."""
         if action == "convert":
             convert_path(self.dense, target, d=parts["convert"]["d"], mask="topd", hub=self.hub, progress=False)
+        elif action == "pursuit":
+            origin = load_source(previous)
+            save(origin.model.with_pursuit(parts["pursuit"]), target, origin.user, origin)
         elif action == "train":
             resume = target.with_name(target.name + CHECKPOINT_SUFFIX).is_file()  # an interrupted sweep
             train(self.train_src, target, TrainConfig(**parts["train"]), init=previous and str(previous),
@@ -296,7 +310,7 @@ class _Sweep:
                 ce = self.lm.reference(which, self.cfg, stored).score({"sae": stored})["sae"]
                 metrics.update({prefix + name: value for name, value in ce.items() if name != "hookpoint"})
         record: dict[str, Any] = {"key": key, "recipe": p.recipe, "d": p.d, "n": sae.n, "k": sae.k, "dtype": p.dtype,
-                                  "mask": ("expander" if p.recipe == "native" else "topd") if p.d else None,
+                                  "mask": ("expander" if _base(p.recipe) == "native" else "topd") if p.d else None,
                                   **metrics, "seconds": seconds, "eval_seconds": None}
         if isinstance(sae, ExpanderSAE):
             sae_path = self.points_dir / f"{key}.safetensors"
@@ -364,14 +378,23 @@ def _shape(cfg: SweepConfig, m: int, dense: str | None, hub: HubAccess | None) -
     return dense_model, n, k
 
 
+def _base(recipe: str) -> str:
+    """The recipe's first step: ``native`` or ``topd-retrain``."""
+    return next(base for base in BASES if recipe.startswith(base))
+
+
 def _recipes(cfg: SweepConfig, dense: str | None, model: str | None) -> list[str]:
     """The recipes to run: as asked (refusing those the inputs do not allow), else every one they allow."""
-    allowed = [r for r in RECIPES if (r == "native" or dense is not None) and (not r.endswith("finetune") or model)]
+
+    def needs(recipe: str) -> list[str]:
+        return ([] if _base(recipe) == "native" or dense is not None else ["--dense SRC"]) + (
+            ["--model and --text"] if recipe.endswith("-finetune") and not model else [])
+
     for recipe in cfg.recipes or ():
-        if recipe not in allowed:
-            need = "--model and --text" if recipe.endswith("finetune") and dense is not None else "--dense SRC"
+        if needs(recipe):
+            need = " and ".join(needs(recipe))
             raise SaeCompressError(f"recipe {recipe} needs {need}; drop it from --recipes or give {need}")
-    return list(cfg.recipes) if cfg.recipes is not None else allowed
+    return list(cfg.recipes) if cfg.recipes is not None else [r for r in RECIPES if not needs(r)]
 
 
 def sweep(acts: str | os.PathLike, out: str | os.PathLike, cfg: SweepConfig, *,
@@ -536,6 +559,7 @@ def _plot(frontier: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(ys), figsize=(8 * len(ys), 5.5), squeeze=False)
     dtypes = sorted({p["dtype"] for p in frontier["points"]})
     styles = dict(zip(dtypes, ("-", "--", ":", "-.")))
+    colours = dict(zip((*RECIPES, *BASELINES), plt.get_cmap("tab10").colors))
     for ax, y in zip(axes[0], ys):
         for recipe in (*RECIPES, *BASELINES):
             for dtype in dtypes:
@@ -549,7 +573,7 @@ def _plot(frontier: dict[str, Any], path: Path) -> None:
                     ax.plot(xs, values, "k*", markersize=12, label=label,
                             fillstyle="full" if dtype == dtypes[0] else "none")
                 else:
-                    ax.plot(xs, values, styles[dtype], marker="o", label=label)
+                    ax.plot(xs, values, styles[dtype], marker="o", label=label, color=colours[recipe])
                 for p in pts:
                     text = f"n={p['n']:,}" + (f" d={p['d']}" if p["d"] else "")
                     ax.annotate(text, (p["file_bytes"], p[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)

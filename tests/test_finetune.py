@@ -181,3 +181,20 @@ def test_finetune_keeps_a_threshold_sae_and_its_thresholds(tiny_lm, lm, tmp_path
     saved = load(out)
     assert (saved.activation, saved.k) == ("jumprelu", 24)
     assert saved.threshold.dtype == torch.float32 and torch.equal(saved.threshold, theta)  # θ stays fixed
+
+
+def test_finetune_tunes_a_pursuit_sae_through_its_decoder(tiny_lm, lm, tmp_path):
+    _, model, tokenizer = lm
+    sae = start_sae(tiny_lm, model, tokenizer).with_pursuit("abs_topk")
+    before = kl(tiny_lm, model, tokenizer, sae)
+    start = sae.values.detach().clone()
+    out = tmp_path / "pursuit.safetensors"
+    tuned, stats = finetune(sae, model, tokenizer, tiny_lm.texts(12), 1, "resid", FinetuneConfig(tokens=32 * 2 * 40, **CFG),
+                            out=out, progress=False)
+    after = kl(tiny_lm, model, tokenizer, tuned)
+    assert after < 0.8 * before, (before, after)  # on texts it was not tuned on
+    assert not torch.equal(tuned.values, start) and stats["finetune"]["kl_last"] < stats["finetune"]["kl_first"]
+    torch.testing.assert_close(tuned.values.norm(dim=1), start.norm(dim=1))  # row norms kept; pursuit ignores them
+    meta = read_compact_metadata(out)
+    assert (meta["encoder"], meta["mask"], meta["mask_seed"]) == ("pursuit", "seed", 1)  # still seed-only
+    assert kl(tiny_lm, model, tokenizer, load_compact(out)) == pytest.approx(after, rel=1e-5)
