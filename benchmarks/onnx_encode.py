@@ -7,7 +7,9 @@ Prints two Markdown tables:
    write (``MatMul`` + ``Add`` + ``TopK``, ``common.plain_dense_graph``), the ratios, and torch
    (``ExpanderSAE`` / ``TopKSAE``) at m=2048, n ∈ {16384, 65536}, d ∈ {7, 16, 64}, k=64,
    batch ∈ {1, 64, 512}, plus file sizes;
-2. the encode formulations measured (see docs/ONNX.md) at the largest n and d=7, against both dense graphs.
+2. the encode formulations measured (see docs/ONNX.md) at the largest n and d=7, against both dense graphs;
+3. a pursuit-encoded SAE's graph (``ExpanderPursuit``) against the one-shot expander graph, the plain dense
+   graph and torch, at the SmolLM2 fidelity setting (m=576, n=4608, d=7, k=32).
 
 Timings alternate between the engines round by round (so a busy machine slows all alike) and
 report medians; the ratio is the median of per-round ratios. ``--quick`` runs tiny sizes in
@@ -114,13 +116,38 @@ def formulation_table(n, d, batches, k, threads, rounds, budget, m) -> None:
     print_table(["batch", "formulation", "rows/s", "vs dense export", "vs plain dense"], rows)
 
 
+def pursuit_table(m, n, d, k, batches, threads, rounds, budget) -> None:
+    """A pursuit-encoded SAE (``ExpanderPursuit``: k unrolled rounds) against the one-shot expander graph,
+    the plain dense graph and torch's ``pursue``, on the same decoder."""
+    torch.manual_seed(0)
+    sae = ExpanderSAE(m, n, d, k, activation="topk_relu", encoder="untied")
+    pursuit = sae.with_pursuit("abs_topk")
+    dense = sae.to_dense()
+    sessions = {"ORT pursuit": session(build_onnx(pursuit), threads), "ORT expander": session(build_onnx(sae), threads),
+                "ORT plain dense": session(plain(dense), threads)}
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(1).standard_normal((batch, m)).astype(np.float32)
+        xt, feeds = torch.from_numpy(x), {"activations": x}
+        engines = {name: lambda sess=sess: sess.run(None, feeds) for name, sess in sessions.items()}
+        engines["torch pursuit"] = lambda: pursuit.encode(xt)
+        with torch.inference_mode():
+            t = interleaved(engines, rounds, budget)
+        for name, samples in t.items():
+            ratio = statistics.median(a / b for a, b in zip(t["ORT plain dense"], samples))
+            rows.append([batch, name, batch / statistics.median(samples), f"{ratio:.2f}x"])
+    print(f"\nPursuit encode (k={k} rounds), m={m}, n={n}, d={d}, {threads} thread(s)\n")
+    print_table(["batch", "engine", "rows/s", "vs plain dense"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per cell (default 5)")
     parser.add_argument("--skip-formulations", action="store_true", help="only the main table")
-    parser.add_argument("--skip-main", action="store_true", help="only the formulation table")
+    parser.add_argument("--skip-main", action="store_true", help="skip the main table")
+    parser.add_argument("--skip-pursuit", action="store_true", help="skip the pursuit table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -132,6 +159,9 @@ def main() -> None:
         main_table(sizes, batches, k, args.threads, rounds, budget, m)
     if not args.skip_formulations:
         formulation_table(sizes["n"][-1], 7, batches, k, args.threads, rounds, budget, m)
+    if not args.skip_pursuit:  # the SmolLM2 fidelity setting (docs/FIDELITY.md)
+        pursuit = (256, 1024, 7, 8, [1, 64]) if args.quick else (576, 4608, 7, 32, [1, 64, 256])
+        pursuit_table(*pursuit, args.threads, rounds, budget)
 
 
 if __name__ == "__main__":

@@ -531,8 +531,7 @@ class ExpanderSAE(SparseAutoencoder):
         runs :func:`pursue` on blocks of rows (memory O(block·n))."""
         if self.encoder == "pursuit":
             step = max(1, _CHUNK_ELEMENTS // self.n)
-            with torch.no_grad():
-                overlaps = atom_overlaps(unit_rows(self.values), self.indices)
+            overlaps = self._decoder_overlaps()
             parts = [pursue(block, self.values, self.indices, self.k, self.activation, overlaps)
                      for block in centred.split(step)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -556,6 +555,16 @@ class ExpanderSAE(SparseAutoencoder):
         if afa:
             return afa_kept(best_vals, best_scores, centred.norm(dim=-1), self.k)[0], best_idx[:, :self.k]
         return topk_kept(best_vals, self.activation), best_idx
+
+    @torch.no_grad()
+    def _decoder_overlaps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``atom_overlaps`` of the unit decoder rows, kept until ``values`` change (in place or replaced)."""
+        stamp = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
+        cached = self.__dict__.get("_overlaps")
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, atom_overlaps(unit_rows(self.values), self.indices))
+            self.__dict__["_overlaps"] = cached
+        return cached[1]
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         rows = values.shape[0]

@@ -1,10 +1,13 @@
 """Matching-pursuit encoding of Expander SAEs (``encoder="pursuit"``): the maths against a float64 numpy
-reference, the compact file, ``convert --encoder pursuit`` and the commands that refuse it."""
+reference, the compact file, ``convert --encoder pursuit``, the ONNX graph (``ExpanderPursuit``) in onnxruntime,
+the monitors and the command that refuses it."""
 
 import copy
 import json
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,6 +15,7 @@ from click.testing import CliRunner
 from saecompress.activations import write_activations
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, read_compact_metadata, save_compact
+from saecompress.exporters.onnx import build_onnx
 from saecompress.models import ACTIVATIONS, ExpanderSAE, atom_overlaps, pursue
 from saecompress.runtime import Monitor
 
@@ -83,6 +87,19 @@ def test_atom_overlaps_is_the_decoder_gram_matrix():
     rebuilt = torch.zeros(N, N, dtype=torch.float64).scatter_add_(1, neighbours, gram)
     torch.testing.assert_close(rebuilt, full, rtol=1e-12, atol=1e-12)
     assert neighbours.shape[1] < N  # sparse: no row meets every other
+
+
+def test_the_kept_gram_matrix_follows_the_decoder():
+    sae = pursuit_sae()
+    x = torch.randn(32, M, dtype=torch.float64)
+    before = sae.encode(x)
+    assert sae._decoder_overlaps() is sae._decoder_overlaps()  # made once per decoder
+    with torch.no_grad():
+        sae.values.add_(0.5 * torch.randn_like(sae.values))  # in place, as an optimizer step
+    after = sae.encode(x)
+    fresh = sae.with_pursuit().encode(x)  # a new module: nothing kept
+    assert torch.equal(after[1], fresh[1]) and not torch.equal(after[1], before[1])
+    torch.testing.assert_close(after[0], fresh[0], rtol=1e-12, atol=1e-12)
 
 
 def test_codes_are_differentiable_along_the_picks():
@@ -173,7 +190,7 @@ def test_the_pursuit_rule_is_chosen_or_refused(tmp_path):
     assert "already a compact Expander SAE file" in error_of(run("convert", src, tmp_path / "q.safetensors"))
 
 
-def test_commands_that_cannot_use_a_pursuit_sae_say_what_to_do(tmp_path):
+def test_train_refuses_a_pursuit_sae_and_says_what_to_do(tmp_path):
     src = save_compact(pursuit_sae().float(), tmp_path / "p.safetensors")
     acts = write_activations(tmp_path / "acts.safetensors", torch.randn(2048, M))
     line = error_of(run("train", "--acts", acts, "--d", D, "--n", N, "--encoder", "pursuit", "--tokens", 1024,
@@ -181,9 +198,6 @@ def test_commands_that_cannot_use_a_pursuit_sae_say_what_to_do(tmp_path):
     assert "--encoder pursuit" in line and "convert" in line
     line = error_of(run("train", "--acts", acts, "--init", src, "--tokens", 1024, "--out", tmp_path / "t.safetensors"))
     assert "does not train pursuit-encoded SAEs" in line
-    line = error_of(run("export", src, tmp_path / "p.onnx"))
-    assert "--graph decode" in line and "--backend torch" in line
-    assert not (tmp_path / "p.onnx").exists()
 
 
 def test_the_torch_monitor_runs_a_pursuit_file(tmp_path):
@@ -195,3 +209,39 @@ def test_the_torch_monitor_runs_a_pursuit_file(tmp_path):
     ref_values, ref_indices = sae.encode(torch.from_numpy(x))
     np.testing.assert_array_equal(indices, ref_indices.numpy())
     np.testing.assert_allclose(values, ref_values.detach().numpy(), rtol=1e-6)
+
+
+def session_outputs(model, x: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"activations": x})))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("rows", [1, 37])  # the single-row branch and the batched one
+def test_the_onnx_graph_matches_the_float64_reference(activation, rows):
+    sae = pursuit_sae(activation)
+    x = np.random.default_rng(2).normal(size=(rows, M))
+    out = session_outputs(build_onnx(sae.float(), "autoencoder"), x.astype(np.float32))
+    ref_codes, ref_latents = reference_pursuit(sae, x)
+    agree = (out["top_indices"] == ref_latents).all(1)
+    assert agree.mean() >= 0.9  # float32 near-ties aside, the same picks in the same order
+    np.testing.assert_allclose(out["top_values"][agree], ref_codes[agree], rtol=1e-4, atol=1e-5)
+    torch_recon = sae(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(out["reconstruction"][agree], torch_recon[agree], rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_of_a_pursuit_file_keeps_its_storage_and_runs_in_the_monitor(tmp_path):
+    sae = pursuit_sae().float()
+    path = save_compact(sae, tmp_path / "p.safetensors", dtype="int8")
+    onnx_path = tmp_path / "p.onnx"
+    assert run("export", path, onnx_path, "--graph", "autoencoder").exit_code == 0
+    x = np.random.default_rng(3).normal(size=(20, M)).astype(np.float32)
+    stored = load_compact(path)  # the int8 values, dequantised: what the graph holds
+    values, indices = stored.encode(torch.from_numpy(x))
+    for monitor in (Monitor(onnx_path), Monitor(path)):  # the exported file, and the graph built in memory
+        got_indices, got_values = monitor.encode(x)
+        agree = (got_indices == indices.numpy()).all(1)
+        assert agree.mean() >= 0.9
+        np.testing.assert_allclose(got_values[agree], values.detach().numpy()[agree], rtol=1e-4, atol=1e-5)
+    stored_weights = {t.name: t.data_type for t in onnx.load(onnx_path).graph.initializer}
+    assert stored_weights["values"] == onnx.TensorProto.INT8 and "enc_values" not in stored_weights  # as the file

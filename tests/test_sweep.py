@@ -16,7 +16,7 @@ from saecompress.activations import open_activations, write_activations
 from saecompress.cli.main import cli
 from saecompress.compact import dense_bytes, load_compact, read_compact_metadata
 from saecompress.metrics import evaluate
-from saecompress.sweep import matched_latents
+from saecompress.sweep import RECIPES, matched_latents
 
 M, N, K, HELD = 32, 128, 8, 500
 SMALL = ["--k", K, "--n", N, "--tokens", 2048, "--batch-size", 256, "--held-out", HELD]
@@ -60,29 +60,37 @@ def test_native_grid_baselines_outputs_and_resume(acts, tmp_path):
     result = frontier(out)
     assert result["y"] == "explained_variance" and result["held_out_rows"] == HELD
     points = {(p["recipe"], p["d"], p["dtype"]): p for p in result["points"] if p["recipe"] != "dense-matched"}
-    assert set(points) == {("native", d, t) for d in (4, 7) for t in ("float32", "int8")} | \
+    native = ("native", "native-pursuit")  # every recipe without a dense SAE or an LM
+    assert set(points) == {(r, d, t) for r in native for d in (4, 7) for t in ("float32", "int8")} | \
         {("dense", None, t) for t in ("float32", "int8")}
     held = open_activations(acts).split(HELD)[1]
     for (recipe, d, dtype), p in points.items():
         assert (p["n"], p["k"]) == (N, K)
-        if recipe == "native":  # the file it names is the point, measured on the held-out rows
+        if recipe in native:  # the file it names is the point, measured on the held-out rows
             sae = load_compact(out / p["sae"])
             assert p["file_bytes"] == (out / p["sae"]).stat().st_size
-            assert read_compact_metadata(out / p["sae"])["dtype"] == dtype and sae.d == d
+            meta = read_compact_metadata(out / p["sae"])
+            assert (meta["dtype"], meta["mask"], sae.d) == (dtype, "seed", d)
+            assert sae.encoder == ("pursuit" if recipe == "native-pursuit" else "untied")
             assert evaluate(sae, held)["fvu"] == pytest.approx(p["fvu"], rel=1e-6)
         else:
             assert p["file_bytes"] == dense_bytes(M, N, dtype)
     assert points[("native", 4, "int8")]["file_bytes"] < points[("native", 4, "float32")]["file_bytes"]
+    for d in (4, 7):  # pursuit reads the native decoder (one training per d) and stores no encoder
+        untied, pursuit = (load_compact(out / points[(r, d, "float32")]["sae"]) for r in native)
+        assert torch.equal(pursuit.values, untied.values) and torch.equal(pursuit.indices, untied.indices)
+        assert points[("native-pursuit", d, "float32")]["file_bytes"] < points[("native", d, "float32")]["file_bytes"]
+        assert len(list((out / "work").glob(f"native-d{d}-*.safetensors"))) == 1
     # the honest baseline: for each expander point the largest dense SAE that fits in its bytes
     matched = [p for p in result["points"] if p["recipe"] == "dense-matched"]
     assert sorted(key for p in matched for key in p["matches"]) == \
-        sorted(p["key"] for p in points.values() if p["recipe"] == "native")
+        sorted(p["key"] for p in points.values() if p["recipe"] in native)
     for p in matched:
         [target] = [q for q in points.values() if q["key"] in p["matches"]]
         assert dense_bytes(M, p["n"], p["dtype"]) <= target["file_bytes"] < dense_bytes(M, p["n"] + 1, p["dtype"])
         assert p["n"] == matched_latents(M, target["file_bytes"], p["dtype"]) and K <= p["n"] < N
     versus = {row["key"]: row for row in result["versus_matched"]}
-    assert set(versus) == {p["key"] for p in points.values() if p["recipe"] == "native"}
+    assert set(versus) == {p["key"] for p in points.values() if p["recipe"] in native}
     for p in matched:
         for key in p["matches"]:
             assert versus[key]["difference"] == pytest.approx(versus[key]["explained_variance"] - p["explained_variance"])
@@ -116,7 +124,7 @@ def test_native_grid_baselines_outputs_and_resume(acts, tmp_path):
     assert all(after[name] == stamp for name, stamp in before.items())
     new = {name for name in after if name not in before and name.endswith(".json")}
     assert {name.rsplit("-", 1)[0] for name in new if name.startswith("native")} == \
-        {"native-d16-float32", "native-d16-int8"}
+        {f"{r}-d16-{t}" for r in native for t in ("float32", "int8")}
     added = [p for p in frontier(out)["points"] if f"{p['key']}.json" in new]
     assert all(p["d"] == 16 or set(p.get("matches", [])) <= {q["key"] for q in added} for p in added)
 
@@ -159,14 +167,21 @@ def test_dense_recipes_finetune_and_ce(tiny_llama, tmp_path):
     assert any(row.get("ood_difference") is not None for row in result["versus_matched"])
     assert result["y"] == "ce_recovered" and (result["n"], result["k"]) == (N, K)  # from the dense SAE
     by = {p["recipe"]: p for p in result["points"]}
-    assert set(by) == {"native", "topd-retrain", "topd-retrain-finetune", "dense", "dense-matched"}
+    assert set(by) == set(RECIPES) | {"dense", "dense-matched"}  # every recipe: the inputs allow them all
     assert all(isinstance(p["ce_recovered"], float) and p["ce_clean"] < p["ce_zero"] for p in by.values())
     assert by["native"]["mask"] == "expander" and by["topd-retrain"]["mask"] == "topd"
     assert by["topd-retrain"]["file_bytes"] > by["native"]["file_bytes"]  # explicit indices
     assert by["topd-retrain-finetune"]["seconds"] > by["topd-retrain"]["seconds"]  # the chain's time
     assert by["dense"]["seconds"] is None and by["dense"]["file_bytes"] == dense_bytes(M, N, "float32")
-    assert "finetune" in read_compact_metadata(out / by["topd-retrain-finetune"]["sae"])["user"]
-    assert len(list((out / "work").glob("topd-retrain-d4-*.safetensors"))) == 1  # retrained once, fine-tuned from it
+    for recipe in ("topd-retrain-finetune", "native-pursuit-finetune", "topd-retrain-pursuit-finetune"):
+        assert "finetune" in read_compact_metadata(out / by[recipe]["sae"])["user"]
+        assert by[recipe]["seconds"] > by[recipe.removesuffix("-finetune")]["seconds"]
+    for recipe in ("native-pursuit", "native-pursuit-finetune"):
+        meta = read_compact_metadata(out / by[recipe]["sae"])
+        assert (meta["encoder"], meta["mask"], by[recipe]["mask"]) == ("pursuit", "seed", "expander")
+    assert by["native-pursuit"]["file_bytes"] < by["native"]["file_bytes"]
+    for base in ("native", "topd-retrain"):  # trained once, read by pursuit and fine-tuned from it
+        assert len(list((out / "work").glob(f"{base}-d4-*.safetensors"))) == 1
     assert not list((out / "work").glob("*.ckpt"))
 
 
@@ -178,6 +193,7 @@ def test_dense_recipes_finetune_and_ce(tiny_llama, tmp_path):
     (["--d", "4,x"], "--d takes comma-separated whole numbers"),
     (["--d", "4", "--recipes", "topd-retrain"], "recipe topd-retrain needs --dense SRC"),
     (["--d", "4", "--recipes", "native,nope"], "unknown recipe 'nope'"),
+    (["--d", "4", "--recipes", "native-pursuit-finetune"], "recipe native-pursuit-finetune needs --model and --text"),
     (["--d", "4", "--dtype", "float8"], "unknown --dtype 'float8'"),
 ])
 def test_bad_grids_are_one_error_line_before_any_work(acts, tmp_path, args, message):

@@ -35,8 +35,8 @@ from ..models import VARIABLE_COUNT, ExpanderSAE, TopKSAE, active_counts, l0_cap
 from ..provenance import shareable
 from ..sources import load_source
 from .onnx_functions import (DOMAIN, DOMAIN_VERSION, EncodeLayout, expander_decode_function,
-                             expander_encode_function, layer_norm_function, norm_of_rows, select_counted,
-                             unused_slots_safe)
+                             expander_encode_function, expander_pursuit_function, layer_norm_function, norm_of_rows,
+                             select_counted, unused_slots_safe)
 from .metadata import METADATA_PREFIX, read_onnx_metadata  # noqa: F401 (read_onnx_metadata re-exported)
 from .onnx_graph import GraphBuilder
 
@@ -116,10 +116,6 @@ def build_onnx(sae: ExpanderSAE | TopKSAE, graph: str = "encode", *, dtype: str 
     if storage_dtype != "float32" and not isinstance(sae, ExpanderSAE):
         raise SaeCompressError(f"storage dtype {storage_dtype} is for Expander SAE values; a dense SAE's "
                                "weights are stored in the graph dtype")
-    if isinstance(sae, ExpanderSAE) and sae.encoder == "pursuit" and graph != "decode":
-        raise SaeCompressError(f"the {graph} graph of a pursuit-encoded SAE is not built yet (its k matching-pursuit "
-                               "rounds have no ONNX form here); export --graph decode, or monitor it with "
-                               "--backend torch")
     if opset not in OPSETS:
         raise SaeCompressError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
     k = sae.k if graph == "decode" and max_l0 is None else kept_latents(sae, max_l0)  # decode takes any j
@@ -266,6 +262,11 @@ class _Exporter:
         centred = self.b.op("Sub", x, self.weight("b_dec"))
         gate = (self.weight("row_norms") if sae.activation == "topafa" else self.weight("threshold")
                 if self.variable else None)  # the function's fifth input
+        if self.expander and sae.encoder == "pursuit":
+            function = expander_pursuit_function(sae.n, sae.d, self.k, sae.activation, self.opset)
+            results = self._call(function, [centred, self.weight("indices"), self.weight("values")], 2, k=self.k,
+                                 activation=sae.activation)
+            return (*results, None), stats
         if self.expander:
             function = expander_encode_function(sae.m, sae.n, sae.d, self.k, sae.activation,
                                                 self.opset, self.layout)
@@ -353,7 +354,7 @@ class _Exporter:
         if self.expander:
             meta |= {"d": sae.d, "encoder": sae.encoder, "storage_dtype": self.storage_dtype,
                      "mask_seed": "" if sae.mask_seed is None else sae.mask_seed}
-            if graph != "decode":
+            if graph != "decode" and sae.encoder != "pursuit":
                 group = self.layout.group_for(sae.n, self.k, sae.activation)
                 meta |= {"layout": f"chunk={self.layout.chunk},group={group},"
                                    f"single_row_branch={str(self.layout.single_row_branch).lower()}"}

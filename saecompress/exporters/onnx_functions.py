@@ -13,6 +13,8 @@ output ``overflow [B]`` int64 (latents that fired beyond the k = max_l0 kept). `
 decoder row norms ``row_norms [n]`` (float32) as the fifth input instead, keeps the count its
 norm-matching rule picks among the top max_l0 (+1) of ``ReLU(pre)·row_norms`` (``models.afa_count``)
 with index -1 past it, and ``overflow`` is 1 on rows where the uncapped rule would keep more.
+``ExpanderPursuit`` (a pursuit-encoded SAE: no encoder) is k unrolled rounds of matching pursuit
+over the decoder rows (:func:`expander_pursuit_function`).
 Fast path (``EncodeLayout``, measured in benchmarks/onnx_encode.py):
 
 * ``xᵀ [m+1, B]`` (a row of ones appended, so the bias is one more "input" of every latent);
@@ -305,6 +307,73 @@ def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, op
     inputs = ["x", "indices", "values", "b_enc"] + ([threshold] if threshold else [])
     return b.function_proto(DOMAIN, "ExpanderEncode", inputs, names, opset, attributes=["k", "activation"],
                             doc="Top-k of x·W_enc + b_enc for an expander-masked W_enc (see docs/ONNX.md).")
+
+
+def _pursuit_rounds(b: GraphBuilder, x: str, indices: str, atoms: str, inverse: str, n: int, d: int, k: int,
+                    activation: str, single_row: bool) -> tuple[str, str]:
+    """The k rounds of ``ExpanderPursuit`` on ``x [B, m]``; ``single_row``: the gather spelled for B = 1
+    (``Gather`` along x's dims, elementwise reduce) instead of the batched one (``Gather`` of ``xᵀ`` rows,
+    one batched ``MatMul``)."""
+    rank, relu_after = ORDERINGS[activation]
+    rows = b.op("Shape", x, start=0, end=1)
+    taken = b.op("ConstantOfShape", b.op("Concat", rows, b.ints(n), axis=0),
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    excluded = b.op("Expand", b.const(np.full((1, 1), -np.inf, dtype=np.float32)),
+                    b.op("Concat", rows, b.ints(1), axis=0))
+    atoms_3d = None if single_row else b.op("Reshape", atoms, b.ints(n, 1, d))
+    residual, codes, picks = x, [], []
+    for round_ in range(k):
+        if single_row:
+            gathered = b.op("Gather", residual, indices, axis=1)  # [1, n, d]
+            corr = b.op("ReduceSum", b.op("Mul", gathered, atoms), b.ints(2), keepdims=0)  # [1, n]
+        else:
+            gathered = b.op("Gather", b.op("Transpose", residual, perm=[1, 0]), indices, axis=0)  # [n, d, B]
+            corr = b.op("Transpose", b.op("Reshape", b.op("MatMul", atoms_3d, gathered), b.ints(n, -1)),
+                        perm=[1, 0])  # [B, n]
+        scores = b.op("Relu", corr) if rank == "relu" else b.op("Abs", corr) if rank == "abs" else corr
+        best = b.op("ArgMax", b.op("Add", scores, taken), axis=1, keepdims=1)  # [B, 1]
+        kept = b.op("GatherElements", corr, best, axis=1)
+        if relu_after:
+            kept = b.op("Relu", kept)
+        codes.append(b.op("Mul", kept, b.op("Gather", inverse, best, axis=0)))
+        picks.append(best)
+        if round_ == k - 1:
+            break
+        latent = b.op("Squeeze", best, b.ints(1))
+        step = b.op("Mul", b.op("Neg", kept), b.op("Gather", atoms, latent, axis=0))  # [B, d]
+        residual = b.op("ScatterElements", residual, b.op("Gather", indices, latent, axis=0), step, axis=1,
+                        reduction="add")
+        taken = b.op("ScatterElements", taken, best, excluded, axis=1)
+    return b.op("Concat", *codes, axis=1), b.op("Concat", *picks, axis=1)
+
+
+def expander_pursuit_function(n: int, d: int, k: int, activation: str, opset: int) -> FunctionProto:
+    """``ai.saecompress::ExpanderPursuit(x [B, m], indices [n, d], values [n, d]) -> (top_values [B, k],
+    top_indices [B, k])``: k rounds of matching pursuit over the decoder rows (``models.pursue``).
+
+    Each round gathers every latent's correlation with the residual, ``c_i = <r, D_i>/‖D_i‖`` (a
+    gather-reduce with the unit rows), ranks it under ``activation``'s ordering with the latents already
+    picked at −inf, takes the ``ArgMax``, keeps its value (ReLU'd under a ReLU ordering), outputs
+    ``kept/‖D_i‖`` and subtracts ``kept · D_i/‖D_i‖`` from the residual (``ScatterElements`` add). The
+    rounds are unrolled; each costs one gather-reduce over all n latents (no Gram matrix is stored).
+    """
+    b = GraphBuilder("mp", function=True)
+    squares = b.op("ReduceSum", b.op("Mul", "values", "values"), b.ints(1), keepdims=1)
+    norms = b.op("Max", b.op("Sqrt", squares), b.const(np.array(1e-12, dtype=np.float32)))  # [n, 1]
+    atoms = b.op("Div", "values", norms)
+    inverse = b.op("Reciprocal", b.op("Squeeze", norms, b.ints(1)))  # [n]
+    is_single = b.op("Equal", b.op("Shape", "x", start=0, end=1), b.ints(1))
+    single, batched = GraphBuilder("mp1", function=True), GraphBuilder("mpb", function=True)
+    results = b.op("If", is_single, outputs=2,
+                   then_branch=_branch(single, "single_row", _pursuit_rounds(
+                       single, "x", "indices", atoms, inverse, n, d, k, activation, True)),
+                   else_branch=_branch(batched, "batched", _pursuit_rounds(
+                       batched, "x", "indices", atoms, inverse, n, d, k, activation, False)))
+    for src, dst in zip(results, ("top_values", "top_indices")):
+        b.op("Identity", src, outputs=[dst])
+    return b.function_proto(DOMAIN, "ExpanderPursuit", ["x", "indices", "values"], ["top_values", "top_indices"],
+                            opset, attributes=["k", "activation"],
+                            doc="k rounds of matching pursuit over expander decoder rows (see docs/ONNX.md).")
 
 
 def unused_slots_safe(b: GraphBuilder, indices: str, values: str) -> tuple[str, str]:
