@@ -309,11 +309,18 @@ def expander_encode_function(m: int, n: int, d: int, k: int, activation: str, op
                             doc="Top-k of x·W_enc + b_enc for an expander-masked W_enc (see docs/ONNX.md).")
 
 
+def _columns(b: GraphBuilder, matrix: str, d: int) -> list[str]:
+    """The ``d`` columns of ``matrix [n, d]``, each as a ``[1, n]`` row."""
+    rows = b.op("Transpose", matrix, perm=[1, 0])
+    return [rows] if d == 1 else b.op("Split", rows, b.ints(*[1] * d), axis=0, outputs=d)
+
+
 def _pursuit_rounds(b: GraphBuilder, x: str, indices: str, atoms: str, inverse: str, n: int, d: int, k: int,
                     activation: str, single_row: bool) -> tuple[str, str]:
-    """The k rounds of ``ExpanderPursuit`` on ``x [B, m]``; ``single_row``: the gather spelled for B = 1
-    (``Gather`` along x's dims, elementwise reduce) instead of the batched one (``Gather`` of ``xᵀ`` rows,
-    one batched ``MatMul``)."""
+    """The k rounds of ``ExpanderPursuit`` on ``x [B, m]``, as one ``Loop`` (residual and picked-latent mask
+    carried, each round's code and latent scanned out); ``single_row``: the gather spelled for B = 1
+    (per mask column, ``GatherElements`` + ``Mul`` + ``Add``, as ``ExpanderEncode``'s one-row branch) instead
+    of the batched one (``Gather`` of ``rᵀ`` rows, one batched ``MatMul``)."""
     rank, relu_after = ORDERINGS[activation]
     rows = b.op("Shape", x, start=0, end=1)
     taken = b.op("ConstantOfShape", b.op("Concat", rows, b.ints(n), axis=0),
@@ -321,30 +328,49 @@ def _pursuit_rounds(b: GraphBuilder, x: str, indices: str, atoms: str, inverse: 
     excluded = b.op("Expand", b.const(np.full((1, 1), -np.inf, dtype=np.float32)),
                     b.op("Concat", rows, b.ints(1), axis=0))
     atoms_3d = None if single_row else b.op("Reshape", atoms, b.ints(n, 1, d))
-    residual, codes, picks = x, [], []
-    for round_ in range(k):
-        if single_row:
-            gathered = b.op("Gather", residual, indices, axis=1)  # [1, n, d]
-            corr = b.op("ReduceSum", b.op("Mul", gathered, atoms), b.ints(2), keepdims=0)  # [1, n]
-        else:
-            gathered = b.op("Gather", b.op("Transpose", residual, perm=[1, 0]), indices, axis=0)  # [n, d, B]
-            corr = b.op("Transpose", b.op("Reshape", b.op("MatMul", atoms_3d, gathered), b.ints(n, -1)),
-                        perm=[1, 0])  # [B, n]
-        scores = b.op("Relu", corr) if rank == "relu" else b.op("Abs", corr) if rank == "abs" else corr
-        best = b.op("ArgMax", b.op("Add", scores, taken), axis=1, keepdims=1)  # [B, 1]
-        kept = b.op("GatherElements", corr, best, axis=1)
-        if relu_after:
-            kept = b.op("Relu", kept)
-        codes.append(b.op("Mul", kept, b.op("Gather", inverse, best, axis=0)))
-        picks.append(best)
-        if round_ == k - 1:
-            break
-        latent = b.op("Squeeze", best, b.ints(1))
-        step = b.op("Mul", b.op("Neg", kept), b.op("Gather", atoms, latent, axis=0))  # [B, d]
-        residual = b.op("ScatterElements", residual, b.op("Gather", indices, latent, axis=0), step, axis=1,
-                        reduction="add")
-        taken = b.op("ScatterElements", taken, best, excluded, axis=1)
-    return b.op("Concat", *codes, axis=1), b.op("Concat", *picks, axis=1)
+    body = GraphBuilder(f"{b.prefix}_round", function=True)
+    residual, picked = "residual_in", "taken_in"
+    if single_row:  # per mask column j: GatherElements of r at indices[:, j], times atoms[:, j], summed
+        columns = _columns(b, b.op("Cast", indices, to=TensorProto.INT32), d)
+        scales = _columns(b, atoms, d)
+        corr = None
+        for column, scale in zip(columns, scales):  # [1, n] each
+            term = body.op("Mul", body.op("GatherElements", residual, column, axis=1), scale)
+            corr = term if corr is None else body.op("Add", corr, term)
+    else:
+        gathered = body.op("Gather", body.op("Transpose", residual, perm=[1, 0]), indices, axis=0)  # [n, d, B]
+        corr = body.op("Transpose", body.op("Reshape", body.op("MatMul", atoms_3d, gathered), body.ints(n, -1)),
+                       perm=[1, 0])  # [B, n]
+    scores = body.op("Relu", corr) if rank == "relu" else body.op("Abs", corr) if rank == "abs" else corr
+    best = body.op("ArgMax", body.op("Add", scores, picked), axis=1, keepdims=1)  # [B, 1]
+    kept = body.op("GatherElements", corr, best, axis=1)
+    if relu_after:
+        kept = body.op("Relu", kept)
+    body.op("Mul", kept, body.op("Gather", inverse, best, axis=0), outputs=["code_out"])
+    body.op("Identity", best, outputs=["latent_out"])
+    latent = body.op("Squeeze", best, body.ints(1))
+    step = body.op("Mul", body.op("Neg", kept), body.op("Gather", atoms, latent, axis=0))  # [B, d]
+    body.op("ScatterElements", residual, body.op("Gather", indices, latent, axis=0), step, axis=1,
+            reduction="add", outputs=["residual_out"])
+    body.op("ScatterElements", picked, best, excluded, axis=1, outputs=["taken_out"])
+    body.op("Identity", "cond_in", outputs=["cond_out"])
+
+    def info(name: str, elem: int) -> object:
+        return helper.make_tensor_value_info(name, elem, None)
+
+    graph = helper.make_graph(
+        body.nodes, "pursuit_round",
+        [helper.make_tensor_value_info("round", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         info("residual_in", TensorProto.FLOAT), info("taken_in", TensorProto.FLOAT)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), info("residual_out", TensorProto.FLOAT),
+         info("taken_out", TensorProto.FLOAT), info("code_out", TensorProto.FLOAT),
+         info("latent_out", TensorProto.INT64)])
+    true = b.const(np.array(True))
+    _, _, codes, latents = b.op("Loop", b.const(np.array(k, dtype=np.int64)), true, x, taken, outputs=4,
+                                body=graph)  # scanned: [k, B, 1]
+    return (b.op("Transpose", b.op("Squeeze", codes, b.ints(2)), perm=[1, 0]),
+            b.op("Transpose", b.op("Squeeze", latents, b.ints(2)), perm=[1, 0]))
 
 
 def expander_pursuit_function(n: int, d: int, k: int, activation: str, opset: int) -> FunctionProto:
@@ -355,7 +381,7 @@ def expander_pursuit_function(n: int, d: int, k: int, activation: str, opset: in
     gather-reduce with the unit rows), ranks it under ``activation``'s ordering with the latents already
     picked at −inf, takes the ``ArgMax``, keeps its value (ReLU'd under a ReLU ordering), outputs
     ``kept/‖D_i‖`` and subtracts ``kept · D_i/‖D_i‖`` from the residual (``ScatterElements`` add). The
-    rounds are unrolled; each costs one gather-reduce over all n latents (no Gram matrix is stored).
+    rounds are one ``Loop``; each costs one gather-reduce over all n latents (no Gram matrix is stored).
     """
     b = GraphBuilder("mp", function=True)
     squares = b.op("ReduceSum", b.op("Mul", "values", "values"), b.ints(1), keepdims=1)
