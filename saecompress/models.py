@@ -55,6 +55,7 @@ Activation = Literal["topk_relu", "relu_topk", "signed_topk", "abs_topk", "jumpr
 LAYER_NORM_EPS = 1e-5
 # Encode works on this many (latent, row) pre-activations at a time: bounds memory at any n.
 _CHUNK_ELEMENTS = 1 << 22
+_DENSE_GRAM_ELEMENTS = 1 << 26  # pursuit: the largest n·n Gram matrix kept dense (256 MiB in float32)
 
 
 MATMUL_DECODE_LATENTS = 8192  # up to this many latents a dense SAE decodes its codes as one [B, n] @ [n, m] matmul
@@ -174,8 +175,19 @@ def atom_overlaps(atoms: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Ten
     return neighbours, gram
 
 
+def pursuit_gram(atoms: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The decoder's Gram matrix in the form :func:`pursue` updates through: :func:`atom_overlaps`' sparse
+    rows, or, when they are wide (over a quarter of n) and ``n²`` fits ``_DENSE_GRAM_ELEMENTS``, the dense
+    ``[n, n]`` matrix with ``None`` for the neighbours (a round's update is then one contiguous row)."""
+    neighbours, gram = atom_overlaps(atoms, indices)
+    n = atoms.shape[0]
+    if 4 * neighbours.shape[1] > n and n * n <= _DENSE_GRAM_ELEMENTS:
+        return None, torch.zeros(n, n, dtype=gram.dtype, device=gram.device).scatter_add_(1, neighbours, gram)
+    return neighbours, gram
+
+
 def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k: int, activation: str,
-           overlaps: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           overlaps: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Matching pursuit over an expander's decoder rows: ``(codes [B, k], latents [B, k])`` for ``centred
     [B, m]`` (``x' − b_dec``), the k distinct latents in the order they were picked.
 
@@ -186,8 +198,8 @@ def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k
     from ``r``. Picking needs no gradient and no residual: one O(n·d) gather per row gives every ``c``,
     and each round updates them through the rows that overlap the picked one (:func:`atom_overlaps`).
     The codes are then recomputed along the picked latents from the residual, exactly and differentiably
-    in ``centred`` and ``values`` (O(k·(m + d)) per row). ``overlaps``: ``atom_overlaps`` of these values, when
-    the caller already has them."""
+    in ``centred`` and ``values`` (O(k·(m + d)) per row). ``overlaps``: :func:`pursuit_gram` (or
+    :func:`atom_overlaps`) of these values, when the caller already has them."""
     norms = values.norm(dim=1).clamp_min(1e-12)
     atoms = values / norms.unsqueeze(1)
 
@@ -196,7 +208,7 @@ def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k
         return topk_kept(ranked_values(corr, topk_scores(corr, activation), at, activation), activation)
 
     with torch.no_grad():
-        neighbours, gram = overlaps or atom_overlaps(atoms.detach(), indices)
+        neighbours, gram = overlaps or pursuit_gram(atoms.detach(), indices)
         corr = F.embedding_bag(indices, centred.detach().T.contiguous(), mode="sum",
                                per_sample_weights=atoms.detach()).T.contiguous()
         scores = topk_scores(corr, activation)
@@ -204,9 +216,13 @@ def pursue(centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k
         for _ in range(k):
             best = scores.argmax(dim=1, keepdim=True)
             kept = picked_code(corr.gather(1, best))
-            touched = neighbours[best[:, 0]]
-            corr.scatter_add_(1, touched, -kept * gram[best[:, 0]])
-            scores.scatter_(1, touched, topk_scores(corr.gather(1, touched), activation))
+            if neighbours is None:  # a dense Gram matrix: every latent's correlation moves
+                corr.sub_(kept * gram[best[:, 0]])
+                scores = topk_scores(corr, activation)
+            else:
+                touched = neighbours[best[:, 0]]
+                corr.scatter_add_(1, touched, -kept * gram[best[:, 0]])
+                scores.scatter_(1, touched, topk_scores(corr.gather(1, touched), activation))
             latents.append(best[:, 0])
             scores.scatter_(1, torch.stack(latents, 1), float("-inf"))  # each latent is picked once
     residual, codes = centred, []
@@ -558,11 +574,11 @@ class ExpanderSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def _decoder_overlaps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``atom_overlaps`` of the unit decoder rows, kept until ``values`` change (in place or replaced)."""
+        """``pursuit_gram`` of the unit decoder rows, kept until ``values`` change (in place or replaced)."""
         stamp = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
         cached = self.__dict__.get("_overlaps")
         if cached is None or cached[0] != stamp:
-            cached = (stamp, atom_overlaps(unit_rows(self.values), self.indices))
+            cached = (stamp, pursuit_gram(unit_rows(self.values), self.indices))
             self.__dict__["_overlaps"] = cached
         return cached[1]
 

@@ -16,7 +16,7 @@ from saecompress.activations import write_activations
 from saecompress.cli.main import cli
 from saecompress.compact import load_compact, read_compact_metadata, save_compact
 from saecompress.exporters.onnx import build_onnx
-from saecompress.models import ACTIVATIONS, ExpanderSAE, atom_overlaps, pursue
+from saecompress.models import ACTIVATIONS, ExpanderSAE, atom_overlaps, pursue, pursuit_gram
 from saecompress.runtime import Monitor
 
 M, N, D, K = 24, 96, 4, 6
@@ -87,6 +87,19 @@ def test_atom_overlaps_is_the_decoder_gram_matrix():
     rebuilt = torch.zeros(N, N, dtype=torch.float64).scatter_add_(1, neighbours, gram)
     torch.testing.assert_close(rebuilt, full, rtol=1e-12, atol=1e-12)
     assert neighbours.shape[1] < N  # sparse: no row meets every other
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_the_sparse_and_dense_gram_forms_pick_alike(activation):
+    sae = pursuit_sae(activation)
+    atoms = sae.values.detach() / sae.values.detach().norm(dim=1, keepdim=True)
+    dense = pursuit_gram(atoms, sae.indices)
+    assert dense[0] is None and dense[1].shape == (N, N)  # wide rows at this size: the dense form
+    x = torch.randn(50, M, dtype=torch.float64) - sae.b_dec.detach()
+    by_dense = pursue(x, sae.values.detach(), sae.indices, K, activation, dense)
+    by_sparse = pursue(x, sae.values.detach(), sae.indices, K, activation, atom_overlaps(atoms, sae.indices))
+    assert torch.equal(by_dense[1], by_sparse[1])
+    torch.testing.assert_close(by_dense[0], by_sparse[0], rtol=1e-12, atol=1e-12)
 
 
 def test_the_kept_gram_matrix_follows_the_decoder():
