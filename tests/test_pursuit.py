@@ -258,3 +258,15 @@ def test_onnx_export_of_a_pursuit_file_keeps_its_storage_and_runs_in_the_monitor
         np.testing.assert_allclose(got_values[agree], values.detach().numpy()[agree], rtol=1e-4, atol=1e-5)
     stored_weights = {t.name: t.data_type for t in onnx.load(onnx_path).graph.initializer}
     assert stored_weights["values"] == onnx.TensorProto.INT8 and "enc_values" not in stored_weights  # as the file
+
+
+def test_train_names_the_pursuit_step_after_a_top_k_expander(tmp_path):
+    acts = write_activations(tmp_path / "acts.safetensors", torch.randn(512, M))
+    out = tmp_path / "native.safetensors"
+    res = run("train", "--acts", acts, "--d", D, "--n", N, "--k", K, "--tokens", 1024, "--batch-size", 64,
+              "--held-out", 64, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert f"saecompress convert {out} PURSUIT.safetensors --encoder pursuit" in res.stdout
+    dense = run("train", "--acts", acts, "--dense", "--n", N, "--k", K, "--tokens", 1024, "--batch-size", 64,
+                "--held-out", 64, "--out", tmp_path / "dense")
+    assert dense.exit_code == 0 and "--encoder pursuit" not in dense.stdout

@@ -9,7 +9,8 @@ from ..convert import MASKS
 from ..errors import SaeCompressError
 from ..lm import SITES
 from ..launch import process_group, run_ranks
-from ..models import ALL_ACTIVATIONS, ENCODERS
+from ..compact_format import read_compact_metadata
+from ..models import ACTIVATIONS, ALL_ACTIVATIONS, ENCODERS
 from ..train import CHECKPOINT_SUFFIX, TrainConfig
 from ..trainer import SPARSITY_TARGETS
 from ..train import train as run_training
@@ -184,6 +185,16 @@ def train(acts, model_path, gguf_file, texts, context, keep_first, outlier_facto
         click.echo(dumps(metrics))
         return
     click.echo(_summary(out, metrics))
+    if str(out).endswith(".safetensors") and _pursuit_applies(out):
+        click.echo(f"next: `saecompress convert {out} PURSUIT.safetensors --encoder pursuit` stores this decoder "
+                   "with a matching-pursuit encoder and no encoder values: the best fidelity per byte measured "
+                   "(docs/FIDELITY.md)")
+
+
+def _pursuit_applies(out) -> bool:
+    """Whether ``out`` is a top-k Expander SAE with its own encoder, which ``convert --encoder pursuit`` can re-encode."""
+    meta = read_compact_metadata(out)
+    return meta["encoder"] != "pursuit" and meta["activation"] in ACTIVATIONS
 
 
 def _summary(out, metrics: dict) -> str:
