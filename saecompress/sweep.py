@@ -48,8 +48,7 @@ from ._io import atomic_path, check_outputs
 from ._json import dumps
 from .activations import ActivationSource, open_activations
 from .compact import STORAGE_DTYPES, dense_bytes, save_compact, stored_copy, with_metrics
-from .convert import convert_path
-from .convert.project import DEFAULT_PURSUIT_RULE
+from .convert import DEFAULT_PURSUIT_RULE, convert_path
 from .errors import SaeCompressError, check_choice
 from .metrics import evaluate
 from .models import ExpanderSAE, TopKSAE, require_topk

@@ -59,8 +59,7 @@ from .options import hub_options
               help='Print one JSON object {"out": OUT, "hookpoints": [report, ...]} instead of text.')
 def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str | None, seed: int | None,
             search_seeds: int | None, encoder: str | None, pursuit_rule: str | None, dtype: str, hub,
-            acts: str | None, no_calibrate: bool,
-            max_rows: int | None, k: int | None, as_json: bool) -> None:
+            acts: str | None, no_calibrate: bool, max_rows: int | None, k: int | None, as_json: bool) -> None:
     """Convert the dense TopK, JumpReLU or BatchTopK SAE at SRC into a compact Expander SAE file OUT.
 
     SRC: a SAELens, sparsify, dictionary_learning or openai/sparse_autoencoder SAE, an Expander-SAE
@@ -74,8 +73,7 @@ def convert(src: str, out: str, hookpoint: str | None, d: int | None, mask: str 
     """
     reports = convert_path(src, out, hookpoint=hookpoint, d=d, mask=mask, seed=seed, search_seeds=search_seeds,
                            encoder=encoder, pursuit_rule=pursuit_rule, dtype=dtype, acts=acts,
-                           calibrate_on_acts=not no_calibrate, k=k,
-                           max_rows=max_rows, hub=hub, progress=not as_json)
+                           calibrate_on_acts=not no_calibrate, k=k, max_rows=max_rows, hub=hub, progress=not as_json)
     if as_json:
         click.echo(dumps({"out": out, "hookpoints": [r.to_dict() for r in reports]}))
         return

@@ -218,10 +218,9 @@ def _convert_one(src: Path, out: Path, hookpoint: str | None, *, d: int | None, 
 def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: str | None = None,
                  d: int | None = None, mask: str | None = None, seed: int | None = None,
                  search_seeds: int | None = None, encoder: str | None = None, pursuit_rule: str | None = None,
-                 dtype: str = "float32",
-                 acts: str | os.PathLike | None = None, calibrate_on_acts: bool = True, k: int | None = None,
-                 batch_size: int = 4096, max_rows: int | None = None, hub: HubAccess | None = None,
-                 progress: bool = True) -> list[ConvertReport]:
+                 dtype: str = "float32", acts: str | os.PathLike | None = None, calibrate_on_acts: bool = True,
+                 k: int | None = None, batch_size: int = 4096, max_rows: int | None = None,
+                 hub: HubAccess | None = None, progress: bool = True) -> list[ConvertReport]:
     """Convert the SAE(s) at ``src`` into compact file(s) at ``out``; the library form of ``saecompress convert``.
 
     ``src``: a local file/folder in any layout of ``saecompress.formats`` (or an ``hf://`` URI).
@@ -255,8 +254,7 @@ def convert_path(src: str | os.PathLike, out: str | os.PathLike, *, hookpoint: s
     local, hookpoint = resolve(src, hookpoint, hub)
     out = Path(out)
     options = dict(d=d, mask=mask, seed=seed, search_seeds=search_seeds, encoder=encoder, pursuit_rule=pursuit_rule,
-                   dtype=dtype, k=k,
-                   batch_size=batch_size, max_rows=max_rows, calibrate_on_acts=calibrate_on_acts)
+                   dtype=dtype, k=k, batch_size=batch_size, max_rows=max_rows, calibrate_on_acts=calibrate_on_acts)
     compact = is_compact_file(local)
     if compact and (encoder != "pursuit" or d is not None or mask is not None):
         raise SaeCompressError(f"{src}: already a compact Expander SAE file; use it directly (convert takes one "

@@ -260,13 +260,13 @@ class _Exporter:
             x, mu, std = self._call(layer_norm_function(self.opset), [x], 3)
             stats = (mu, std)
         centred = self.b.op("Sub", x, self.weight("b_dec"))
-        gate = (self.weight("row_norms") if sae.activation == "topafa" else self.weight("threshold")
-                if self.variable else None)  # the function's fifth input
         if self.expander and sae.encoder == "pursuit":
             function = expander_pursuit_function(sae.n, sae.d, self.k, sae.activation, self.opset)
             results = self._call(function, [centred, self.weight("indices"), self.weight("values")], 2, k=self.k,
                                  activation=sae.activation)
             return (*results, None), stats
+        gate = (self.weight("row_norms") if sae.activation == "topafa" else self.weight("threshold")
+                if self.variable else None)  # the function's fifth input
         if self.expander:
             function = expander_encode_function(sae.m, sae.n, sae.d, self.k, sae.activation,
                                                 self.opset, self.layout)

@@ -13,8 +13,8 @@ output ``overflow [B]`` int64 (latents that fired beyond the k = max_l0 kept). `
 decoder row norms ``row_norms [n]`` (float32) as the fifth input instead, keeps the count its
 norm-matching rule picks among the top max_l0 (+1) of ``ReLU(pre)·row_norms`` (``models.afa_count``)
 with index -1 past it, and ``overflow`` is 1 on rows where the uncapped rule would keep more.
-``ExpanderPursuit`` (a pursuit-encoded SAE: no encoder) is k unrolled rounds of matching pursuit
-over the decoder rows (:func:`expander_pursuit_function`).
+``ExpanderPursuit`` (a pursuit-encoded SAE: no encoder) is k rounds of matching pursuit over the
+decoder rows in one ``Loop`` (:func:`expander_pursuit_function`).
 Fast path (``EncodeLayout``, measured in benchmarks/onnx_encode.py):
 
 * ``xᵀ [m+1, B]`` (a row of ones appended, so the bias is one more "input" of every latent);
